@@ -165,6 +165,10 @@ pub fn insert(buf: &mut [u8], len: usize, toa: &Toa, formats: &Formats) -> Resul
     let option_len = toa.emit(formats.kind(toa.format()), &mut option)?;
     let option = &option[..option_len];
     let old = &buf[layout.options_range()];
+    // Refuse to build on a malformed header, as strip and clamp_mss do.
+    for raw in Options::new(old, layout.options_range().start) {
+        raw?;
+    }
 
     let mut area = Area::new();
     let (removed, added) = if option_len.next_multiple_of(4) + old.len() <= MAX_OPTIONS {
@@ -177,6 +181,7 @@ pub fn insert(buf: &mut [u8], len: usize, toa: &Toa, formats: &Formats) -> Resul
     } else {
         // Reclaim NOPs: they only align what follows, and removing them changes no meaning.
         let mut compact = Area::new();
+        // Offsets relative to `old`; the walk above has already validated it.
         for raw in Options::new(old, 0) {
             let raw = raw?;
             match raw.kind {
@@ -238,8 +243,10 @@ pub fn strip(buf: &mut [u8], len: usize, formats: &Formats) -> Result<Stripped, 
     let mut removed_options = 0;
     let mut removed_bytes = 0;
     let mut copied_to = 0;
-    for raw in Options::new(old, 0) {
+    let base = layout.options_range().start;
+    for raw in Options::new(old, base) {
         let raw = raw?;
+        let at = raw.offset - base;
         let wire_len = raw.wire_len();
         let toa_kind = match raw.kind {
             kind::EOL | kind::NOP => false,
@@ -250,8 +257,8 @@ pub fn strip(buf: &mut [u8], len: usize, formats: &Formats) -> Result<Stripped, 
         if !toa_kind {
             continue;
         }
-        area.push(&old[copied_to..raw.offset]);
-        copied_to = raw.offset + wire_len;
+        area.push(&old[copied_to..at]);
+        copied_to = at + wire_len;
         removed_options += 1;
         removed_bytes += wire_len;
         // Take the NOP padding an inserter put after an odd-sized option.

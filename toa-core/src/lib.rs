@@ -22,9 +22,10 @@
 //!
 //! // A 40-byte IPv4 SYN from the balancer (100.125.0.1) to a backend (10.0.0.2).
 //! let syn = [
-//!     0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0x3a, 0x4c, 100, 125, 0, 1, 10, 0, 0, 2,
-//!     0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+//!     0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0xcc, 0x50, 100, 125, 0, 1, 10, 0, 0, 2,
+//!     0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0xa4, 0xd1, 0, 0,
 //! ];
+//! assert!(TcpPacket::new_checked(&syn[..]).unwrap().checksums_valid());
 //! let mut buf = [0u8; 64];
 //! buf[..40].copy_from_slice(&syn);
 //!
@@ -33,6 +34,7 @@
 //! let len = insert(&mut buf, 40, &client, &formats).unwrap();
 //!
 //! let packet = TcpPacket::new_checked(&buf[..len]).unwrap();
+//! assert!(packet.checksums_valid());
 //! let found = packet.toa(&formats).unwrap().expect("a toa");
 //! assert_eq!(found.toa.socket_addr(), Some("203.0.113.7:40000".parse().unwrap()));
 //!
