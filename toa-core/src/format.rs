@@ -124,6 +124,9 @@ impl FromStr for Format {
 pub struct Formats {
     enabled: u8,
     kinds: [u8; 5],
+    /// The kinds of the enabled formats as a 256-bit set, so that the common
+    /// case (MSS, SACK, timestamps, window scale) is rejected with one test.
+    interest: [u64; 4],
 }
 
 impl Default for Formats {
@@ -147,6 +150,7 @@ impl Formats {
     /// No format enabled (kinds at their defaults).
     pub const NONE: Formats = Formats {
         enabled: 0,
+        interest: [0; 4],
         kinds: [
             Format::Toa.default_kind(),
             Format::Toa6.default_kind(),
@@ -157,27 +161,41 @@ impl Formats {
     };
 
     /// Every format enabled.
-    pub const ALL: Formats = Formats { enabled: 0b1_1111, ..Formats::NONE };
+    pub const ALL: Formats = Formats { enabled: 0b1_1111, ..Formats::NONE }.index_kinds();
+
+    /// Recomputes `interest` after a change.
+    const fn index_kinds(mut self) -> Self {
+        self.interest = [0; 4];
+        let mut i = 0;
+        while i < Format::ALL.len() {
+            if self.enabled & (1 << i) != 0 {
+                let kind = self.kinds[i] as usize;
+                self.interest[kind / 64] |= 1 << (kind % 64);
+            }
+            i += 1;
+        }
+        self
+    }
 
     /// Enables `format`.
     #[must_use]
     pub const fn with(mut self, format: Format) -> Self {
         self.enabled |= 1 << format.index();
-        self
+        self.index_kinds()
     }
 
     /// Disables `format`.
     #[must_use]
     pub const fn without(mut self, format: Format) -> Self {
         self.enabled &= !(1 << format.index());
-        self
+        self.index_kinds()
     }
 
     /// Sets the option kind `format` uses (e.g. an operator's renumbered TOA).
     #[must_use]
     pub const fn with_kind(mut self, format: Format, kind: u8) -> Self {
         self.kinds[format.index()] = kind;
-        self
+        self.index_kinds()
     }
 
     /// Whether `format` is enabled.
@@ -202,7 +220,15 @@ impl Formats {
 
     /// Classifies an option by kind and length. The first enabled format in
     /// table order wins when renumbering made two formats share a kind and length.
+    #[inline]
     pub(crate) fn classify(&self, kind: u8, len: u8) -> Class {
+        if self.interest[usize::from(kind / 64)] & (1 << (kind % 64)) == 0 {
+            return Class::Other;
+        }
+        self.classify_slow(kind, len)
+    }
+
+    fn classify_slow(&self, kind: u8, len: u8) -> Class {
         let mut owned = false;
         for format in Format::ALL {
             if !self.contains(format) || self.kind(format) != kind {

@@ -1,5 +1,6 @@
 //! The TCP options walker and the TOA option representation.
 
+use core::fmt;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use crate::format::Class;
@@ -32,6 +33,7 @@ pub struct RawOption<'a> {
 
 impl RawOption<'_> {
     /// The bytes the option takes in the header: 1 for EOL and NOP, else its length byte.
+    #[inline]
     pub fn wire_len(&self) -> usize {
         match self.kind {
             kind::EOL | kind::NOP => 1,
@@ -79,13 +81,66 @@ impl<'a> Options<'a> {
     ///
     /// When a header holds several TOA options the first one wins: it is the
     /// one an LVS-style writer puts right after the base header.
+    #[inline]
     pub fn first_toa(self, formats: &Formats) -> Result<Option<ToaOption>, Error> {
-        let mut first = None;
-        for found in self.toas(formats) {
-            let found = found?;
-            first.get_or_insert(found);
+        match self.locate(formats) {
+            Scan::Clean => Ok(None),
+            Scan::Found(i, format) => {
+                let bytes = self.bytes;
+                let len = bytes[i + 1];
+                let toa = Toa::decode(format, &bytes[i + 2..i + usize::from(len)]);
+                Ok(Some(ToaOption { toa, offset: self.base + i, kind: bytes[i], len }))
+            }
+            Scan::Bad(i) => Err(self.error_at(i, formats)),
         }
-        Ok(first)
+    }
+
+    /// The hot path of every backend and LB: one tight pass over the bytes
+    /// with the same checks as the iterators, returning a two-word value (the
+    /// iterators build the errors, off the hot path).
+    fn locate(&self, formats: &Formats) -> Scan {
+        let bytes = self.bytes;
+        let end = bytes.len();
+        let mut first = Scan::Clean;
+        let mut i = self.pos;
+        while i < end {
+            let kind = bytes[i];
+            if kind <= kind::NOP {
+                if kind == kind::EOL {
+                    break;
+                }
+                i += 1;
+                continue;
+            }
+            if i + 1 >= end {
+                return Scan::Bad(i);
+            }
+            let len = bytes[i + 1];
+            if len < 2 || usize::from(len) > end - i {
+                return Scan::Bad(i);
+            }
+            match formats.classify(kind, len) {
+                Class::Other => {}
+                Class::Toa(format) => {
+                    if let Scan::Clean = first {
+                        first = Scan::Found(i, format);
+                    }
+                }
+                Class::Malformed => return Scan::Bad(i),
+            }
+            i += usize::from(len);
+        }
+        first
+    }
+
+    /// The error the iterators report for the bad option at `pos`.
+    #[cold]
+    fn error_at(&self, pos: usize, formats: &Formats) -> Error {
+        let at = Options { bytes: self.bytes, pos, base: self.base };
+        match at.toas(formats).next() {
+            Some(Err(err)) => err,
+            _ => unreachable!("the option at {pos} is malformed"),
+        }
     }
 
     /// Every TOA of an enabled format, in header order.
@@ -151,6 +206,17 @@ impl<'a> Iterator for Options<'a> {
         self.pos += usize::from(len);
         Some(Ok(RawOption { offset, kind, data }))
     }
+}
+
+/// What `Options::locate` found.
+#[derive(Clone, Copy)]
+enum Scan {
+    /// A well-formed area without TOA.
+    Clean,
+    /// A well-formed area whose first TOA is at this position.
+    Found(usize, Format),
+    /// A malformed option at this position.
+    Bad(usize),
 }
 
 /// The Tencent CLB options that may follow a `tencent` TOA.
@@ -223,14 +289,31 @@ impl Iterator for Toas<'_> {
 /// // kind, length, port 40000, 203.0.113.7
 /// assert_eq!(out[..len], [254, 8, 0x9c, 0x40, 203, 0, 113, 7]);
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Toa {
-    format: Format,
-    ip: IpAddr,
+    // Plain aligned integers rather than an `IpAddr` (17 bytes, align 1): the
+    // decoder's stores and a caller's loads then line up, which keeps the
+    // returned value out of store-forwarding stalls on the hot path.
+    /// The IPv6 address bits, or the IPv4 bits in the low 32 when `!v6`.
+    bits: u128,
     /// Meaningless for `ali-cdn`.
     port: u16,
+    format: Format,
     /// Only for `ali-cdn`.
     version: u8,
+    v6: bool,
+}
+
+impl fmt::Debug for Toa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("Toa");
+        s.field("format", &self.format).field("ip", &self.ip());
+        match self.format {
+            Format::AliCdn => s.field("version", &self.version),
+            _ => s.field("port", &self.port),
+        };
+        s.finish()
+    }
 }
 
 impl Toa {
@@ -246,46 +329,65 @@ impl Toa {
         if !fits {
             return Err(Error::Unrepresentable { format });
         }
-        Ok(Self { format, ip: addr.ip(), port: addr.port(), version: 0 })
+        Ok(Self::from_parts(format, addr.ip(), addr.port(), 0))
     }
 
     /// An Alibaba CDN TOA: a version byte and an address, no port.
     pub fn ali_cdn(version: u8, ip: IpAddr) -> Self {
-        Self { format: Format::AliCdn, ip, port: 0, version }
+        Self::from_parts(Format::AliCdn, ip, 0, version)
+    }
+
+    fn from_parts(format: Format, ip: IpAddr, port: u16, version: u8) -> Self {
+        let (bits, v6) = match ip {
+            IpAddr::V4(ip) => (u128::from(ip.to_bits()), false),
+            IpAddr::V6(ip) => (ip.to_bits(), true),
+        };
+        Self { bits, port, format, version, v6 }
     }
 
     /// The format.
+    #[inline]
     pub fn format(&self) -> Format {
         self.format
     }
 
     /// The client IP address.
+    #[inline]
     pub fn ip(&self) -> IpAddr {
-        self.ip
+        if self.v6 {
+            IpAddr::V6(Ipv6Addr::from_bits(self.bits))
+        } else {
+            // The low 32 bits hold the IPv4 address.
+            IpAddr::V4(Ipv4Addr::from_bits(self.bits as u32))
+        }
     }
 
     /// The client port; `None` for `ali-cdn`, which carries none.
+    #[inline]
     pub fn port(&self) -> Option<u16> {
         (self.format != Format::AliCdn).then_some(self.port)
     }
 
     /// The client socket address; `None` for `ali-cdn`.
+    #[inline]
     pub fn socket_addr(&self) -> Option<SocketAddr> {
-        self.port().map(|port| SocketAddr::new(self.ip, port))
+        self.port().map(|port| SocketAddr::new(self.ip(), port))
     }
 
     /// The `ali-cdn` version byte; `None` for other formats.
+    #[inline]
     pub fn cdn_version(&self) -> Option<u8> {
         (self.format == Format::AliCdn).then_some(self.version)
     }
 
     /// The option's size on the wire, kind and length bytes included.
+    #[inline]
     pub fn wire_len(&self) -> usize {
-        match (self.format, self.ip) {
-            (Format::AliCdn, IpAddr::V4(_)) => 7,
-            (Format::AliCdn, IpAddr::V6(_)) => 19,
-            (_, IpAddr::V4(_)) => 8,
-            (_, IpAddr::V6(_)) => 20,
+        match (self.format, self.v6) {
+            (Format::AliCdn, false) => 7,
+            (Format::AliCdn, true) => 19,
+            (_, false) => 8,
+            (_, true) => 20,
         }
     }
 
@@ -307,29 +409,32 @@ impl Toa {
             body[..2].copy_from_slice(&self.port.to_be_bytes());
             &mut body[2..]
         };
-        match self.ip {
-            IpAddr::V4(ip) => addr.copy_from_slice(&ip.octets()),
-            IpAddr::V6(ip) => addr.copy_from_slice(&ip.octets()),
+        if self.v6 {
+            addr.copy_from_slice(&self.bits.to_be_bytes());
+        } else {
+            addr.copy_from_slice(&(self.bits as u32).to_be_bytes());
         }
         Ok(len)
     }
 
     /// Decodes an option body whose length `format.accepts_len` approved.
+    #[inline]
     fn decode(format: Format, data: &[u8]) -> Toa {
         let (head, addr) = data.split_at(if format == Format::AliCdn { 1 } else { 2 });
-        let ip = match <[u8; 4]>::try_from(addr) {
-            Ok(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
-            Err(_) => {
+        let (bits, v6) = match *addr {
+            [a, b, c, d] => (u128::from(u32::from_be_bytes([a, b, c, d])), false),
+            _ => {
                 let mut v6 = [0u8; 16];
                 v6.copy_from_slice(&addr[..16]);
-                IpAddr::V6(Ipv6Addr::from(v6))
+                (u128::from_be_bytes(v6), true)
             }
         };
-        match *head {
-            [version] => Toa { format, ip, port: 0, version },
-            [p0, p1] => Toa { format, ip, port: u16::from_be_bytes([p0, p1]), version: 0 },
+        let (port, version) = match *head {
+            [version] => (0, version),
+            [p0, p1] => (u16::from_be_bytes([p0, p1]), 0),
             _ => unreachable!("split_at(1 or 2)"),
-        }
+        };
+        Toa { bits, port, format, version, v6 }
     }
 }
 

@@ -158,6 +158,7 @@ impl<T: AsRef<[u8]>> TcpHeader<T> {
 
     /// As [`TcpHeader::new_checked`], reporting offsets as if the header
     /// started at byte `origin` of a larger buffer.
+    #[inline]
     pub(crate) fn new_checked_at(buffer: T, origin: usize) -> Result<Self, Error> {
         let buf = buffer.as_ref();
         if buf.len() < tcp::OPTIONS {
@@ -216,16 +217,19 @@ impl<T: AsRef<[u8]>> TcpHeader<T> {
     }
 
     /// The header length in bytes, options included (20 to 60).
+    #[inline]
     pub fn header_len(&self) -> usize {
         usize::from(self.buf()[tcp::DATA_OFFSET] >> 4) * 4
     }
 
     /// The raw options area.
+    #[inline]
     pub fn options_bytes(&self) -> &[u8] {
         &self.buf()[tcp::OPTIONS..self.header_len()]
     }
 
     /// A walker over the options.
+    #[inline]
     pub fn options(&self) -> Options<'_> {
         Options::new(self.options_bytes(), self.origin + tcp::OPTIONS)
     }
@@ -293,6 +297,7 @@ pub struct TcpPacket<T> {
 
 impl<T: AsRef<[u8]>> TcpPacket<T> {
     /// Checks `buffer` as an IP packet carrying a whole TCP header.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self, Error> {
         let buf = buffer.as_ref();
         let Some(&first) = buf.first() else {
@@ -333,6 +338,7 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     }
 
     /// The TCP header and payload.
+    #[inline]
     pub fn tcp(&self) -> TcpHeader<&[u8]> {
         TcpHeader { buffer: &self.buf()[self.tcp_offset..self.len], origin: self.tcp_offset }
     }
@@ -370,6 +376,7 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     }
 
     /// The first TOA of an enabled format; see [`Options::first_toa`].
+    #[inline]
     pub fn toa(&self, formats: &Formats) -> Result<Option<ToaOption>, Error> {
         self.tcp().options().first_toa(formats)
     }
@@ -420,6 +427,7 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
 }
 
 /// Validates an IPv4 header; returns (version, TCP offset, packet length).
+#[inline]
 fn parse_ipv4(buf: &[u8]) -> Result<(IpVersion, usize, usize), Error> {
     if buf.len() < ipv4::MIN_LEN {
         let (need, available) = (ipv4::MIN_LEN, buf.len());
