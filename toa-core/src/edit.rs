@@ -218,8 +218,10 @@ pub struct Stripped {
 /// must do this to what clients send, or a client can forge its address.
 ///
 /// A NOP right after a removed option is removed too when that keeps the
-/// header a multiple of 4 bytes, so `strip` undoes [`insert`] byte for byte;
-/// otherwise the area is padded with EOL. A malformed options area is an
+/// header a multiple of 4 bytes, so `strip` undoes [`insert`] byte for byte
+/// (unless `insert` had to reclaim NOPs; and a checksum field holding 0xffff,
+/// one's-complement -0, which no real sender computes, may come back as its
+/// equal 0x0000); otherwise the area is padded with EOL. A malformed options area is an
 /// error and `buf` is left as it was.
 ///
 /// ```
