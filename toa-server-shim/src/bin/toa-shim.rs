@@ -1,0 +1,177 @@
+//! `toa-shim`: the backend operator's tool.
+
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use toa_core::{Format, Formats};
+use toa_server_shim::capture::{self, LiveOptions};
+use toa_server_shim::inspect::{Inspector, Record, Summary, parse_hex};
+use toa_server_shim::trust::TrustedSources;
+
+#[derive(Parser)]
+#[command(name = "toa-shim", version, about = "Recover and inspect client addresses sent by TOA load balancers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Decode the TOA option in packets: does the load balancer send it, and from where?
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("input").required(true))]
+struct InspectArgs {
+    /// One IPv4 or IPv6 packet, starting at the IP header, as hex.
+    #[arg(long, group = "input", value_name = "HEX")]
+    hex: Option<String>,
+    /// A pcap or pcapng file (Ethernet, Linux cooked v1/v2 or raw IP).
+    #[arg(long, group = "input", value_name = "FILE")]
+    pcap: Option<PathBuf>,
+    /// Capture live on this interface (needs root).
+    #[arg(long, group = "input", value_name = "NAME")]
+    iface: Option<String>,
+    /// With --iface: stop after this many TCP packets.
+    #[arg(long, requires = "iface")]
+    count: Option<usize>,
+    /// With --iface: stop after this long (e.g. 10s, 500ms, 2m).
+    #[arg(long, requires = "iface", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// With --iface: capture in promiscuous mode.
+    #[arg(long, requires = "iface")]
+    promiscuous: bool,
+    /// A trusted load-balancer source: CIDR, address or `huawei-elb` (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    trust: Vec<TrustedSources>,
+    /// Formats to decode, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "toa,toa6")]
+    formats: Vec<Format>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len()));
+    let value: f64 = number.parse().map_err(|_| format!("invalid duration {text:?}: use e.g. 10s, 500ms, 2m"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        _ => return Err(format!("invalid duration unit {unit:?}: use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inspect(args) => inspect(args),
+    }
+}
+
+/// Prints records as they come; keeps the summary.
+struct Printer<W: Write> {
+    out: W,
+    json: bool,
+    summary: Summary,
+}
+
+impl<W: Write> Printer<W> {
+    fn print(&mut self, record: &Record) -> io::Result<()> {
+        self.summary.count(record);
+        if self.json {
+            writeln!(self.out, "{}", record.to_json())
+        } else {
+            match record {
+                Record::Segment(s) if !s.toa.is_empty() => {
+                    let trust = if s.trusted { "trusted LB" } else { "UNTRUSTED source: a backend must ignore it" };
+                    writeln!(self.out, "{record}, {trust}")
+                }
+                _ => writeln!(self.out, "{record}"),
+            }
+        }
+    }
+}
+
+fn inspect(args: InspectArgs) -> ExitCode {
+    let formats = args.formats.iter().fold(Formats::NONE, |f, format| f.with(*format));
+    let trust: TrustedSources = args.trust.into_iter().collect();
+    let inspector = Inspector::new(formats, trust.clone());
+    let stdout = io::stdout();
+    let mut printer = Printer { out: BufWriter::new(stdout.lock()), json: args.json, summary: Summary::default() };
+    let mut write_failed = None;
+    let mut on_packet = |ip: &[u8], printer: &mut Printer<_>| -> bool {
+        let Some(record) = inspector.inspect(ip) else { return false };
+        if let Err(e) = printer.print(&record) {
+            write_failed.get_or_insert(e);
+        }
+        true
+    };
+
+    let result = if let Some(hex) = &args.hex {
+        let bytes = match parse_hex(hex) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                eprintln!("toa-shim: --hex: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match inspector.inspect(&bytes) {
+            None => {
+                eprintln!("toa-shim: the packet does not carry TCP");
+                return ExitCode::from(2);
+            }
+            Some(record) => {
+                let malformed = matches!(record, Record::Malformed(_));
+                on_packet(&bytes, &mut printer);
+                let _ = printer.out.flush();
+                return if malformed { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            }
+        }
+    } else if let Some(path) = &args.pcap {
+        capture::read_file(path, |ip| {
+            on_packet(ip, &mut printer);
+        })
+        .map(|_| ())
+    } else if let Some(iface) = &args.iface {
+        let options = LiveOptions { count: args.count, timeout: args.timeout, promiscuous: args.promiscuous };
+        let mode = if options.promiscuous { "promiscuous" } else { "not promiscuous" };
+        capture::live(
+            iface,
+            &options,
+            || eprintln!("toa-shim: capturing on {iface} ({mode}); Ctrl-C to stop"),
+            |ip| {
+                let counted = on_packet(ip, &mut printer);
+                // Live output is read as it happens.
+                let _ = printer.out.flush();
+                counted
+            },
+        )
+    } else {
+        unreachable!("clap requires one input");
+    };
+
+    let _ = printer.out.flush();
+    if let Err(e) = result {
+        eprintln!("toa-shim: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(e) = write_failed {
+        if e.kind() != io::ErrorKind::BrokenPipe {
+            eprintln!("toa-shim: writing output: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if !args.json {
+        let trust_note = if trust.is_empty() { " (no --trust given: nothing is trusted)" } else { "" };
+        eprintln!("toa-shim: {}{trust_note}", printer.summary);
+    }
+    ExitCode::SUCCESS
+}
