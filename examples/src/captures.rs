@@ -185,7 +185,7 @@ pub fn vendors() -> Vec<u8> {
         202, 8, 0x01, 0xbb, 100, 125, 0, 9,      // VIP 100.125.0.9:443
         2, 4, 5, 180, 1, 1,                      // MSS 1460, NOP NOP
     ]);
-    let packets = vec![
+    let packets = [
         with_toa(syn4(), &[toa(Format::Toa, v4_client)]),
         // NAT64: an IPv6 client behind an IPv4 connection (DPVS).
         with_toa(syn4(), &[toa(Format::Toa6, v6_client)]),

@@ -157,20 +157,18 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Error::Truncated { layer, offset, need, available } => write!(
-                f,
-                "truncated {layer} at offset {offset}: need {need} bytes, {available} available"
-            ),
+            Error::Truncated { layer, offset, need, available } => {
+                write!(f, "truncated {layer} at offset {offset}: need {need} bytes, {available} available")
+            }
             Error::UnknownIpVersion { version } => {
                 write!(f, "ip version {version} is neither 4 nor 6")
             }
             Error::Ipv4HeaderLength { ihl } => {
                 write!(f, "ipv4 header length {ihl} words is below the minimum of 5")
             }
-            Error::IpLength { declared, min, available } => write!(
-                f,
-                "ip length {declared} is invalid: header needs {min}, buffer holds {available}"
-            ),
+            Error::IpLength { declared, min, available } => {
+                write!(f, "ip length {declared} is invalid: header needs {min}, buffer holds {available}")
+            }
             Error::Jumbogram => f.write_str("ipv6 jumbograms are not supported"),
             Error::Fragment { offset } => {
                 write!(f, "ip fragment (header at offset {offset}): tcp header not parsed")
@@ -189,10 +187,9 @@ impl fmt::Display for Error {
                 f,
                 "tcp option kind {kind} at offset {offset} claims {len} bytes, only {available} left in the header"
             ),
-            Error::OptionOverrun { offset, kind, len: None, .. } => write!(
-                f,
-                "tcp option kind {kind} at offset {offset} is cut off before its length byte"
-            ),
+            Error::OptionOverrun { offset, kind, len: None, .. } => {
+                write!(f, "tcp option kind {kind} at offset {offset} is cut off before its length byte")
+            }
             Error::ToaLength { offset, kind, len } => write!(
                 f,
                 "toa option kind {kind} at offset {offset} has length {len}, which no enabled format uses"
@@ -203,10 +200,9 @@ impl fmt::Display for Error {
             Error::Unrepresentable { format } => {
                 write!(f, "format {format} cannot carry this address")
             }
-            Error::NoRoom { need, available } => write!(
-                f,
-                "no room in the tcp header: need {need} option bytes, {available} available"
-            ),
+            Error::NoRoom { need, available } => {
+                write!(f, "no room in the tcp header: need {need} option bytes, {available} available")
+            }
             Error::Capacity { need, capacity } => {
                 write!(f, "buffer too small: need {need} bytes, capacity {capacity}")
             }

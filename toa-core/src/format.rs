@@ -32,8 +32,7 @@ pub enum Format {
 
 impl Format {
     /// Every format, in table order.
-    pub const ALL: [Format; 5] =
-        [Format::Toa, Format::Toa6, Format::AliV6, Format::Tencent, Format::AliCdn];
+    pub const ALL: [Format; 5] = [Format::Toa, Format::Toa6, Format::AliV6, Format::Tencent, Format::AliCdn];
 
     /// The name used in configuration and output (`toa`, `toa6`, `ali-v6`, `tencent`, `ali-cdn`).
     pub const fn name(self) -> &'static str {

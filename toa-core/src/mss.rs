@@ -1,10 +1,10 @@
 //! Lowering the MSS a SYN or SYN-ACK announces.
 
+use crate::Error;
 use crate::checksum::{self, Accumulator};
 use crate::option::kind;
 use crate::packet::field::tcp;
 use crate::packet::{TcpFlags, TcpPacket, read_u16};
-use crate::Error;
 
 /// The lowest MSS [`clamp_mss`] writes: Linux's default `tcp_min_snd_mss`.
 pub const MIN_MSS: u16 = 48;

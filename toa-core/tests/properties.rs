@@ -7,9 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use common::{assert_checksums_valid, fix_checksums};
 use proptest::prelude::*;
-use toa_core::{
-    Error, Format, Formats, Options, TcpPacket, Toa, clamp_mss, insert, kind, strip,
-};
+use toa_core::{Error, Format, Formats, Options, TcpPacket, Toa, clamp_mss, insert, kind, strip};
 
 fn ip_v4() -> impl Strategy<Value = Ipv4Addr> {
     any::<u32>().prop_map(Ipv4Addr::from_bits)
@@ -43,15 +41,30 @@ fn toa() -> impl Strategy<Value = Toa> {
 fn plain_option() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         Just(vec![kind::NOP]),
-        any::<u16>().prop_map(|mss| { let [a, b] = mss.to_be_bytes(); vec![2, 4, a, b] }),
+        any::<u16>().prop_map(|mss| {
+            let [a, b] = mss.to_be_bytes();
+            vec![2, 4, a, b]
+        }),
         (0u8..15).prop_map(|ws| vec![3, 3, ws]),
         Just(vec![4, 2]),
-        any::<[u8; 8]>().prop_map(|ts| { let mut o = vec![8, 10]; o.extend(ts); o }),
+        any::<[u8; 8]>().prop_map(|ts| {
+            let mut o = vec![8, 10];
+            o.extend(ts);
+            o
+        }),
         // RFC 5482 User Timeout: kind 28, length 4, which ali-cdn must leave alone.
-        any::<u16>().prop_map(|t| { let [a, b] = t.to_be_bytes(); vec![28, 4, a, b] }),
+        any::<u16>().prop_map(|t| {
+            let [a, b] = t.to_be_bytes();
+            vec![28, 4, a, b]
+        }),
         // Some other kind with a body.
-        (prop_oneof![5u8..=27, 30u8..=199], prop::collection::vec(any::<u8>(), 0..8))
-            .prop_map(|(k, body)| { let mut o = vec![k, body.len() as u8 + 2]; o.extend(body); o }),
+        (prop_oneof![5u8..=27, 30u8..=199], prop::collection::vec(any::<u8>(), 0..8)).prop_map(
+            |(k, body)| {
+                let mut o = vec![k, body.len() as u8 + 2];
+                o.extend(body);
+                o
+            }
+        ),
     ]
 }
 

@@ -162,7 +162,11 @@ impl fmt::Display for Record {
                     Some((first, rest)) => {
                         write!(f, " toa {} ({} {}/{})", first.addr, first.format, first.kind, first.len)?;
                         for other in rest {
-                            write!(f, ", also {} ({} {}/{})", other.addr, other.format, other.kind, other.len)?;
+                            write!(
+                                f,
+                                ", also {} ({} {}/{})",
+                                other.addr, other.format, other.kind, other.len
+                            )?;
                         }
                     }
                 }

@@ -14,7 +14,9 @@ pub const HUAWEI_ELB: &str = "100.125.0.0/16";
 
 /// The error for a CIDR that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid trusted source {input:?}: expected a CIDR such as 100.125.0.0/16 or 2001:db8::/32, or a preset (huawei-elb)")]
+#[error(
+    "invalid trusted source {input:?}: expected a CIDR such as 100.125.0.0/16 or 2001:db8::/32, or a preset (huawei-elb)"
+)]
 pub struct InvalidCidr {
     input: String,
 }

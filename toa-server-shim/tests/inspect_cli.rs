@@ -21,7 +21,8 @@ fn stdout_lines(output: &Output) -> Vec<String> {
 
 #[test]
 fn pcap_json_golden() {
-    let out = toa_shim(&["inspect", "--pcap", &capture("handshake-v4.pcap"), "--trust", "huawei-elb", "--json"]);
+    let out =
+        toa_shim(&["inspect", "--pcap", &capture("handshake-v4.pcap"), "--trust", "huawei-elb", "--json"]);
     assert!(out.status.success(), "{out:?}");
     let toa = r#"[{"format":"toa","kind":254,"len":8,"addr":"203.0.113.7:40000"}]"#;
     assert_eq!(
@@ -86,7 +87,9 @@ fn hex_input() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         stdout_lines(&out),
-        [r#"{"src":"100.125.0.1:40000","dst":"192.0.2.10:80","flags":"S","toa":[{"format":"toa","kind":254,"len":8,"addr":"203.0.113.7:40000"}],"trusted":true}"#]
+        [
+            r#"{"src":"100.125.0.1:40000","dst":"192.0.2.10:80","flags":"S","toa":[{"format":"toa","kind":254,"len":8,"addr":"203.0.113.7:40000"}],"trusted":true}"#
+        ]
     );
     // Human output says what to do about it.
     let out = toa_shim(&["inspect", "--hex", SYN_WITH_TOA]);
@@ -102,7 +105,9 @@ fn hex_malformed_exits_2() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(
         stdout_lines(&out),
-        [r#"{"error":"tcp option kind 254 at offset 40 claims 10 bytes, only 8 left in the header","offset":40}"#]
+        [
+            r#"{"error":"tcp option kind 254 at offset 40 claims 10 bytes, only 8 left in the header","offset":40}"#
+        ]
     );
     let out = toa_shim(&["inspect", "--hex", &bad]);
     assert_eq!(out.status.code(), Some(2));
@@ -209,7 +214,9 @@ fn live_capture_in_a_namespace() {
         let ip = hex(SYN_WITH_TOA);
         syn.extend_from_slice(&ip);
         let mut udp = syn[..14].to_vec();
-        udp.extend_from_slice(&hex("45000020 00004000 40110000 647d0001 c000020a 14e90035 000c0000 00000000"));
+        udp.extend_from_slice(&hex(
+            "45000020 00004000 40110000 647d0001 c000020a 14e90035 000c0000 00000000",
+        ));
         send_frames(&iface, &[udp, syn.clone(), syn]);
     });
     sender.join().expect("sender thread");

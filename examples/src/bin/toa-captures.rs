@@ -10,7 +10,9 @@ fn main() -> ExitCode {
         match arg.as_str() {
             "--check" => check = true,
             "-h" | "--help" => {
-                println!("usage: toa-captures [--check] [DIR]\nwrites (or checks) the sample captures in DIR (default: examples/captures)");
+                println!(
+                    "usage: toa-captures [--check] [DIR]\nwrites (or checks) the sample captures in DIR (default: examples/captures)"
+                );
                 return ExitCode::SUCCESS;
             }
             other => dir = PathBuf::from(other),

@@ -12,7 +12,11 @@ use toa_server_shim::inspect::{Inspector, Record, Summary, parse_hex};
 use toa_server_shim::trust::TrustedSources;
 
 #[derive(Parser)]
-#[command(name = "toa-shim", version, about = "Recover and inspect client addresses sent by TOA load balancers")]
+#[command(
+    name = "toa-shim",
+    version,
+    about = "Recover and inspect client addresses sent by TOA load balancers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -58,8 +62,10 @@ struct InspectArgs {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len()));
-    let value: f64 = number.parse().map_err(|_| format!("invalid duration {text:?}: use e.g. 10s, 500ms, 2m"))?;
+    let (number, unit) =
+        text.split_at(text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len()));
+    let value: f64 =
+        number.parse().map_err(|_| format!("invalid duration {text:?}: use e.g. 10s, 500ms, 2m"))?;
     let seconds = match unit {
         "" | "s" => value,
         "ms" => value / 1000.0,
@@ -91,7 +97,8 @@ impl<W: Write> Printer<W> {
         } else {
             match record {
                 Record::Segment(s) if !s.toa.is_empty() => {
-                    let trust = if s.trusted { "trusted LB" } else { "UNTRUSTED source: a backend must ignore it" };
+                    let trust =
+                        if s.trusted { "trusted LB" } else { "UNTRUSTED source: a backend must ignore it" };
                     writeln!(self.out, "{record}, {trust}")
                 }
                 _ => writeln!(self.out, "{record}"),
@@ -105,7 +112,8 @@ fn inspect(args: InspectArgs) -> ExitCode {
     let trust: TrustedSources = args.trust.into_iter().collect();
     let inspector = Inspector::new(formats, trust.clone());
     let stdout = io::stdout();
-    let mut printer = Printer { out: BufWriter::new(stdout.lock()), json: args.json, summary: Summary::default() };
+    let mut printer =
+        Printer { out: BufWriter::new(stdout.lock()), json: args.json, summary: Summary::default() };
     let mut write_failed = None;
     let mut on_packet = |ip: &[u8], printer: &mut Printer<_>| -> bool {
         let Some(record) = inspector.inspect(ip) else { return false };

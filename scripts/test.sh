@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The one test command. On a fresh Debian 12 machine as root it installs what
+# is missing, then runs: rustfmt, clippy -D warnings, a fuzz smoke of every
+# cargo-fuzz target, the doctests, and the whole test suite (unit, property,
+# golden and end-to-end tests) with cargo-nextest, whose summary ends the output.
+#
+# FUZZ_SECONDS (default 30) sets the fuzz time per target; 0 skips the smoke.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FUZZ_SECONDS=${FUZZ_SECONDS:-30}
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'test.sh: %s\n' "$*" >&2; exit 1; }
+
+step "checking prerequisites"
+command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
+apt_missing=()
+command -v ip >/dev/null || apt_missing+=(iproute2)     # network namespaces for end-to-end tests
+command -v g++ >/dev/null || apt_missing+=(g++)         # libfuzzer-sys builds libFuzzer (C++)
+command -v sysctl >/dev/null || apt_missing+=(procps)
+if ((${#apt_missing[@]})); then
+    [ "$(id -u)" = 0 ] || die "missing ${apt_missing[*]}: run as root, or apt-get install them"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}"
+fi
+for component in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+done
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install cargo-nextest --locked
+fi
+if ! cargo fuzz --version 2>/dev/null | grep -q '^cargo-fuzz 0\.13'; then
+    cargo install cargo-fuzz --version '^0.13' --locked
+fi
+
+step "cargo fmt --check"
+cargo fmt --all --check
+(cd fuzz && cargo fmt --check)
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+(cd fuzz && cargo clippy --locked -- -D warnings)
+
+if [ "$FUZZ_SECONDS" != 0 ]; then
+    step "fuzz smoke: ${FUZZ_SECONDS}s per target"
+    # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
+    for target in $(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz list); do
+        echo "--- $target"
+        # Work in a scratch copy of the seed corpus so the committed one stays clean.
+        corpus=$(mktemp -d)
+        cp fuzz/corpus/"$target"/* "$corpus"/
+        (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus" -- \
+            -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 2>&1 | grep -E '^(Done|stat::number_of_executed_units|==|INFO: seed corpus)' || true)
+        rm -rf "$corpus"
+        [ -z "$(ls fuzz/artifacts/"$target" 2>/dev/null)" ] || die "fuzz target $target found a crash: see fuzz/artifacts/$target"
+    done
+fi
+
+step "doctests"
+cargo test --workspace --doc --locked
+
+step "tests (cargo nextest)"
+[ "$(id -u)" = 0 ] || echo "note: not root, end-to-end tests that need namespaces will skip"
+cargo nextest run --workspace --locked --no-fail-fast
