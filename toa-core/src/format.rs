@@ -227,6 +227,7 @@ impl Formats {
         self.classify_slow(kind, len)
     }
 
+    #[inline]
     fn classify_slow(&self, kind: u8, len: u8) -> Class {
         let mut owned = false;
         for format in Format::ALL {

@@ -76,11 +76,13 @@ impl<'a> Options<'a> {
         Self { bytes, pos: 0, base }
     }
 
-    /// The first TOA of an enabled format, after checking that the whole
-    /// options area is well formed.
+    /// The first TOA of an enabled format.
     ///
     /// When a header holds several TOA options the first one wins: it is the
-    /// one an LVS-style writer puts right after the base header.
+    /// one an LVS-style writer puts right after the base header. Every option
+    /// up to it is checked (a malformed one is an error), none after it: this
+    /// is the per-connection hot path, and what follows cannot change the
+    /// answer. [`Options::toas`] walks and checks the whole area.
     #[inline]
     pub fn first_toa(self, formats: &Formats) -> Result<Option<ToaOption>, Error> {
         match self.locate(formats) {
@@ -96,12 +98,12 @@ impl<'a> Options<'a> {
     }
 
     /// The hot path of every backend and LB: one tight pass over the bytes
-    /// with the same checks as the iterators, returning a two-word value (the
-    /// iterators build the errors, off the hot path).
+    /// up to the first TOA, with the same checks as the iterators, returning a
+    /// two-word value (the iterators build the errors, off the hot path).
+    #[inline]
     fn locate(&self, formats: &Formats) -> Scan {
         let bytes = self.bytes;
         let end = bytes.len();
-        let mut first = Scan::Clean;
         let mut i = self.pos;
         while i < end {
             let kind = bytes[i];
@@ -121,16 +123,12 @@ impl<'a> Options<'a> {
             }
             match formats.classify(kind, len) {
                 Class::Other => {}
-                Class::Toa(format) => {
-                    if let Scan::Clean = first {
-                        first = Scan::Found(i, format);
-                    }
-                }
+                Class::Toa(format) => return Scan::Found(i, format),
                 Class::Malformed => return Scan::Bad(i),
             }
             i += usize::from(len);
         }
-        first
+        Scan::Clean
     }
 
     /// The error the iterators report for the bad option at `pos`.
@@ -213,7 +211,7 @@ impl<'a> Iterator for Options<'a> {
 enum Scan {
     /// A well-formed area without TOA.
     Clean,
-    /// A well-formed area whose first TOA is at this position.
+    /// The first TOA is at this position (and every option before it is well formed).
     Found(usize, Format),
     /// A malformed option at this position.
     Bad(usize),

@@ -239,7 +239,8 @@ impl<T: AsRef<[u8]>> TcpHeader<T> {
         &self.buf()[self.header_len()..]
     }
 
-    /// The first TOA of an enabled format; see [`Options::first_toa`].
+    /// The first TOA of an enabled format (options after it are not
+    /// checked); see [`Options::first_toa`].
     pub fn toa(&self, formats: &Formats) -> Result<Option<ToaOption>, Error> {
         self.options().first_toa(formats)
     }
@@ -375,7 +376,8 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
         }
     }
 
-    /// The first TOA of an enabled format; see [`Options::first_toa`].
+    /// The first TOA of an enabled format (options after it are not
+    /// checked); see [`Options::first_toa`].
     #[inline]
     pub fn toa(&self, formats: &Formats) -> Result<Option<ToaOption>, Error> {
         self.tcp().options().first_toa(formats)
