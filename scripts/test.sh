@@ -48,11 +48,15 @@ if [ "$FUZZ_SECONDS" != 0 ]; then
         echo "--- $target"
         # Work in a scratch copy of the seed corpus so the committed one stays clean.
         corpus=$(mktemp -d)
+        log=$(mktemp)
         cp fuzz/corpus/"$target"/* "$corpus"/
-        (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus" -- \
-            -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 2>&1 | grep -E '^(Done|stat::number_of_executed_units|==|INFO: seed corpus)' || true)
-        rm -rf "$corpus"
-        [ -z "$(ls fuzz/artifacts/"$target" 2>/dev/null)" ] || die "fuzz target $target found a crash: see fuzz/artifacts/$target"
+        if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus" -- \
+            -max_total_time="$FUZZ_SECONDS" -print_final_stats=1) >"$log" 2>&1; then
+            tail -n 40 "$log"
+            die "fuzz target $target failed (crash inputs, if any, are in fuzz/artifacts/$target)"
+        fi
+        grep -E '^(Done|stat::number_of_executed_units)' "$log" || true
+        rm -rf "$corpus" "$log"
     done
 fi
 
