@@ -5,13 +5,37 @@
 //! (TOA). This crate recovers that address on the backend, and only from
 //! load balancers the operator trusts ([`trust`]).
 //!
-//! Today it holds the operator's first tool, `toa-shim inspect`, which decodes
-//! the TOA in packets from a hex string, a pcap/pcapng file or a live
-//! interface ([`inspect`], [`capture`]), so an operator can see whether and
-//! how the load balancer sends it.
+//! - [`ToaListener`] (std), [`tokio::ToaListener`] (feature `tokio`, and
+//!   `axum::serve::Listener` with feature `axum`): `accept()` returns the
+//!   stream and a [`PeerInfo`] `{ client, lb, source }`. They read the TOA from
+//!   the connection's SYN (`TCP_SAVED_SYN`): unprivileged, any kernel since 4.2.
+//! - [`TrustPolicy`]: the load balancers allowed to speak for a client. There
+//!   is no default; trusting anyone must be asked for ([`TrustPolicy::any`]).
+//! - The operator tool `toa-shim inspect`, which decodes the TOA in packets
+//!   from a hex string, a pcap/pcapng file or a live interface ([`inspect`],
+//!   [`capture`]).
+//!
+//! ```no_run
+//! use std::io::Write;
+//! use toa_server_shim::{Config, ToaListener, TrustPolicy};
+//!
+//! let listener = ToaListener::bind("0.0.0.0:8080", Config::new(TrustPolicy::new("huawei-elb".parse()?)?))?;
+//! let (mut stream, peer) = listener.accept()?;
+//! writeln!(stream, "hello {}", peer.client)?;
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! ```
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod capture;
 pub mod inspect;
+mod listener;
+mod peer;
+mod sys;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod trust;
+
+pub use listener::{Config, Mode, TcpListenerExt, ToaListener};
+pub use peer::{PeerInfo, Source, StatsSnapshot};
+pub use trust::{NoTrustConfigured, TrustPolicy, TrustedSources};

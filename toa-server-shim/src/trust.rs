@@ -89,6 +89,65 @@ impl FromIterator<TrustedSources> for TrustedSources {
     }
 }
 
+/// Who may speak for a client: the trusted sources, or explicitly anyone.
+///
+/// There is no default: an empty list is a configuration error
+/// ([`NoTrustConfigured`]), because a backend that honours every TOA lets
+/// any client choose the address your logs and ACLs see.
+///
+/// ```
+/// use toa_server_shim::trust::{TrustPolicy, TrustedSources};
+///
+/// assert!(TrustPolicy::new(TrustedSources::new()).is_err());
+/// let policy = TrustPolicy::new("huawei-elb".parse().unwrap()).unwrap();
+/// assert!(policy.trusts("100.125.9.9".parse().unwrap()));
+/// assert!(TrustPolicy::any().trusts("198.51.100.1".parse().unwrap()));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustPolicy {
+    sources: TrustedSources,
+    any: bool,
+}
+
+/// No trusted source was configured and trusting anyone was not asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no trusted load balancer configured: pass --trust CIDR (e.g. --trust huawei-elb for 100.125.0.0/16), \
+     or --trust-any to honour a TOA from any source (a client could then forge its address)"
+)]
+pub struct NoTrustConfigured;
+
+impl TrustPolicy {
+    /// Honour a TOA only from `sources`, which must not be empty.
+    pub fn new(sources: TrustedSources) -> Result<Self, NoTrustConfigured> {
+        if sources.is_empty() {
+            return Err(NoTrustConfigured);
+        }
+        Ok(Self { sources, any: false })
+    }
+
+    /// Honour a TOA from any source. Only for networks where no client can
+    /// reach the backend except through the load balancer.
+    pub fn any() -> Self {
+        Self { sources: TrustedSources::new(), any: true }
+    }
+
+    /// Whether a TOA in a packet from `source` is honoured.
+    pub fn trusts(&self, source: IpAddr) -> bool {
+        self.any || self.sources.contains(source)
+    }
+
+    /// The trusted sources (empty when trusting anyone).
+    pub fn sources(&self) -> &TrustedSources {
+        &self.sources
+    }
+
+    /// Whether this policy trusts any source.
+    pub fn is_any(&self) -> bool {
+        self.any
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,207 @@
+//! `ToaListener`: `accept()` that returns the original client.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use toa_core::Formats;
+
+use crate::peer::{PeerInfo, Resolver, SAVED_SYN_MAX, StatsSnapshot};
+use crate::sys;
+use crate::trust::TrustPolicy;
+
+/// How a listener learns the client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// The best mechanism available: today the saved SYN.
+    #[default]
+    Auto,
+    /// Read the TOA from the connection's SYN (`TCP_SAVED_SYN`). Unprivileged,
+    /// any kernel since 4.2; sees a TOA only when the LB puts it in the SYN.
+    SavedSyn,
+    /// Do not look for a TOA: `client` is always the real peer.
+    None,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "saved-syn" => Ok(Mode::SavedSyn),
+            "none" => Ok(Mode::None),
+            other => Err(format!("unknown source {other:?}: expected auto, saved-syn or none")),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Auto => "auto",
+            Mode::SavedSyn => "saved-syn",
+            Mode::None => "none",
+        })
+    }
+}
+
+/// Settings of a [`ToaListener`].
+///
+/// ```
+/// use toa_core::{Format, Formats};
+/// use toa_server_shim::{Config, Mode, TrustPolicy};
+///
+/// let config = Config::new(TrustPolicy::new("huawei-elb".parse().unwrap()).unwrap())
+///     .formats(Formats::default().with(Format::AliV6))
+///     .mode(Mode::SavedSyn);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Config {
+    policy: TrustPolicy,
+    formats: Formats,
+    mode: Mode,
+}
+
+impl Config {
+    /// The default formats (`toa`, `toa6`) and mode (auto), trusting `policy`.
+    pub fn new(policy: TrustPolicy) -> Self {
+        Self { policy, formats: Formats::default(), mode: Mode::Auto }
+    }
+
+    /// The TOA formats to accept.
+    #[must_use]
+    pub fn formats(mut self, formats: Formats) -> Self {
+        self.formats = formats;
+        self
+    }
+
+    /// How to learn the client.
+    #[must_use]
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+}
+
+/// What std and tokio listeners share: the resolver and the mode.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    resolver: Resolver,
+    mode: Mode,
+    local_v6: bool,
+}
+
+impl Shared {
+    /// Prepares the listening socket `fd` (local address `local`) for `config`.
+    pub(crate) fn new(fd: BorrowedFd<'_>, local: SocketAddr, config: Config) -> io::Result<Arc<Shared>> {
+        if config.mode != Mode::None {
+            sys::set_save_syn(fd)?;
+        }
+        let resolver = Resolver { policy: config.policy, formats: config.formats, stats: Default::default() };
+        Ok(Arc::new(Shared { resolver, mode: config.mode, local_v6: local.is_ipv6() }))
+    }
+
+    /// The peer of the accepted socket `fd`, whose real peer is `peer`.
+    pub(crate) fn peer_info(&self, fd: BorrowedFd<'_>, peer: SocketAddr) -> PeerInfo {
+        let mut syn = [0u8; SAVED_SYN_MAX];
+        let len = match self.mode {
+            Mode::None => 0,
+            // A failure to read it is the same as no saved SYN: the peer is used, and counted.
+            Mode::Auto | Mode::SavedSyn => sys::saved_syn(fd, &mut syn).unwrap_or(0),
+        };
+        self.resolver.resolve(&syn[..len], peer, self.local_v6)
+    }
+
+    pub(crate) fn stats(&self) -> StatsSnapshot {
+        self.resolver.stats.snapshot()
+    }
+}
+
+/// A TCP listener whose `accept()` returns the original client behind a TOA
+/// load balancer, from trusted load balancers only.
+///
+/// ```no_run
+/// use toa_server_shim::{Config, ToaListener, TrustPolicy};
+///
+/// let policy = TrustPolicy::new("huawei-elb".parse()?)?;
+/// let listener = ToaListener::bind("0.0.0.0:8080", Config::new(policy))?;
+/// for conn in listener.incoming() {
+///     let (stream, peer) = conn?;
+///     println!("{peer}"); // client=203.0.113.7:40000 lb=100.125.0.1:40000 source=saved-syn
+/// #   drop(stream);
+/// }
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct ToaListener {
+    inner: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl ToaListener {
+    /// Binds `addr` and prepares the socket for `config`.
+    pub fn bind(addr: impl ToSocketAddrs, config: Config) -> io::Result<Self> {
+        Self::from_std(TcpListener::bind(addr)?, config)
+    }
+
+    /// Wraps a listening socket. `TCP_SAVE_SYN` takes effect for SYNs that
+    /// arrive from now on; connections already queued get `source=none`.
+    pub fn from_std(listener: TcpListener, config: Config) -> io::Result<Self> {
+        let shared = Shared::new(listener.as_fd(), listener.local_addr()?, config)?;
+        Ok(Self { inner: listener, shared })
+    }
+
+    /// Accepts a connection and tells who is behind it.
+    pub fn accept(&self) -> io::Result<(TcpStream, PeerInfo)> {
+        let (stream, peer) = self.inner.accept()?;
+        let info = self.shared.peer_info(stream.as_fd(), peer);
+        Ok((stream, info))
+    }
+
+    /// An endless iterator of [`ToaListener::accept`].
+    pub fn incoming(&self) -> impl Iterator<Item = io::Result<(TcpStream, PeerInfo)>> + '_ {
+        std::iter::repeat_with(|| self.accept())
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats()
+    }
+
+    /// The wrapped listener.
+    pub fn get_ref(&self) -> &TcpListener {
+        &self.inner
+    }
+}
+
+/// Turns a `std::net::TcpListener` into a [`ToaListener`] in one line.
+///
+/// ```no_run
+/// use std::net::TcpListener;
+/// use toa_server_shim::{Config, TcpListenerExt, TrustPolicy};
+///
+/// let policy = TrustPolicy::new("100.125.0.0/16".parse()?)?;
+/// let listener = TcpListener::bind("[::]:8080")?.with_toa(Config::new(policy))?;
+/// let (_stream, peer) = listener.accept()?;
+/// println!("{}", peer.client);
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// ```
+pub trait TcpListenerExt: Sized {
+    /// Wraps the listener; see [`ToaListener::from_std`].
+    fn with_toa(self, config: Config) -> io::Result<ToaListener>;
+}
+
+impl TcpListenerExt for TcpListener {
+    fn with_toa(self, config: Config) -> io::Result<ToaListener> {
+        ToaListener::from_std(self, config)
+    }
+}

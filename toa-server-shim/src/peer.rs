@@ -1,0 +1,291 @@
+//! What a backend learns about a connection: [`PeerInfo`], and the counters
+//! of how it was learned.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use toa_core::{Formats, TcpPacket, Toa};
+
+use crate::trust::TrustPolicy;
+
+/// Where [`PeerInfo::client`] came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// A trusted TOA in the connection's SYN, read with `TCP_SAVED_SYN`.
+    SavedSyn,
+    /// A trusted TOA found by the kernel helper (eBPF).
+    Ebpf,
+    /// No trusted TOA: `client` is the real peer.
+    None,
+}
+
+impl Source {
+    /// The name used in output: `saved-syn`, `ebpf`, `none`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::SavedSyn => "saved-syn",
+            Source::Ebpf => "ebpf",
+            Source::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The peer of an accepted connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerInfo {
+    /// The original client: the TOA's address when a trusted one was found,
+    /// else the real peer. A v4 TOA on an IPv6 (dual-stack) listener is given
+    /// as `::ffff:a.b.c.d`, as the socket would. An `ali-cdn` TOA carries no
+    /// port: the port is then 0.
+    pub client: SocketAddr,
+    /// The real peer: the load balancer (or a client that reached the backend directly).
+    pub lb: SocketAddr,
+    /// How `client` was learned.
+    pub source: Source,
+    /// The TOA as decoded, when a trusted one was found. For an IPv6 TOA on
+    /// an IPv4 listener (NAT64) this is the only faithful record of the client.
+    pub toa: Option<Toa>,
+}
+
+impl PeerInfo {
+    /// A peer without TOA: `client` and `lb` are both the real peer.
+    pub fn direct(peer: SocketAddr) -> Self {
+        PeerInfo { client: peer, lb: peer, source: Source::None, toa: None }
+    }
+}
+
+impl fmt::Display for PeerInfo {
+    /// `client=IP:PORT lb=IP:PORT source=NAME`, the `whoami` line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "client={} lb={} source={}", self.client, self.lb, self.source)
+    }
+}
+
+/// Counters of a listener, shared by its clones and safe to read at any time.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    accepted: AtomicU64,
+    toa: AtomicU64,
+    absent: AtomicU64,
+    untrusted: AtomicU64,
+    malformed: AtomicU64,
+    v6_on_v4: AtomicU64,
+    no_saved_syn: AtomicU64,
+}
+
+/// A copy of a listener's [`Stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections whose client came from a trusted TOA.
+    pub toa: u64,
+    /// Connections whose SYN carried no TOA.
+    pub absent: u64,
+    /// TOAs ignored because the packet's source is not trusted.
+    pub untrusted: u64,
+    /// SYNs whose options could not be parsed (the peer is used).
+    pub malformed: u64,
+    /// IPv6 TOAs on an IPv4 listener (NAT64): honoured in [`PeerInfo`], but
+    /// no `sockaddr_in` can hold them.
+    pub v6_on_v4: u64,
+    /// Connections without a saved SYN (SYN cookies, or the option set late).
+    pub no_saved_syn: u64,
+}
+
+impl Stats {
+    /// The current values.
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            accepted: get(&self.accepted),
+            toa: get(&self.toa),
+            absent: get(&self.absent),
+            untrusted: get(&self.untrusted),
+            malformed: get(&self.malformed),
+            v6_on_v4: get(&self.v6_on_v4),
+            no_saved_syn: get(&self.no_saved_syn),
+        }
+    }
+
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Display for StatsSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "accepted={} toa={} absent={} untrusted={} malformed={} v6_on_v4={} no_saved_syn={}",
+            self.accepted,
+            self.toa,
+            self.absent,
+            self.untrusted,
+            self.malformed,
+            self.v6_on_v4,
+            self.no_saved_syn
+        )
+    }
+}
+
+/// The largest saved SYN read: IPv6 with extension headers and a full TCP header fits.
+pub(crate) const SAVED_SYN_MAX: usize = 512;
+
+/// How a listener turns the accepted peer and its saved SYN into a [`PeerInfo`].
+#[derive(Debug)]
+pub(crate) struct Resolver {
+    pub(crate) policy: TrustPolicy,
+    pub(crate) formats: Formats,
+    pub(crate) stats: Stats,
+}
+
+impl Resolver {
+    /// `syn` is the saved SYN (maybe empty), `peer` the accepted peer,
+    /// `local_v6` whether the listening socket is IPv6.
+    pub(crate) fn resolve(&self, syn: &[u8], peer: SocketAddr, local_v6: bool) -> PeerInfo {
+        Stats::bump(&self.stats.accepted);
+        let direct = PeerInfo::direct(peer);
+        if syn.is_empty() {
+            Stats::bump(&self.stats.no_saved_syn);
+            return direct;
+        }
+        // The kernel saves headers only: a SYN that carried data (TCP Fast Open)
+        // declares a longer IP length than was saved. Parse the headers as a
+        // packet of exactly their size.
+        let mut copy = [0u8; SAVED_SYN_MAX];
+        let len = syn.len().min(SAVED_SYN_MAX);
+        copy[..len].copy_from_slice(&syn[..len]);
+        fit_ip_length(&mut copy[..len]);
+        let found =
+            TcpPacket::new_checked(&copy[..len]).and_then(|p| Ok((p.src_addr(), p.toa(&self.formats)?)));
+        let (src, toa) = match found {
+            Ok((_, None)) => {
+                Stats::bump(&self.stats.absent);
+                return direct;
+            }
+            Ok((src, Some(found))) => (src, found.toa),
+            Err(_) => {
+                Stats::bump(&self.stats.malformed);
+                return direct;
+            }
+        };
+        if !self.policy.trusts(src) {
+            Stats::bump(&self.stats.untrusted);
+            return direct;
+        }
+        Stats::bump(&self.stats.toa);
+        let port = toa.port().unwrap_or(0);
+        let client = match (toa.ip(), local_v6) {
+            (IpAddr::V4(ip), true) => SocketAddr::V6(SocketAddrV6::new(ip.to_ipv6_mapped(), port, 0, 0)),
+            (IpAddr::V6(ip), false) => {
+                Stats::bump(&self.stats.v6_on_v4);
+                SocketAddr::new(IpAddr::V6(ip), port)
+            }
+            (ip, _) => SocketAddr::new(ip, port),
+        };
+        PeerInfo { client, lb: peer, source: Source::SavedSyn, toa: Some(toa) }
+    }
+}
+
+/// Lowers the IP length field of the saved headers in `headers` to their own
+/// size when it declares more (the data of a SYN is not saved).
+fn fit_ip_length(headers: &mut [u8]) {
+    let len = headers.len();
+    let (field, base) = match headers.first().map(|b| b >> 4) {
+        Some(4) if len >= 20 => (2..4, 0),
+        Some(6) if len >= 40 => (4..6, 40),
+        _ => return,
+    };
+    let declared = usize::from(u16::from_be_bytes([headers[field.start], headers[field.start + 1]]));
+    if base + declared > len {
+        // len is at most SAVED_SYN_MAX, so it fits the field.
+        headers[field].copy_from_slice(&((len - base) as u16).to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trust::TrustedSources;
+    use toa_core::{Format, insert};
+
+    fn resolver() -> Resolver {
+        let policy = TrustPolicy::new("100.125.0.0/16".parse::<TrustedSources>().unwrap()).unwrap();
+        Resolver { policy, formats: Formats::default(), stats: Stats::default() }
+    }
+
+    /// An IPv4 SYN from `src` with `toa` inserted.
+    fn syn(src: [u8; 4], toa: Option<Toa>) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, src[0], src[1], src[2], src[3], 192, 0, 2, 10, 0x9c,
+            0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+        ];
+        if let Some(toa) = toa {
+            p.resize(80, 0);
+            let len = insert(&mut p, 40, &toa, &Formats::ALL).unwrap();
+            p.truncate(len);
+        }
+        p
+    }
+
+    #[test]
+    fn trusted_toa_wins_and_maps_to_the_listener_family() {
+        let r = resolver();
+        let toa = Toa::new(Format::Toa, "203.0.113.7:40000".parse().unwrap()).unwrap();
+        let lb: SocketAddr = "100.125.0.1:40000".parse().unwrap();
+        let info = r.resolve(&syn([100, 125, 0, 1], Some(toa)), lb, false);
+        assert_eq!(info.to_string(), "client=203.0.113.7:40000 lb=100.125.0.1:40000 source=saved-syn");
+        let mapped = r.resolve(&syn([100, 125, 0, 1], Some(toa)), lb, true);
+        assert_eq!(mapped.client.to_string(), "[::ffff:203.0.113.7]:40000");
+        assert_eq!(r.stats.snapshot().toa, 2);
+    }
+
+    #[test]
+    fn untrusted_absent_malformed_and_missing() {
+        let r = resolver();
+        let toa = Toa::new(Format::Toa, "203.0.113.7:40000".parse().unwrap()).unwrap();
+        let peer: SocketAddr = "198.51.100.9:5555".parse().unwrap();
+        assert_eq!(r.resolve(&syn([198, 51, 100, 9], Some(toa)), peer, false), PeerInfo::direct(peer));
+        assert_eq!(r.resolve(&syn([100, 125, 0, 1], None), peer, false), PeerInfo::direct(peer));
+        let mut bad = syn([100, 125, 0, 1], Some(toa));
+        bad[41] = 0; // toa length 0
+        assert_eq!(r.resolve(&bad, peer, false), PeerInfo::direct(peer));
+        assert_eq!(r.resolve(&[], peer, false), PeerInfo::direct(peer));
+        let s = r.stats.snapshot();
+        assert_eq!(
+            (s.accepted, s.toa, s.untrusted, s.absent, s.malformed, s.no_saved_syn),
+            (4, 0, 1, 1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn v6_toa_on_a_v4_listener_is_kept_and_counted() {
+        let r = resolver();
+        let toa = Toa::new(Format::Toa6, "[2001:db8::7]:40000".parse().unwrap()).unwrap();
+        let lb: SocketAddr = "100.125.0.1:40000".parse().unwrap();
+        let info = r.resolve(&syn([100, 125, 0, 1], Some(toa)), lb, false);
+        assert_eq!(info.client.to_string(), "[2001:db8::7]:40000");
+        assert_eq!(info.toa, Some(toa));
+        assert_eq!(r.stats.snapshot().v6_on_v4, 1);
+    }
+
+    #[test]
+    fn saved_headers_of_a_syn_with_data() {
+        // TCP Fast Open: the IP length counts 100 bytes of data that were not saved.
+        let r = resolver();
+        let toa = Toa::new(Format::Toa, "203.0.113.7:40000".parse().unwrap()).unwrap();
+        let mut headers = syn([100, 125, 0, 1], Some(toa));
+        let declared = headers.len() as u16 + 100;
+        headers[2..4].copy_from_slice(&declared.to_be_bytes());
+        let info = r.resolve(&headers, "100.125.0.1:1".parse().unwrap(), false);
+        assert_eq!(info.source, Source::SavedSyn);
+    }
+}
