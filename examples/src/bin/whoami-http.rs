@@ -1,0 +1,56 @@
+//! `whoami-http`: the `whoami` line over HTTP, served by axum through
+//! `toa_server_shim::tokio::ToaListener`; handlers get `PeerInfo` via `ConnectInfo`.
+//!
+//! ```text
+//! whoami-http --listen 0.0.0.0:8080 --trust huawei-elb
+//! curl http://backend:8080/   ->   client=203.0.113.7:40000 lb=100.125.0.1:40000 source=saved-syn
+//! ```
+
+use std::process::ExitCode;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::routing::get;
+use clap::Parser;
+use toa_examples::whoami::Options;
+use toa_server_shim::PeerInfo;
+use toa_server_shim::tokio::ToaListener;
+
+#[derive(Parser)]
+#[command(name = "whoami-http", about = "Answer HTTP requests with `client=... lb=... source=...`")]
+struct Cli {
+    #[command(flatten)]
+    options: Options,
+}
+
+async fn whoami(ConnectInfo(peer): ConnectInfo<PeerInfo>) -> String {
+    format!("{peer}\n")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.options.config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("whoami-http: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let serve = async {
+        let listener = ToaListener::bind(&cli.options.listen, config).await?;
+        eprintln!("whoami-http: listening on {}", listener.local_addr()?);
+        let app = Router::new().route("/", get(whoami));
+        axum::serve(listener, app.into_make_service_with_connect_info::<PeerInfo>()).await
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .and_then(|runtime| runtime.block_on(serve));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("whoami-http: {}: {e}", cli.options.listen);
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! What the `whoami` examples share: their command line.
+
+use clap::Args;
+use toa_core::{Format, Formats};
+use toa_server_shim::{Config, Mode, NoTrustConfigured, TrustPolicy, TrustedSources};
+
+/// The options of `whoami` and `whoami-http`.
+#[derive(Args, Debug)]
+pub struct Options {
+    /// Address to listen on, e.g. 0.0.0.0:8080 or [::]:8080.
+    #[arg(long)]
+    pub listen: String,
+    /// A trusted load-balancer source: CIDR, address or `huawei-elb` (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    pub trust: Vec<TrustedSources>,
+    /// Honour a TOA from any source (a client could forge its address).
+    #[arg(long, conflicts_with = "trust")]
+    pub trust_any: bool,
+    /// How to learn the client: auto, saved-syn or none.
+    #[arg(long, default_value = "auto")]
+    pub source: Mode,
+    /// TOA formats to accept, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "toa,toa6")]
+    pub formats: Vec<Format>,
+}
+
+impl Options {
+    /// The listener configuration, or the reason there is none.
+    pub fn config(&self) -> Result<Config, NoTrustConfigured> {
+        let policy = if self.trust_any {
+            TrustPolicy::any()
+        } else {
+            TrustPolicy::new(self.trust.iter().cloned().collect())?
+        };
+        let formats = self.formats.iter().fold(Formats::NONE, |f, format| f.with(*format));
+        Ok(Config::new(policy).formats(formats).mode(self.source))
+    }
+}
