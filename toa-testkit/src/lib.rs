@@ -1,0 +1,32 @@
+//! Test support for the toa workspace (never shipped).
+//!
+//! - [`netns`]: network namespaces that clean up after themselves, and
+//!   running code or programs inside them.
+//! - [`rawtcp`]: a TCP client on an AF_PACKET socket that writes TOA
+//!   options where a test asks (SYN, handshake ACK, both, malformed, several),
+//!   as an LB would, for hundreds of connections at once.
+//! - [`bed`]: the backend testbed those two make: one namespace, a veth pair
+//!   whose LB end has no IP address (so its kernel never answers the backend:
+//!   no RSTs to suppress) and whose backend end is the server.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod bed;
+pub mod netns;
+pub mod rawtcp;
+
+/// Whether the test runs as root; end-to-end tests skip otherwise.
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Returns early from a test, with a message, when not root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("SKIP {}: needs root (network namespaces, AF_PACKET)", module_path!());
+            return;
+        }
+    };
+}

@@ -1,0 +1,280 @@
+//! A TCP client on an AF_PACKET socket, for putting TOA options where a test
+//! wants them, as a load balancer would.
+//!
+//! It does just enough TCP for a request/response test: SYN (retransmitted),
+//! the handshake ACK, one data segment, collecting the server's bytes up to
+//! its FIN, then a RST so that neither side keeps state.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use etherparse::PacketBuilder;
+use toa_core::{Formats, TcpFlags, TcpPacket, Toa};
+
+/// One connection to make.
+#[derive(Clone, Debug)]
+pub struct Conn {
+    /// The source address (the LB's, or a client's).
+    pub src: SocketAddr,
+    /// The server.
+    pub dst: SocketAddr,
+    /// Raw option bytes to put first in the SYN (a TOA, or something malformed).
+    pub syn_options: Vec<u8>,
+    /// Raw option bytes for the handshake-completing ACK.
+    pub ack_options: Vec<u8>,
+    /// Bytes to send once the connection is up.
+    pub request: Vec<u8>,
+}
+
+impl Conn {
+    /// A connection without options or request.
+    pub fn new(src: SocketAddr, dst: SocketAddr) -> Conn {
+        Conn { src, dst, syn_options: vec![], ack_options: vec![], request: vec![] }
+    }
+
+    /// Puts `toa` in the SYN.
+    #[must_use]
+    pub fn toa_in_syn(mut self, toa: &Toa) -> Conn {
+        self.syn_options.extend(option_bytes(toa));
+        self
+    }
+
+    /// Puts `toa` in the handshake ACK.
+    #[must_use]
+    pub fn toa_in_ack(mut self, toa: &Toa) -> Conn {
+        self.ack_options.extend(option_bytes(toa));
+        self
+    }
+}
+
+/// `toa` as option bytes with the default kinds, NOP-padded to a multiple of 4.
+pub fn option_bytes(toa: &Toa) -> Vec<u8> {
+    let mut out = [0u8; 20];
+    let len = toa.emit(Formats::ALL.kind(toa.format()), &mut out).expect("20 bytes hold any toa");
+    let mut bytes = out[..len].to_vec();
+    while bytes.len() % 4 != 0 {
+        bytes.push(1);
+    }
+    bytes
+}
+
+/// The raw client: one AF_PACKET socket on the LB end of the testbed.
+pub struct Client {
+    tx: Box<dyn pnet_datalink::DataLinkSender>,
+    rx: Box<dyn pnet_datalink::DataLinkReceiver>,
+    mac: [u8; 6],
+    peer_mac: [u8; 6],
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("mac", &self.mac).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Waiting,
+    SynSent { at: Instant, tries: u32 },
+    Established { server_next: u32, data: Vec<u8>, fin_at: Option<usize> },
+    Done(Result<Vec<u8>, String>),
+}
+
+const MSS_OPTION: [u8; 4] = [2, 4, 0x05, 0xb4];
+const ISN: u32 = 0x1000_0000;
+
+impl Client {
+    /// Opens the socket on `iface` (call inside the namespace; see `Netns::run`).
+    pub fn open(iface: &str, mac: [u8; 6], peer_mac: [u8; 6]) -> Client {
+        let interface = pnet_datalink::interfaces()
+            .into_iter()
+            .find(|i| i.name == iface)
+            .unwrap_or_else(|| panic!("no interface {iface}"));
+        let config = pnet_datalink::Config {
+            read_timeout: Some(Duration::from_millis(20)),
+            promiscuous: false,
+            ..Default::default()
+        };
+        match pnet_datalink::channel(&interface, config) {
+            Ok(pnet_datalink::Channel::Ethernet(tx, rx)) => Client { tx, rx, mac, peer_mac },
+            Ok(_) => panic!("unexpected channel type"),
+            Err(e) => panic!("AF_PACKET on {iface}: {e}"),
+        }
+    }
+
+    /// Runs `conns` with at most `window` handshakes in flight; returns each
+    /// one's response bytes (everything the server sent before its FIN), or
+    /// what went wrong.
+    pub fn run(&mut self, conns: &[Conn], window: usize, timeout: Duration) -> Vec<Result<Vec<u8>, String>> {
+        let mut states: Vec<State> = conns.iter().map(|_| State::Waiting).collect();
+        let index: HashMap<(SocketAddr, SocketAddr), usize> =
+            conns.iter().enumerate().map(|(i, c)| ((c.src, c.dst), i)).collect();
+        assert_eq!(index.len(), conns.len(), "every connection needs its own source address and port");
+        let deadline = Instant::now() + timeout;
+        let mut next = 0;
+        let mut active = 0;
+        while Instant::now() < deadline {
+            while active < window && next < conns.len() {
+                self.send(&conns[next], TcpFlags::SYN, ISN, 0, &conns[next].syn_options, &[]);
+                states[next] = State::SynSent { at: Instant::now(), tries: 1 };
+                next += 1;
+                active += 1;
+            }
+            if active == 0 && next == conns.len() {
+                break;
+            }
+            // Retransmit lost SYNs (a full accept queue drops them).
+            for (i, state) in states.iter_mut().enumerate() {
+                if let State::SynSent { at, tries } = state {
+                    if at.elapsed() > Duration::from_millis(500 * u64::from(*tries)) {
+                        let conn = &conns[i];
+                        Self::send_with(
+                            &mut self.tx,
+                            self.mac,
+                            self.peer_mac,
+                            conn,
+                            TcpFlags::SYN,
+                            ISN,
+                            0,
+                            &conn.syn_options,
+                            &[],
+                        );
+                        *at = Instant::now();
+                        *tries += 1;
+                    }
+                }
+            }
+            let frame = match self.rx.next() {
+                Ok(frame) => frame.to_vec(),
+                Err(_) => continue, // read timeout
+            };
+            if frame.len() < 14 || frame[6..12] == self.mac {
+                continue; // our own frames, seen on the way out
+            }
+            let Ok(packet) = TcpPacket::new_checked(&frame[14..]) else { continue };
+            let Some(&i) = index.get(&(packet.dst(), packet.src())) else { continue };
+            let tcp = packet.tcp();
+            let (flags, seq, payload) = (tcp.flags(), tcp.seq_number(), tcp.payload().to_vec());
+            let conn = &conns[i];
+            match &mut states[i] {
+                State::SynSent { .. } if flags.contains(TcpFlags::SYN.union(TcpFlags::ACK)) => {
+                    let server_next = seq.wrapping_add(1);
+                    self.send(conn, TcpFlags::ACK, ISN + 1, server_next, &conn.ack_options, &[]);
+                    if !conn.request.is_empty() {
+                        let flags = TcpFlags::ACK.union(TcpFlags::PSH);
+                        self.send(conn, flags, ISN + 1, server_next, &[], &conn.request);
+                    }
+                    states[i] = State::Established { server_next, data: Vec::new(), fin_at: None };
+                }
+                State::SynSent { .. } if flags.contains(TcpFlags::RST) => {
+                    states[i] = State::Done(Err("connection refused (RST to SYN)".into()));
+                    active -= 1;
+                }
+                State::Established { server_next, data, fin_at } => {
+                    if flags.contains(TcpFlags::RST) {
+                        states[i] = State::Done(Err(format!("reset by server after {} bytes", data.len())));
+                        active -= 1;
+                        continue;
+                    }
+                    let offset = seq.wrapping_sub(*server_next) as usize;
+                    if offset <= data.len() && offset + payload.len() > data.len() {
+                        data.extend_from_slice(&payload[data.len() - offset..]);
+                    }
+                    if flags.contains(TcpFlags::FIN) {
+                        *fin_at = Some(offset + payload.len());
+                    }
+                    if fin_at.is_some_and(|end| end == data.len()) {
+                        let sent = ISN + 1 + conn.request.len() as u32;
+                        let ack = server_next.wrapping_add(data.len() as u32 + 1);
+                        self.send(conn, TcpFlags::RST.union(TcpFlags::ACK), sent, ack, &[], &[]);
+                        let data = std::mem::take(data);
+                        states[i] = State::Done(Ok(data));
+                        active -= 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        states
+            .into_iter()
+            .map(|state| match state {
+                State::Done(result) => result,
+                State::Waiting => Err("never started (timeout)".into()),
+                State::SynSent { tries, .. } => Err(format!("no SYN-ACK after {tries} SYNs")),
+                State::Established { data, .. } => {
+                    Err(format!("no FIN from the server (got {:?})", String::from_utf8_lossy(&data)))
+                }
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send(&mut self, conn: &Conn, flags: TcpFlags, seq: u32, ack: u32, options: &[u8], payload: &[u8]) {
+        Self::send_with(&mut self.tx, self.mac, self.peer_mac, conn, flags, seq, ack, options, payload);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_with(
+        tx: &mut Box<dyn pnet_datalink::DataLinkSender>,
+        mac: [u8; 6],
+        peer_mac: [u8; 6],
+        conn: &Conn,
+        flags: TcpFlags,
+        seq: u32,
+        ack: u32,
+        options: &[u8],
+        payload: &[u8],
+    ) {
+        let frame = frame(mac, peer_mac, conn, flags, seq, ack, options, payload);
+        match tx.send_to(&frame, None) {
+            Some(Ok(())) => {}
+            other => panic!("send on the LB end failed: {other:?}"),
+        }
+    }
+}
+
+/// Builds one Ethernet frame. The TCP options are `options` first (where an
+/// LB puts a TOA), then MSS on a SYN, NOP-padded.
+#[allow(clippy::too_many_arguments)]
+pub fn frame(
+    mac: [u8; 6],
+    peer_mac: [u8; 6],
+    conn: &Conn,
+    flags: TcpFlags,
+    seq: u32,
+    ack: u32,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(mac, peer_mac);
+    let builder = match (conn.src.ip(), conn.dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => builder.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("{} and {} are of different families", conn.src, conn.dst),
+    };
+    let mut tcp = builder.tcp(conn.src.port(), conn.dst.port(), seq, 64240);
+    let mut all = options.to_vec();
+    if flags.contains(TcpFlags::SYN) {
+        all.extend_from_slice(&MSS_OPTION);
+    }
+    while all.len() % 4 != 0 {
+        all.push(1);
+    }
+    if flags.contains(TcpFlags::SYN) {
+        tcp = tcp.syn();
+    }
+    if flags.contains(TcpFlags::ACK) {
+        tcp = tcp.ack(ack);
+    }
+    if flags.contains(TcpFlags::PSH) {
+        tcp = tcp.psh();
+    }
+    if flags.contains(TcpFlags::RST) {
+        tcp = tcp.rst();
+    }
+    let tcp = tcp.options_raw(&all).expect("options fit in 40 bytes");
+    let mut out = Vec::with_capacity(14 + 60 + 60 + payload.len());
+    tcp.write(&mut out, payload).expect("writing to a Vec");
+    out
+}
