@@ -1,0 +1,181 @@
+//! Accepted connections per second on loopback: a plain listener against
+//! `ToaListener` (saved SYN), std and tokio, measured in the same run with the
+//! rounds interleaved, so that the machine's noise hits both sides alike.
+//!
+//! `cargo run --release -p toa-examples --bin accept-bench -- [--seconds S] [--rounds N]`
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use toa_server_shim::{Config, TcpListenerExt, TrustPolicy};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Variant {
+    PlainStd,
+    ToaStd,
+    PlainTokio,
+    ToaTokio,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::PlainStd => "std TcpListener",
+            Variant::ToaStd => "std ToaListener",
+            Variant::PlainTokio => "tokio TcpListener",
+            Variant::ToaTokio => "tokio ToaListener",
+        }
+    }
+}
+
+fn config() -> Config {
+    Config::new(TrustPolicy::new("127.0.0.0/8".parse().expect("cidr")).expect("non-empty"))
+}
+
+/// Runs a server of `variant` for `seconds` against `clients` connecting threads;
+/// returns accepted connections per second.
+fn measure(variant: Variant, seconds: f64, clients: usize) -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let server = {
+        let (stop, accepted) = (stop.clone(), accepted.clone());
+        std::thread::spawn(move || serve(variant, listener, &stop, &accepted))
+    };
+    let load: Vec<_> = (0..clients)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || connect_loop(addr, &stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200)); // warm up
+    let start_count = accepted.load(Ordering::Relaxed);
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let count = accepted.load(Ordering::Relaxed) - start_count;
+    let rate = count as f64 / start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for client in load {
+        let _ = client.join();
+    }
+    // Wake the server's blocking accept.
+    let _ = TcpStream::connect(addr);
+    let _ = server.join();
+    rate
+}
+
+fn connect_loop(addr: SocketAddr, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        // Closed loop: wait for the server's byte, so that at most `clients`
+        // connections are in flight and the accept queue never overflows (an
+        // open loop floods it whenever the server thread is descheduled, and
+        // each dropped SYN stalls a client for a second).
+        if let Ok(mut stream) = TcpStream::connect(addr) {
+            let _ = stream.read(&mut [0u8; 1]);
+            reset(&stream);
+        }
+    }
+}
+
+/// Both sides close with RST: neither keeps TIME_WAIT state, which would
+/// otherwise stall reused ports for a second each and swamp the measurement.
+fn reset(stream: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+fn serve(variant: Variant, listener: TcpListener, stop: &AtomicBool, accepted: &AtomicU64) {
+    match variant {
+        Variant::PlainStd => {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((mut stream, peer)) = listener.accept() {
+                    let _ = stream.write_all(b"!");
+                    reset(&stream);
+                    std::hint::black_box((stream, peer));
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Variant::ToaStd => {
+            let listener = listener.with_toa(config()).expect("TCP_SAVE_SYN");
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((mut stream, peer)) = listener.accept() {
+                    let _ = stream.write_all(b"!");
+                    reset(&stream);
+                    std::hint::black_box((stream, peer));
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Variant::PlainTokio | Variant::ToaTokio => {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                use tokio::io::AsyncWriteExt;
+                listener.set_nonblocking(true).expect("nonblocking");
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                if variant == Variant::PlainTokio {
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok(mut conn) = listener.accept().await {
+                            let _ = conn.0.write_all(b"!").await;
+                            reset(&conn.0);
+                            std::hint::black_box(conn);
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                } else {
+                    let listener = toa_server_shim::tokio::ToaListener::from_tokio(listener, config())
+                        .expect("TCP_SAVE_SYN");
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok(mut conn) = listener.accept().await {
+                            let _ = conn.0.write_all(b"!").await;
+                            reset(&conn.0);
+                            std::hint::black_box(conn);
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+fn main() {
+    let mut seconds = 2.0;
+    let mut rounds = 3;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value = args.next().and_then(|v| v.parse::<f64>().ok());
+        match (arg.as_str(), value) {
+            ("--seconds", Some(v)) => seconds = v,
+            ("--rounds", Some(v)) => rounds = v as usize,
+            _ => {
+                eprintln!("usage: accept-bench [--seconds S] [--rounds N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let clients = 2;
+    let variants = [Variant::PlainStd, Variant::ToaStd, Variant::PlainTokio, Variant::ToaTokio];
+    let mut totals = [0.0f64; 4];
+    for round in 1..=rounds {
+        // Alternate the order, so that neither side always runs first (warm caches, drift).
+        let order: Vec<usize> = if round % 2 == 1 { vec![0, 1, 2, 3] } else { vec![1, 0, 3, 2] };
+        for i in order {
+            let variant = &variants[i];
+            let rate = measure(*variant, seconds, clients);
+            eprintln!("round {round}: {:<18} {rate:>9.0} accepts/s", variant.name());
+            totals[i] += rate;
+        }
+    }
+    let mean = |i: usize| totals[i] / rounds as f64;
+    println!("{:<18} {:>12}", "listener", "accepts/s");
+    for (i, variant) in variants.iter().enumerate() {
+        println!("{:<18} {:>12.0}", variant.name(), mean(i));
+    }
+    println!("ratio std   ToaListener / TcpListener: {:.3}", mean(1) / mean(0));
+    println!("ratio tokio ToaListener / TcpListener: {:.3}", mean(3) / mean(2));
+}
