@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod capture;
+pub mod ebpf;
 pub mod inspect;
 mod listener;
 mod peer;

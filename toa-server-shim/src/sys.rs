@@ -41,3 +41,56 @@ pub(crate) fn saved_syn(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize>
     };
     if rc == 0 { Ok(len as usize) } else { Err(io::Error::last_os_error()) }
 }
+
+/// The value layouts shared with `bpf/toa.bpf.c`.
+pub(crate) mod bpf {
+    /// `struct toa_peer`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub(crate) struct Peer {
+        pub(crate) state: u8,
+        pub(crate) source: u8,
+        pub(crate) returned: u8,
+        pub(crate) family: u8,
+        pub(crate) segments: u8,
+        pub(crate) pad: [u8; 1],
+        pub(crate) port: u16,
+        pub(crate) addr: [u32; 4],
+        pub(crate) lb_addr: [u32; 4],
+        pub(crate) lb_port: u16,
+        pub(crate) pad2: u16,
+    }
+
+    /// `struct toa_config`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Config {
+        pub(crate) enabled: u8,
+        pub(crate) kinds: [u8; 5],
+        pub(crate) trust_any: u8,
+        pub(crate) pad: u8,
+        pub(crate) kind_formats: [u8; 256],
+    }
+
+    impl Default for Config {
+        fn default() -> Self {
+            Config { enabled: 0, kinds: [0; 5], trust_any: 0, pad: 0, kind_formats: [0; 256] }
+        }
+    }
+
+    /// `struct toa_meta`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Meta {
+        pub(crate) cgroup: [u8; 256],
+    }
+
+    // SAFETY: plain `repr(C)` structs of integers and integer arrays, with the
+    // padding spelt out as fields: every bit pattern is a valid value, and the
+    // layouts match the C structs byte for byte (checked in ebpf.rs tests).
+    unsafe impl aya::Pod for Peer {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Meta {}
+}

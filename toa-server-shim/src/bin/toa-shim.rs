@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use toa_core::{Format, Formats};
 use toa_server_shim::capture::{self, LiveOptions};
 use toa_server_shim::inspect::{Inspector, Record, Summary, parse_hex};
-use toa_server_shim::trust::TrustedSources;
+use toa_server_shim::trust::{TrustPolicy, TrustedSources};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +26,39 @@ struct Cli {
 enum Command {
     /// Decode the TOA option in packets: does the load balancer send it, and from where?
     Inspect(InspectArgs),
+    /// The kernel helper: make unmodified servers in a cgroup see the client (root).
+    #[command(subcommand)]
+    Ebpf(EbpfCommand),
+}
+
+#[derive(Subcommand)]
+enum EbpfCommand {
+    /// Load and attach the helper; it stays attached after this command exits.
+    Attach(AttachArgs),
+    /// Show where the helper is attached, whom it trusts, and its counters.
+    Status,
+    /// Detach the helper and remove every pin (also after an interrupted attach).
+    Detach,
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("trusted").required(true).multiple(true))]
+struct AttachArgs {
+    /// The cgroup (v2) whose programs see clients; default: the root, i.e. every program.
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    /// A trusted load-balancer source CIDR (repeatable).
+    #[arg(long, value_name = "CIDR", group = "trusted")]
+    trust: Vec<TrustedSources>,
+    /// A named set of trusted sources: huawei-elb (100.125.0.0/16).
+    #[arg(long, value_name = "NAME", group = "trusted", value_parser = ["huawei-elb"])]
+    trust_preset: Vec<String>,
+    /// Honour a TOA from any source (a client could forge its address).
+    #[arg(long, group = "trusted", conflicts_with_all = ["trust", "trust_preset"])]
+    trust_any: bool,
+    /// Formats to accept, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "toa,toa6")]
+    formats: Vec<Format>,
 }
 
 #[derive(Args)]
@@ -79,6 +112,53 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect(args) => inspect(args),
+        Command::Ebpf(command) => ebpf(command),
+    }
+}
+
+fn ebpf(command: EbpfCommand) -> ExitCode {
+    use toa_server_shim::ebpf;
+    let result = match command {
+        EbpfCommand::Attach(args) => {
+            let policy = if args.trust_any {
+                TrustPolicy::any()
+            } else {
+                let mut sources: Vec<TrustedSources> = args.trust;
+                for preset in &args.trust_preset {
+                    match preset.parse() {
+                        Ok(preset) => sources.push(preset),
+                        Err(e) => {
+                            eprintln!("toa-shim: {e}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+                match TrustPolicy::new(sources.into_iter().collect()) {
+                    Ok(policy) => policy,
+                    Err(e) => {
+                        eprintln!("toa-shim: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            };
+            let formats = args.formats.iter().fold(Formats::NONE, |f, format| f.with(*format));
+            let options = ebpf::AttachOptions { cgroup: args.cgroup, policy, formats };
+            ebpf::attach(&options).map(|cgroup| {
+                println!("attached to cgroup {} (pinned under {})", cgroup.display(), ebpf::PIN_DIR);
+            })
+        }
+        EbpfCommand::Status => ebpf::status().map(|status| println!("{status}")),
+        EbpfCommand::Detach => ebpf::detach().map(|removed| match removed {
+            0 => println!("nothing attached"),
+            n => println!("detached: removed {n} pins under {}", ebpf::PIN_DIR),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("toa-shim: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

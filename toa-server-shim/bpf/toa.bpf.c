@@ -1,0 +1,474 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * toa.bpf.c: the kernel helper of toa-server-shim.
+ *
+ * Makes accept() and getpeername() of unmodified servers in a cgroup return
+ * the client a TOA load balancer wrote into a TCP option, and only when the
+ * packet that carried the option came from a trusted source.
+ *
+ * sockops (toa_sockops):
+ *   LISTEN_CB            keep the SYN of every connection (TCP_SAVE_SYN)
+ *   PASSIVE_ESTABLISHED  look for the TOA in the SYN, then in the ACK that
+ *                        completes the handshake; if neither has one, watch
+ *                        the next client segments (DPVS puts it in data)
+ * sockops (toa_sockops_data):
+ *   PARSE_HDR_OPT        those segments, until found or a few have passed
+ * cgroup/getpeername4|6  rewrite the peer address from the socket's storage
+ *
+ * Built by scripts/build-bpf.sh (clang -target bpf); the object is committed.
+ * The layouts of struct toa_peer, toa_config, toa_meta and the trie key are
+ * mirrored in src/ebpf.rs: change both together.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOL_TCP 6
+#define TCP_SAVE_SYN 27
+
+/* Formats, as bits of toa_config.enabled and indexes of toa_config.kinds (toa_core::Format order). */
+#define FMT_TOA 0     /* kind 254, len 8:  port, IPv4 */
+#define FMT_TOA6 1    /* kind 254, len 20: port, IPv6 */
+#define FMT_ALI_V6 2  /* kind 253, len 20: port, IPv6 */
+#define FMT_TENCENT 3 /* kind 200, len 8:  port, IPv4 */
+#define FMT_ALI_CDN 4 /* kind 28, len 7/19: version, IPv4/IPv6, no port */
+#define NR_FORMATS 5
+
+/* Counters (toa_counters indexes). */
+#define CNT_FOUND 0     /* trusted TOA stored for a connection */
+#define CNT_UNTRUSTED 1 /* TOA from an untrusted source, ignored */
+#define CNT_MALFORMED 2 /* malformed options where a TOA was looked for */
+#define CNT_V6_ON_V4 3  /* IPv6 client on an IPv4 socket: no rewrite */
+#define CNT_REWRITTEN 4 /* getpeername()/accept() answers rewritten */
+#define NR_COUNTERS 5
+
+/* toa_peer.state */
+#define ST_NONE 0    /* nothing found (yet) */
+#define ST_WATCH 1   /* watching data segments */
+#define ST_FOUND 2   /* client set */
+
+/* toa_peer.source: which packet carried the TOA */
+#define SRC_SYN 1
+#define SRC_ACK 2
+#define SRC_DATA 3
+
+/* How many client segments after the handshake are searched. */
+#define MAX_DATA_SEGMENTS 4
+
+struct toa_peer {
+	__u8 state;
+	__u8 source;
+	__u8 returned;  /* the address was handed out: never change it again */
+	__u8 family;    /* of the client: AF_INET or AF_INET6 */
+	__u8 segments;  /* data segments searched */
+	__u8 pad[1];
+	__u16 port;     /* client port, network order (0 for ali-cdn) */
+	__u32 addr[4];  /* client address, network order; IPv4 in addr[0] */
+	__u32 lb_addr[4]; /* the real peer (the LB), IPv4 as ::ffff:a.b.c.d */
+	__u16 lb_port;  /* network order */
+	__u16 pad2;
+};
+
+struct toa_config {
+	__u8 enabled;            /* bit per format */
+	__u8 kinds[NR_FORMATS];  /* option kind per format */
+	__u8 trust_any;          /* honour a TOA from any source */
+	__u8 pad;
+	/* kind -> bits of the enabled formats using that kind, filled by the
+	 * loader: one lookup per option keeps the verifier's work small. */
+	__u8 kind_formats[256];
+};
+
+struct trust_key {
+	__u32 prefixlen;  /* of the IPv6 (or ::ffff:IPv4) address */
+	__u8 addr[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct toa_peer);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} toa_peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1024);
+	__type(key, struct trust_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} toa_trust SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct toa_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} toa_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NR_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} toa_counters SEC(".maps");
+
+/* Where the helper is attached (the cgroup path), for `toa-shim ebpf status`:
+ * kept here so that all of the helper's state lives under its pin directory. */
+struct toa_meta {
+	char cgroup[256];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct toa_meta);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} toa_meta SEC(".maps");
+
+static __always_inline void count(__u32 counter)
+{
+	__u64 *value = bpf_map_lookup_elem(&toa_counters, &counter);
+	if (value)
+		*value += 1;
+}
+
+/* What a search of one options area gave. */
+struct found {
+	int result;     /* 1 found, 0 none, -1 malformed */
+	__u8 family;
+	__u16 port;     /* network order */
+	__u32 addr[4];
+};
+
+#define BIT(f) (1 << (f))
+
+/* Searches the options area opts[0..len) (len <= 40; opts is 64 bytes, zero
+ * padded, so every masked index is in bounds) for the first TOA of an
+ * enabled format. Malformed lengths, and a format's kind with a length it
+ * does not use, are errors, as in toa_core. The loop only locates; decoding
+ * happens once, after it, which keeps the verifier's path count small. */
+static __always_inline void find_toa(const __u8 *opts, int len, const struct toa_config *cfg, struct found *out)
+{
+	int i = 0;
+	int at = -1;
+	__u8 olen = 0;
+	__u8 bits = 0;
+
+	/* Every exit leaves *out fully written, so that the verifier sees equal
+	 * states after each search and prunes them. */
+	__builtin_memset(out, 0, sizeof(*out));
+	for (int n = 0; n < 40; n++) {
+		if (i >= len)
+			break;
+		__u8 kind = opts[i & 63];
+		if (kind == 0) /* EOL */
+			break;
+		if (kind == 1) { /* NOP */
+			i = (i + 1) & 63;
+			continue;
+		}
+		olen = opts[(i + 1) & 63];
+		if (i + 1 >= len || olen < 2 || i + olen > len) {
+			out->result = -1;
+			return;
+		}
+		bits = cfg->kind_formats[kind];
+		if (bits) {
+			if (((bits & (BIT(FMT_TOA) | BIT(FMT_TENCENT))) && olen == 8) ||
+			    ((bits & (BIT(FMT_TOA6) | BIT(FMT_ALI_V6))) && olen == 20) ||
+			    ((bits & BIT(FMT_ALI_CDN)) && (olen == 7 || olen == 19))) {
+				at = i;
+				break;
+			}
+			/* kind 28 is also RFC 5482 User Timeout: not ours at other lengths */
+			if (bits & ~BIT(FMT_ALI_CDN)) {
+				out->result = -1;
+				return;
+			}
+		}
+		i = (i + olen) & 63;
+	}
+	if (at < 0)
+		return;
+
+	int cdn = olen == 7 || olen == 19;
+	int body = at + 2;
+	if (cdn) {
+		out->port = 0;
+		body += 1; /* version byte */
+	} else {
+		out->port = (__u16)opts[body & 63] | ((__u16)opts[(body + 1) & 63] << 8);
+		body += 2;
+	}
+	out->family = (olen == 8 || olen == 7) ? AF_INET : AF_INET6;
+	__u8 a[16] = {};
+	for (int k = 0; k < 16; k++)
+		a[k] = opts[(body + k) & 63];
+	__builtin_memcpy(out->addr, a, 16);
+	if (out->family == AF_INET) {
+		out->addr[1] = 0;
+		out->addr[2] = 0;
+		out->addr[3] = 0;
+	}
+	out->result = 1;
+}
+
+/* Copies the options of the TCP header [data, data_end) into opts; returns their length or -1. */
+static __always_inline int copy_options(const __u8 *data, const __u8 *data_end, __u8 *opts)
+{
+	if (data + 20 > data_end)
+		return -1;
+	int hlen = (data[12] >> 4) * 4;
+	if (hlen < 20 || hlen > 60)
+		return -1;
+	int len = hlen - 20;
+	for (int k = 0; k < 40; k++) {
+		if (k >= len)
+			break;
+		const __u8 *p = data + 20 + k;
+		if (p + 1 > data_end)
+			return -1;
+		opts[k & 63] = *p;
+	}
+	return len;
+}
+
+/* Reads a context field at a constant offset. clang may otherwise share one
+ * computed base pointer between remote_ip4 and remote_ip6 accesses, and the
+ * verifier refuses loads through a modified context pointer. */
+#define CTX_READ(field) ({ __u32 __v; asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(__v) : "r"(skops), "i"(__builtin_offsetof(struct bpf_sock_ops, field))); __v; })
+
+static __always_inline int trusted(const struct bpf_sock_ops *skops, const struct toa_config *cfg)
+{
+	if (cfg->trust_any)
+		return 1;
+	struct trust_key key = {.prefixlen = 128};
+	if (skops->family == AF_INET) {
+		key.addr[10] = 0xff;
+		key.addr[11] = 0xff;
+		__u32 ip = CTX_READ(remote_ip4);
+		__builtin_memcpy(&key.addr[12], &ip, 4);
+	} else {
+		__u32 ip[4] = {CTX_READ(remote_ip6[0]), CTX_READ(remote_ip6[1]), CTX_READ(remote_ip6[2]),
+			       CTX_READ(remote_ip6[3])};
+		__builtin_memcpy(key.addr, ip, 16);
+	}
+	return bpf_map_lookup_elem(&toa_trust, &key) != NULL;
+}
+
+/* Records a TOA found in a packet of this connection, if its source is trusted. */
+static __always_inline void record(struct bpf_sock_ops *skops, const struct toa_config *cfg,
+				   struct toa_peer *peer, const struct found *f, __u8 source)
+{
+	if (!trusted(skops, cfg)) {
+		count(CNT_UNTRUSTED);
+		return;
+	}
+	peer->state = ST_FOUND;
+	peer->source = source;
+	peer->family = f->family;
+	peer->port = f->port;
+	peer->addr[0] = f->addr[0];
+	peer->addr[1] = f->addr[1];
+	peer->addr[2] = f->addr[2];
+	peer->addr[3] = f->addr[3];
+	count(CNT_FOUND);
+}
+
+static __always_inline void remember_lb(const struct bpf_sock_ops *skops, struct toa_peer *peer)
+{
+	if (skops->family == AF_INET) {
+		peer->lb_addr[0] = 0;
+		peer->lb_addr[1] = 0;
+		peer->lb_addr[2] = bpf_htonl(0xffff);
+		peer->lb_addr[3] = CTX_READ(remote_ip4);
+	} else {
+		peer->lb_addr[0] = CTX_READ(remote_ip6[0]);
+		peer->lb_addr[1] = CTX_READ(remote_ip6[1]);
+		peer->lb_addr[2] = CTX_READ(remote_ip6[2]);
+		peer->lb_addr[3] = CTX_READ(remote_ip6[3]);
+	}
+	/* remote_port holds the network-order port in its upper 16 bits on little endian */
+	peer->lb_port = (__u16)(CTX_READ(remote_port) >> 16);
+}
+
+static __always_inline void watch(struct bpf_sock_ops *skops, int on)
+{
+	__u32 flags = skops->bpf_sock_ops_cb_flags;
+	if (on)
+		flags |= BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG;
+	else
+		flags &= ~BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG;
+	bpf_sock_ops_cb_flags_set(skops, flags);
+}
+
+static __always_inline void established(struct bpf_sock_ops *skops, const struct toa_config *cfg)
+{
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return;
+	struct toa_peer *peer = bpf_sk_storage_get(&toa_peers, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!peer)
+		return;
+	remember_lb(skops, peer);
+
+	__u8 opts[64] = {};
+	struct found f = {};
+
+	/* 1. The SYN, kept by TCP_SAVE_SYN. */
+	__u8 syn[60] = {};
+	int n = bpf_getsockopt(skops, SOL_TCP, TCP_BPF_SYN, syn, sizeof(syn));
+	if (n >= 20) {
+		int len = copy_options(syn, syn + sizeof(syn), opts);
+		if (len >= 0) {
+			find_toa(opts, len, cfg, &f);
+			if (f.result == 1) {
+				record(skops, cfg, peer, &f, SRC_SYN);
+				return;
+			}
+			if (f.result < 0)
+				count(CNT_MALFORMED);
+		}
+	}
+
+	/* 2. The ACK that completes the handshake (LVS, Huawei ELB). */
+	__builtin_memset(opts, 0, sizeof(opts));
+	__builtin_memset(syn, 0, sizeof(syn));
+	int len = copy_options(skops->skb_data, skops->skb_data_end, opts);
+	if (len >= 0) {
+		find_toa(opts, len, cfg, &f);
+		if (f.result == 1) {
+			record(skops, cfg, peer, &f, SRC_ACK);
+			return;
+		}
+		if (f.result < 0)
+			count(CNT_MALFORMED);
+	}
+
+	/* 3. Watch the next client segments (DPVS puts it in data too). */
+	peer->state = ST_WATCH;
+	watch(skops, 1);
+}
+
+static __always_inline void segment(struct bpf_sock_ops *skops, const struct toa_config *cfg)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct toa_peer *peer = sk ? bpf_sk_storage_get(&toa_peers, sk, 0, 0) : NULL;
+	if (!peer || peer->state != ST_WATCH || peer->returned) {
+		watch(skops, 0);
+		return;
+	}
+	__u8 opts[64] = {};
+	struct found f = {};
+	int len = copy_options(skops->skb_data, skops->skb_data_end, opts);
+	if (len >= 0) {
+		find_toa(opts, len, cfg, &f);
+		if (f.result == 1) {
+			record(skops, cfg, peer, &f, SRC_DATA);
+			watch(skops, 0);
+			return;
+		}
+		if (f.result < 0)
+			count(CNT_MALFORMED);
+	}
+	if (++peer->segments >= MAX_DATA_SEGMENTS) {
+		peer->state = ST_NONE;
+		watch(skops, 0);
+	}
+}
+
+SEC("sockops")
+int toa_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 zero = 0;
+	const struct toa_config *cfg = bpf_map_lookup_elem(&toa_config, &zero);
+	if (!cfg)
+		return 1;
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_LISTEN_CB: {
+		int one = 1;
+		bpf_setsockopt(skops, SOL_TCP, TCP_SAVE_SYN, &one, sizeof(one));
+		break;
+	}
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		established(skops, cfg);
+		break;
+	}
+	return 1;
+}
+
+/* The data segments after the handshake, in a program of its own: together
+ * with the handshake's two searches one program would exceed the verifier's
+ * budget of a million instructions. */
+SEC("sockops")
+int toa_sockops_data(struct bpf_sock_ops *skops)
+{
+	__u32 zero = 0;
+	const struct toa_config *cfg = bpf_map_lookup_elem(&toa_config, &zero);
+	if (cfg && skops->op == BPF_SOCK_OPS_PARSE_HDR_OPT_CB)
+		segment(skops, cfg);
+	return 1;
+}
+
+/* The storage of the socket behind a getpeername()/accept() answer, marked as handed out. */
+static __always_inline struct toa_peer *answered(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return NULL;
+	struct toa_peer *peer = bpf_sk_storage_get(&toa_peers, sk, 0, 0);
+	if (!peer)
+		return NULL;
+	peer->returned = 1;
+	return peer->state == ST_FOUND ? peer : NULL;
+}
+
+SEC("cgroup/getpeername4")
+int toa_getpeername4(struct bpf_sock_addr *ctx)
+{
+	struct toa_peer *peer = answered(ctx);
+	if (!peer)
+		return 1;
+	if (peer->family != AF_INET) {
+		/* no sockaddr_in can hold an IPv6 client: leave the real peer */
+		count(CNT_V6_ON_V4);
+		return 1;
+	}
+	ctx->user_ip4 = peer->addr[0];
+	ctx->user_port = peer->port;
+	count(CNT_REWRITTEN);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int toa_getpeername6(struct bpf_sock_addr *ctx)
+{
+	struct toa_peer *peer = answered(ctx);
+	if (!peer)
+		return 1;
+	if (peer->family == AF_INET) {
+		/* a dual-stack socket: the IPv4 client as ::ffff:a.b.c.d */
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = peer->addr[0];
+	} else {
+		ctx->user_ip6[0] = peer->addr[0];
+		ctx->user_ip6[1] = peer->addr[1];
+		ctx->user_ip6[2] = peer->addr[2];
+		ctx->user_ip6[3] = peer->addr[3];
+	}
+	ctx->user_port = peer->port;
+	count(CNT_REWRITTEN);
+	return 1;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
