@@ -49,7 +49,9 @@ pub enum EbpfError {
     #[error("the kernel helper needs root: it loads eBPF programs and attaches them to a cgroup")]
     NotRoot,
     /// No cgroup v2 hierarchy.
-    #[error("no cgroup v2 hierarchy is mounted (none in /proc/mounts): mount one with `mount -t cgroup2 none /sys/fs/cgroup`")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted (none in /proc/mounts): mount one with `mount -t cgroup2 none /sys/fs/cgroup`"
+    )]
     NoCgroup2,
     /// The cgroup given is not a directory of the cgroup v2 hierarchy.
     #[error("{0} is not a cgroup v2 directory (the hierarchy is at {1})")]
@@ -161,7 +163,8 @@ pub fn preflight() -> Result<(), EbpfError> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(EbpfError::NoBtf);
     }
-    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let release =
+        nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
     let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if version < (5, 10) {
@@ -173,7 +176,8 @@ pub fn preflight() -> Result<(), EbpfError> {
 /// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup`, or
 /// `/sys/fs/cgroup/unified` on hybrid systems).
 pub fn cgroup2_root() -> Result<PathBuf, EbpfError> {
-    let mounts = fs::read_to_string("/proc/mounts").map_err(|e| EbpfError::Io("read /proc/mounts".into(), e))?;
+    let mounts =
+        fs::read_to_string("/proc/mounts").map_err(|e| EbpfError::Io("read /proc/mounts".into(), e))?;
     mounts
         .lines()
         .filter_map(|line| {
@@ -187,7 +191,8 @@ pub fn cgroup2_root() -> Result<PathBuf, EbpfError> {
 
 /// Mounts bpffs at /sys/fs/bpf when it is not.
 fn ensure_bpffs() -> Result<(), EbpfError> {
-    let mounts = fs::read_to_string("/proc/mounts").map_err(|e| EbpfError::Io("read /proc/mounts".into(), e))?;
+    let mounts =
+        fs::read_to_string("/proc/mounts").map_err(|e| EbpfError::Io("read /proc/mounts".into(), e))?;
     if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
         return Ok(());
     }
@@ -206,7 +211,8 @@ pub fn attach(options: &AttachOptions) -> Result<PathBuf, EbpfError> {
     preflight()?;
     let root = cgroup2_root()?;
     let cgroup = options.cgroup.clone().unwrap_or_else(|| root.clone());
-    let cgroup = fs::canonicalize(&cgroup).map_err(|e| EbpfError::Io(format!("cgroup {}", cgroup.display()), e))?;
+    let cgroup =
+        fs::canonicalize(&cgroup).map_err(|e| EbpfError::Io(format!("cgroup {}", cgroup.display()), e))?;
     if !cgroup.starts_with(&root) || !cgroup.join("cgroup.procs").exists() {
         return Err(EbpfError::NotACgroup(cgroup, root));
     }
@@ -243,11 +249,13 @@ fn attach_pinned(options: &AttachOptions, cgroup: &Path) -> Result<(), EbpfError
         config.kinds[i] = kind;
     }
     let mut config_map: Array<_, RawConfig> =
-        Array::try_from(ebpf.map_mut("toa_config").ok_or_else(missing("toa_config"))?).map_err(map_err("toa_config"))?;
+        Array::try_from(ebpf.map_mut("toa_config").ok_or_else(missing("toa_config"))?)
+            .map_err(map_err("toa_config"))?;
     config_map.set(0, config, 0).map_err(map_err("write toa_config"))?;
 
     let mut trust: LpmTrie<_, [u8; 16], u8> =
-        LpmTrie::try_from(ebpf.map_mut("toa_trust").ok_or_else(missing("toa_trust"))?).map_err(map_err("toa_trust"))?;
+        LpmTrie::try_from(ebpf.map_mut("toa_trust").ok_or_else(missing("toa_trust"))?)
+            .map_err(map_err("toa_trust"))?;
     for net in options.policy.sources().nets() {
         let (prefix, bytes) = trie_key(net);
         trust.insert(&Key::new(prefix, bytes), 1, 0).map_err(map_err(format!("trust {net}")))?;
@@ -258,7 +266,8 @@ fn attach_pinned(options: &AttachOptions, cgroup: &Path) -> Result<(), EbpfError
     let n = path.len().min(255);
     meta.cgroup[..n].copy_from_slice(&path.as_bytes()[..n]);
     let mut meta_map: Array<_, RawMeta> =
-        Array::try_from(ebpf.map_mut("toa_meta").ok_or_else(missing("toa_meta"))?).map_err(map_err("toa_meta"))?;
+        Array::try_from(ebpf.map_mut("toa_meta").ok_or_else(missing("toa_meta"))?)
+            .map_err(map_err("toa_meta"))?;
     meta_map.set(0, meta, 0).map_err(map_err("write toa_meta"))?;
 
     // Lets a test kill the CLI halfway, with maps pinned and no program attached.
@@ -267,7 +276,8 @@ fn attach_pinned(options: &AttachOptions, cgroup: &Path) -> Result<(), EbpfError
         std::thread::sleep(std::time::Duration::from_secs(seconds));
     }
 
-    let cgroup_dir = fs::File::open(cgroup).map_err(|e| EbpfError::Io(format!("open {}", cgroup.display()), e))?;
+    let cgroup_dir =
+        fs::File::open(cgroup).map_err(|e| EbpfError::Io(format!("open {}", cgroup.display()), e))?;
     for (name, link_name) in PROGRAMS {
         let program = ebpf.program_mut(name).ok_or_else(missing(name))?;
         let link_path = Path::new(PIN_DIR).join(link_name);
@@ -284,7 +294,8 @@ fn attach_pinned(options: &AttachOptions, cgroup: &Path) -> Result<(), EbpfError
             let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
             program.take_link(id).map_err(prog_err(name))?.try_into().map_err(|e| link_err(name, e))?
         };
-        link.pin(&link_path).map_err(|e| EbpfError::Bpf(format!("pin {}", link_path.display()), e.to_string()))?;
+        link.pin(&link_path)
+            .map_err(|e| EbpfError::Bpf(format!("pin {}", link_path.display()), e.to_string()))?;
     }
     Ok(())
 }
@@ -341,7 +352,8 @@ pub fn status() -> Result<Status, EbpfError> {
         }
     }
     let trust: LpmTrie<_, [u8; 16], u8> =
-        LpmTrie::try_from(aya::maps::Map::LpmTrie(open_pinned("toa_trust")?)).map_err(map_err("toa_trust"))?;
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(open_pinned("toa_trust")?))
+            .map_err(map_err("toa_trust"))?;
     let mut nets = Vec::new();
     for key in trust.keys() {
         let key = key.map_err(map_err("read toa_trust"))?;
@@ -353,10 +365,12 @@ pub fn status() -> Result<Status, EbpfError> {
         nets.extend(net.ok());
     }
     nets.sort();
-    let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned("toa_counters")?))
-        .map_err(map_err("toa_counters"))?;
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned("toa_counters")?))
+            .map_err(map_err("toa_counters"))?;
     let sum = |i: u32| counters.get(&i, 0).map(|values| values.iter().sum::<u64>()).unwrap_or(0);
-    let counters = Counters { found: sum(0), untrusted: sum(1), malformed: sum(2), v6_on_v4: sum(3), rewritten: sum(4) };
+    let counters =
+        Counters { found: sum(0), untrusted: sum(1), malformed: sum(2), v6_on_v4: sum(3), rewritten: sum(4) };
     Ok(Status { cgroup, trust: nets, trust_any: config.trust_any != 0, formats, counters })
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use toa_core::Formats;
 
+use crate::ebpf::PeerStore;
 use crate::peer::{PeerInfo, Resolver, SAVED_SYN_MAX, StatsSnapshot};
 use crate::sys;
 use crate::trust::TrustPolicy;
@@ -16,12 +17,16 @@ use crate::trust::TrustPolicy;
 /// How a listener learns the client.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Mode {
-    /// The best mechanism available: today the saved SYN.
+    /// The kernel helper's record when it is attached (and readable: root)
+    /// and the socket is in its cgroup, else the saved SYN.
     #[default]
     Auto,
     /// Read the TOA from the connection's SYN (`TCP_SAVED_SYN`). Unprivileged,
     /// any kernel since 4.2; sees a TOA only when the LB puts it in the SYN.
     SavedSyn,
+    /// Only the kernel helper's record (`toa-shim ebpf attach`); binding fails
+    /// when the helper is not attached or not readable.
+    Ebpf,
     /// Do not look for a TOA: `client` is always the real peer.
     None,
 }
@@ -33,8 +38,9 @@ impl FromStr for Mode {
         match s {
             "auto" => Ok(Mode::Auto),
             "saved-syn" => Ok(Mode::SavedSyn),
+            "ebpf" => Ok(Mode::Ebpf),
             "none" => Ok(Mode::None),
-            other => Err(format!("unknown source {other:?}: expected auto, saved-syn or none")),
+            other => Err(format!("unknown source {other:?}: expected auto, saved-syn, ebpf or none")),
         }
     }
 }
@@ -44,6 +50,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Auto => "auto",
             Mode::SavedSyn => "saved-syn",
+            Mode::Ebpf => "ebpf",
             Mode::None => "none",
         })
     }
@@ -93,23 +100,40 @@ pub(crate) struct Shared {
     resolver: Resolver,
     mode: Mode,
     local_v6: bool,
+    /// The kernel helper's socket storage, when it is attached and readable.
+    store: Option<PeerStore>,
 }
 
 impl Shared {
     /// Prepares the listening socket `fd` (local address `local`) for `config`.
     pub(crate) fn new(fd: BorrowedFd<'_>, local: SocketAddr, config: Config) -> io::Result<Arc<Shared>> {
-        if config.mode != Mode::None {
+        if matches!(config.mode, Mode::Auto | Mode::SavedSyn) {
             sys::set_save_syn(fd)?;
         }
+        let store = match config.mode {
+            Mode::Auto => PeerStore::open(),
+            Mode::Ebpf => Some(PeerStore::open().ok_or_else(|| {
+                io::Error::other(
+                    "source ebpf: the kernel helper is not attached or not readable (run `toa-shim ebpf attach` as root)",
+                )
+            })?),
+            Mode::SavedSyn | Mode::None => None,
+        };
         let resolver = Resolver { policy: config.policy, formats: config.formats, stats: Default::default() };
-        Ok(Arc::new(Shared { resolver, mode: config.mode, local_v6: local.is_ipv6() }))
+        Ok(Arc::new(Shared { resolver, mode: config.mode, local_v6: local.is_ipv6(), store }))
     }
 
     /// The peer of the accepted socket `fd`, whose real peer is `peer`.
     pub(crate) fn peer_info(&self, fd: BorrowedFd<'_>, peer: SocketAddr) -> PeerInfo {
+        // The helper has the last word on sockets in its cgroup: their accept()
+        // and getpeername() already answer with its client, so only its record
+        // knows the LB.
+        if let Some(stored) = self.store.as_ref().and_then(|store| store.get(&fd, self.local_v6)) {
+            return self.resolver.from_helper(stored);
+        }
         let mut syn = [0u8; SAVED_SYN_MAX];
         let len = match self.mode {
-            Mode::None => 0,
+            Mode::None | Mode::Ebpf => 0,
             // A failure to read it is the same as no saved SYN: the peer is used, and counted.
             Mode::Auto | Mode::SavedSyn => sys::saved_syn(fd, &mut syn).unwrap_or(0),
         };

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use toa_core::{Formats, TcpPacket, Toa};
 
+use crate::ebpf::Stored;
 use crate::trust::TrustPolicy;
 
 /// Where [`PeerInfo::client`] came from.
@@ -148,6 +149,21 @@ pub(crate) struct Resolver {
 }
 
 impl Resolver {
+    /// The helper's record of a socket.
+    pub(crate) fn from_helper(&self, stored: Stored) -> PeerInfo {
+        Stats::bump(&self.stats.accepted);
+        match stored {
+            Stored::Client { client, lb } => {
+                Stats::bump(&self.stats.toa);
+                PeerInfo { client, lb, source: Source::Ebpf, toa: None }
+            }
+            Stored::Nothing { lb } => {
+                Stats::bump(&self.stats.absent);
+                PeerInfo::direct(lb)
+            }
+        }
+    }
+
     /// `syn` is the saved SYN (maybe empty), `peer` the accepted peer,
     /// `local_v6` whether the listening socket is IPv6.
     pub(crate) fn resolve(&self, syn: &[u8], peer: SocketAddr, local_v6: bool) -> PeerInfo {

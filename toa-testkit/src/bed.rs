@@ -1,9 +1,9 @@
 //! The backend testbed: one namespace, a veth pair `toa-lb` / `toa-srv`.
 //!
-//! `toa-srv` is the backend (192.0.2.10/24, 2001:db8:be::a/64). Everything it
-//! sends leaves through a gateway (192.0.2.1, 2001:db8:be::1) that is a static
-//! neighbour entry pointing at `toa-lb`'s MAC, so it can answer any client or
-//! LB address. `toa-lb` has no address: its kernel drops what arrives (no RST
+//! `toa-srv` is the backend (192.0.2.10/24, 2001:db8:be::a/64). What it sends
+//! to the test ranges (100.125.0.0/16, 198.51.100.0/24, 203.0.113.0/24,
+//! 2001:db8::/32) leaves through a gateway (192.0.2.1, 2001:db8:be::1) that is
+//! a static neighbour entry pointing at `toa-lb`'s MAC. `toa-lb` has no address: its kernel drops what arrives (no RST
 //! to suppress) while the test's AF_PACKET socket sees every frame.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -59,8 +59,12 @@ impl Bed {
         sh(&format!("ip -6 addr add {SERVER_V6}/64 dev {SERVER_IFACE} nodad"));
         sh(&format!("ip neigh replace 192.0.2.1 lladdr {lb_mac} dev {SERVER_IFACE} nud permanent"));
         sh(&format!("ip -6 neigh replace 2001:db8:be::1 lladdr {lb_mac} dev {SERVER_IFACE} nud permanent"));
-        sh(&format!("ip route add default via 192.0.2.1 dev {SERVER_IFACE}"));
-        sh(&format!("ip -6 route add default via 2001:db8:be::1 dev {SERVER_IFACE}"));
+        // Routes to the test's own ranges only, no default route: anything else
+        // (a resolver lookup, say) fails at once instead of waiting for a timeout.
+        for net in ["100.125.0.0/16", "198.51.100.0/24", "203.0.113.0/24"] {
+            sh(&format!("ip route add {net} via 192.0.2.1 dev {SERVER_IFACE}"));
+        }
+        sh(&format!("ip -6 route add 2001:db8::/32 via 2001:db8:be::1 dev {SERVER_IFACE}"));
         // Room for many handshakes at once, and no SYN cookies: a cookie SYN is not saved.
         sh("sysctl -qw net.core.somaxconn=8192");
         sh("sysctl -qw net.ipv4.tcp_max_syn_backlog=8192");

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod bed;
+pub mod cgroup;
 pub mod netns;
 pub mod rawtcp;
 
@@ -29,4 +30,17 @@ macro_rules! require_root {
             return;
         }
     };
+}
+
+/// Serialises tests that attach the kernel helper: it lives at one global
+/// place (/sys/fs/bpf/toa), and nextest runs test binaries in parallel.
+/// Hold the returned lock for the whole test.
+pub fn helper_lock() -> nix::fcntl::Flock<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/toa-helper-test.lock")
+        .expect("open /run/toa-helper-test.lock");
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).expect("flock")
 }

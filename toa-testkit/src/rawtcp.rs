@@ -3,7 +3,8 @@
 //!
 //! It does just enough TCP for a request/response test: SYN (retransmitted),
 //! the handshake ACK, one data segment, collecting the server's bytes up to
-//! its FIN, then a RST so that neither side keeps state.
+//! its FIN (or its RST, when it closed without reading the request), then a
+//! RST so that neither side keeps state.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -25,12 +26,24 @@ pub struct Conn {
     pub ack_options: Vec<u8>,
     /// Bytes to send once the connection is up.
     pub request: Vec<u8>,
+    /// Raw option bytes for the segment that carries `request` (DPVS puts a TOA there).
+    pub data_options: Vec<u8>,
+    /// How long after the handshake to send `request`.
+    pub request_delay: Duration,
 }
 
 impl Conn {
     /// A connection without options or request.
     pub fn new(src: SocketAddr, dst: SocketAddr) -> Conn {
-        Conn { src, dst, syn_options: vec![], ack_options: vec![], request: vec![] }
+        Conn {
+            src,
+            dst,
+            syn_options: vec![],
+            ack_options: vec![],
+            request: vec![],
+            data_options: vec![],
+            request_delay: Duration::ZERO,
+        }
     }
 
     /// Puts `toa` in the SYN.
@@ -44,6 +57,14 @@ impl Conn {
     #[must_use]
     pub fn toa_in_ack(mut self, toa: &Toa) -> Conn {
         self.ack_options.extend(option_bytes(toa));
+        self
+    }
+
+    /// Sends `request` after the handshake, with `toa` in its segment only.
+    #[must_use]
+    pub fn toa_in_data(mut self, toa: &Toa, request: &[u8]) -> Conn {
+        self.data_options.extend(option_bytes(toa));
+        self.request = request.to_vec();
         self
     }
 }
@@ -77,7 +98,7 @@ impl std::fmt::Debug for Client {
 enum State {
     Waiting,
     SynSent { at: Instant, tries: u32 },
-    Established { server_next: u32, data: Vec<u8>, fin_at: Option<usize> },
+    Established { server_next: u32, data: Vec<u8>, fin_at: Option<usize>, request_at: Option<Instant> },
     Done(Result<Vec<u8>, String>),
 }
 
@@ -145,6 +166,28 @@ impl Client {
                     }
                 }
             }
+            // Requests whose time has come.
+            for (i, state) in states.iter_mut().enumerate() {
+                if let State::Established { server_next, request_at, .. } = state {
+                    if request_at.is_some_and(|at| Instant::now() >= at) {
+                        let conn = &conns[i];
+                        let flags = TcpFlags::ACK.union(TcpFlags::PSH);
+                        let (options, payload) = (&conn.data_options, &conn.request);
+                        Self::send_with(
+                            &mut self.tx,
+                            self.mac,
+                            self.peer_mac,
+                            conn,
+                            flags,
+                            ISN + 1,
+                            *server_next,
+                            options,
+                            payload,
+                        );
+                        *request_at = None;
+                    }
+                }
+            }
             let frame = match self.rx.next() {
                 Ok(frame) => frame.to_vec(),
                 Err(_) => continue, // read timeout
@@ -161,19 +204,24 @@ impl Client {
                 State::SynSent { .. } if flags.contains(TcpFlags::SYN.union(TcpFlags::ACK)) => {
                     let server_next = seq.wrapping_add(1);
                     self.send(conn, TcpFlags::ACK, ISN + 1, server_next, &conn.ack_options, &[]);
-                    if !conn.request.is_empty() {
-                        let flags = TcpFlags::ACK.union(TcpFlags::PSH);
-                        self.send(conn, flags, ISN + 1, server_next, &[], &conn.request);
-                    }
-                    states[i] = State::Established { server_next, data: Vec::new(), fin_at: None };
+                    let request_at = (!conn.request.is_empty()).then(|| Instant::now() + conn.request_delay);
+                    states[i] =
+                        State::Established { server_next, data: Vec::new(), fin_at: None, request_at };
                 }
                 State::SynSent { .. } if flags.contains(TcpFlags::RST) => {
                     states[i] = State::Done(Err("connection refused (RST to SYN)".into()));
                     active -= 1;
                 }
-                State::Established { server_next, data, fin_at } => {
+                State::Established { server_next, data, fin_at, .. } => {
                     if flags.contains(TcpFlags::RST) {
-                        states[i] = State::Done(Err(format!("reset by server after {} bytes", data.len())));
+                        // A server that closes without reading our request resets the
+                        // connection: what it sent before is its answer.
+                        let result = if data.is_empty() {
+                            Err("reset by the server before it sent anything".to_owned())
+                        } else {
+                            Ok(std::mem::take(data))
+                        };
+                        states[i] = State::Done(result);
                         active -= 1;
                         continue;
                     }
