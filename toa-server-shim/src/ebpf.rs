@@ -218,8 +218,9 @@ pub fn attach(options: &AttachOptions) -> Result<PathBuf, EbpfError> {
     }
     ensure_bpffs()?;
     if is_attached() {
+        let complete = PROGRAMS.iter().all(|(_, link)| Path::new(PIN_DIR).join(link).exists());
         let what = match read_meta() {
-            Ok(path) if !path.is_empty() => format!("to cgroup {path}"),
+            Ok(path) if complete && !path.is_empty() => format!("to cgroup {path}"),
             _ => "partly: an earlier attach was interrupted".to_owned(),
         };
         return Err(EbpfError::AlreadyAttached(what));

@@ -1,0 +1,124 @@
+//! `toa-shim ebpf attach|status|detach` end to end (root): clear errors,
+//! one attachment at a time, and nothing left behind, also after the CLI is
+//! killed halfway through an attach.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use toa_server_shim::ebpf::PIN_DIR;
+use toa_testkit::cgroup::Cgroup;
+use toa_testkit::require_root;
+
+fn toa_shim(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_toa-shim")).args(args).output().expect("run toa-shim")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Whether any of the helper's programs is still loaded in the kernel
+/// (names are cut to 15 characters). Freed programs go away asynchronously.
+fn programs_loaded() -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let loaded = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .any(|p| p.name_as_str().is_some_and(|n| n.starts_with("toa_sockops") || n.starts_with("toa_getpeername")));
+        if !loaded || Instant::now() > deadline {
+            return loaded;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Detaches on drop, also when the test fails.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = toa_shim(&["ebpf", "detach"]);
+    }
+}
+
+#[test]
+fn attach_status_detach() {
+    require_root!();
+    let _lock = toa_testkit::helper_lock();
+    if Path::new(PIN_DIR).exists() {
+        eprintln!("SKIP: the kernel helper is attached on this machine; not touching it");
+        return;
+    }
+    let cgroup = Cgroup::new("cli");
+    let path = cgroup.path().to_string_lossy().into_owned();
+    let _cleanup = Cleanup;
+
+    // No trust, no helper.
+    let out = toa_shim(&["ebpf", "attach", "--cgroup", &path]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(text(&out.stderr).contains("--trust"), "{}", text(&out.stderr));
+    // Not a cgroup.
+    let out = toa_shim(&["ebpf", "attach", "--cgroup", "/tmp", "--trust-any"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("is not a cgroup v2 directory"), "{}", text(&out.stderr));
+    assert!(!Path::new(PIN_DIR).exists(), "a failed attach leaves nothing");
+
+    let out = toa_shim(&["ebpf", "attach", "--cgroup", &path, "--trust-preset", "huawei-elb", "--trust", "2001:db8:64::/48"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).contains(&format!("attached to cgroup {path}")));
+
+    let again = toa_shim(&["ebpf", "attach", "--cgroup", &path, "--trust-any"]);
+    assert_eq!(again.status.code(), Some(1));
+    let err = text(&again.stderr);
+    assert!(err.contains("already attached") && err.contains("toa-shim ebpf detach"), "{err}");
+
+    let status = toa_shim(&["ebpf", "status"]);
+    assert!(status.status.success(), "{status:?}");
+    let shown = text(&status.stdout);
+    assert!(shown.contains(&format!("attached to cgroup {path}")), "{shown}");
+    assert!(shown.contains("trust: 100.125.0.0/16, 2001:db8:64::/48"), "{shown}");
+    assert!(shown.contains("formats: toa (kind 254), toa6 (kind 254)"), "{shown}");
+    assert!(shown.contains("counters: found=0 untrusted=0 malformed=0 v6_on_v4=0 rewritten=0"), "{shown}");
+    assert!(programs_loaded());
+
+    // Only root may look.
+    let nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_toa-shim"), "ebpf", "status"])
+        .output()
+        .expect("setpriv");
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(text(&nobody.stderr).contains("needs root"), "{}", text(&nobody.stderr));
+
+    let out = toa_shim(&["ebpf", "detach"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("removed 9 pins"), "{}", text(&out.stdout));
+    assert!(!Path::new(PIN_DIR).exists());
+    assert!(!programs_loaded(), "programs still loaded after detach");
+    let out = toa_shim(&["ebpf", "status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not attached"));
+    assert_eq!(text(&toa_shim(&["ebpf", "detach"]).stdout), "nothing attached\n");
+
+    // Killed halfway: maps pinned, no program attached yet.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_toa-shim"))
+        .args(["ebpf", "attach", "--cgroup", &path, "--trust-any"])
+        .env("TOA_SHIM_TEST_PAUSE_ATTACH", "30")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn attach");
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().expect("piped")).read_line(&mut line).expect("read");
+    assert!(line.contains("pausing"), "{line}");
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    assert!(Path::new(PIN_DIR).join("toa_peers").exists(), "the interrupted attach pinned its maps");
+    let again = toa_shim(&["ebpf", "attach", "--cgroup", &path, "--trust-any"]);
+    let err = text(&again.stderr);
+    assert!(err.contains("interrupted") && err.contains("toa-shim ebpf detach"), "{err}");
+    let out = toa_shim(&["ebpf", "detach"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!Path::new(PIN_DIR).exists());
+    assert!(!programs_loaded(), "programs still loaded after cleaning an interrupted attach");
+}
