@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command. On a fresh Debian 12 machine as root it installs what
-# is missing, then runs: rustfmt, clippy -D warnings, a fuzz smoke of every
+# is missing, then runs: a check that the committed eBPF object is current,
+# rustfmt, clippy -D warnings, a fuzz smoke of every
 # cargo-fuzz target, the doctests, and the whole test suite (unit, property,
 # golden and end-to-end tests) with cargo-nextest, whose summary ends the output.
 #
@@ -18,6 +19,12 @@ apt_missing=()
 command -v ip >/dev/null || apt_missing+=(iproute2)     # network namespaces for end-to-end tests
 command -v g++ >/dev/null || apt_missing+=(g++)         # libfuzzer-sys builds libFuzzer (C++)
 command -v sysctl >/dev/null || apt_missing+=(procps)
+command -v clang >/dev/null || apt_missing+=(clang)         # rebuilds the eBPF object to check it is current
+command -v llvm-strip >/dev/null || apt_missing+=(llvm)
+[ -f /usr/include/bpf/bpf_helpers.h ] || apt_missing+=(libbpf-dev)
+command -v socat >/dev/null || apt_missing+=(socat)         # unmodified servers in the eBPF end-to-end test
+command -v python3 >/dev/null || apt_missing+=(python3)
+command -v nsenter >/dev/null || apt_missing+=(util-linux)
 if ((${#apt_missing[@]})); then
     [ "$(id -u)" = 0 ] || die "missing ${apt_missing[*]}: run as root, or apt-get install them"
     apt-get update -qq
@@ -32,6 +39,9 @@ fi
 if ! cargo fuzz --version 2>/dev/null | grep -q '^cargo-fuzz 0\.13'; then
     cargo install cargo-fuzz --version '^0.13' --locked
 fi
+
+step "the committed eBPF object is built from its source"
+./scripts/build-bpf.sh --check
 
 step "cargo fmt --check"
 cargo fmt --all --check

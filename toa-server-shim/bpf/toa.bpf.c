@@ -388,19 +388,17 @@ static __always_inline void segment(struct bpf_sock_ops *skops, const struct toa
 SEC("sockops")
 int toa_sockops(struct bpf_sock_ops *skops)
 {
-	__u32 zero = 0;
-	const struct toa_config *cfg = bpf_map_lookup_elem(&toa_config, &zero);
-	if (!cfg)
-		return 1;
-	switch (skops->op) {
-	case BPF_SOCK_OPS_TCP_LISTEN_CB: {
+	/* Every socket of the cgroup comes through here, clients' too: return
+	 * before any map lookup unless the event is one of ours. */
+	__u32 op = skops->op;
+	if (op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
 		int one = 1;
 		bpf_setsockopt(skops, SOL_TCP, TCP_SAVE_SYN, &one, sizeof(one));
-		break;
-	}
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		established(skops, cfg);
-		break;
+	} else if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		__u32 zero = 0;
+		const struct toa_config *cfg = bpf_map_lookup_elem(&toa_config, &zero);
+		if (cfg)
+			established(skops, cfg);
 	}
 	return 1;
 }
@@ -411,9 +409,11 @@ int toa_sockops(struct bpf_sock_ops *skops)
 SEC("sockops")
 int toa_sockops_data(struct bpf_sock_ops *skops)
 {
+	if (skops->op != BPF_SOCK_OPS_PARSE_HDR_OPT_CB)
+		return 1;
 	__u32 zero = 0;
 	const struct toa_config *cfg = bpf_map_lookup_elem(&toa_config, &zero);
-	if (cfg && skops->op == BPF_SOCK_OPS_PARSE_HDR_OPT_CB)
+	if (cfg)
 		segment(skops, cfg);
 	return 1;
 }

@@ -129,7 +129,7 @@ impl Shared {
         // and getpeername() already answer with its client, so only its record
         // knows the LB.
         if let Some(stored) = self.store.as_ref().and_then(|store| store.get(&fd, self.local_v6)) {
-            return self.resolver.from_helper(stored);
+            return self.resolver.resolve_helper(stored);
         }
         let mut syn = [0u8; SAVED_SYN_MAX];
         let len = match self.mode {

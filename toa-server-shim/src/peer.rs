@@ -150,7 +150,7 @@ pub(crate) struct Resolver {
 
 impl Resolver {
     /// The helper's record of a socket.
-    pub(crate) fn from_helper(&self, stored: Stored) -> PeerInfo {
+    pub(crate) fn resolve_helper(&self, stored: Stored) -> PeerInfo {
         Stats::bump(&self.stats.accepted);
         match stored {
             Stored::Client { client, lb } => {

@@ -24,9 +24,9 @@ fn text(bytes: &[u8]) -> String {
 fn programs_loaded() -> bool {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let loaded = aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .any(|p| p.name_as_str().is_some_and(|n| n.starts_with("toa_sockops") || n.starts_with("toa_getpeername")));
+        let loaded = aya::programs::loaded_programs().filter_map(Result::ok).any(|p| {
+            p.name_as_str().is_some_and(|n| n.starts_with("toa_sockops") || n.starts_with("toa_getpeername"))
+        });
         if !loaded || Instant::now() > deadline {
             return loaded;
         }
@@ -65,7 +65,16 @@ fn attach_status_detach() {
     assert!(text(&out.stderr).contains("is not a cgroup v2 directory"), "{}", text(&out.stderr));
     assert!(!Path::new(PIN_DIR).exists(), "a failed attach leaves nothing");
 
-    let out = toa_shim(&["ebpf", "attach", "--cgroup", &path, "--trust-preset", "huawei-elb", "--trust", "2001:db8:64::/48"]);
+    let out = toa_shim(&[
+        "ebpf",
+        "attach",
+        "--cgroup",
+        &path,
+        "--trust-preset",
+        "huawei-elb",
+        "--trust",
+        "2001:db8:64::/48",
+    ]);
     assert!(out.status.success(), "{out:?}");
     assert!(text(&out.stdout).contains(&format!("attached to cgroup {path}")));
 
@@ -85,7 +94,14 @@ fn attach_status_detach() {
 
     // Only root may look.
     let nobody = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_toa-shim"), "ebpf", "status"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_toa-shim"),
+            "ebpf",
+            "status",
+        ])
         .output()
         .expect("setpriv");
     assert_eq!(nobody.status.code(), Some(1));

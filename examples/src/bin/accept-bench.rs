@@ -146,17 +146,36 @@ fn serve(variant: Variant, listener: TcpListener, stop: &AtomicBool, accepted: &
 fn main() {
     let mut seconds = 2.0;
     let mut rounds = 3;
+    let mut only = None;
     let mut args = std::env::args().skip(1);
+    let usage = || -> ! {
+        eprintln!(
+            "usage: accept-bench [--seconds S] [--rounds N] [--only plain-std|toa-std|plain-tokio|toa-tokio]"
+        );
+        std::process::exit(2);
+    };
     while let Some(arg) = args.next() {
-        let value = args.next().and_then(|v| v.parse::<f64>().ok());
-        match (arg.as_str(), value) {
-            ("--seconds", Some(v)) => seconds = v,
-            ("--rounds", Some(v)) => rounds = v as usize,
-            _ => {
-                eprintln!("usage: accept-bench [--seconds S] [--rounds N]");
-                std::process::exit(2);
+        let value = args.next().unwrap_or_else(|| usage());
+        match arg.as_str() {
+            "--seconds" => seconds = value.parse().unwrap_or_else(|_| usage()),
+            "--rounds" => rounds = value.parse().unwrap_or_else(|_| usage()),
+            "--only" => {
+                only = Some(match value.as_str() {
+                    "plain-std" => Variant::PlainStd,
+                    "toa-std" => Variant::ToaStd,
+                    "plain-tokio" => Variant::PlainTokio,
+                    "toa-tokio" => Variant::ToaTokio,
+                    _ => usage(),
+                })
             }
+            _ => usage(),
         }
+    }
+    if let Some(variant) = only {
+        // One measurement for a driver script (e.g. with and without the kernel helper).
+        let rate = measure(variant, seconds, 2);
+        println!("{rate:.0}");
+        return;
     }
     let clients = 2;
     let variants = [Variant::PlainStd, Variant::ToaStd, Variant::PlainTokio, Variant::ToaTokio];
