@@ -10,8 +10,9 @@ cd "$(dirname "$0")/../toa-server-shim"
 out=bpf/toa.bpf.o
 check=0
 [ "${1:-}" = "--check" ] && check=1 && out=$(mktemp --suffix=.o)
-# Relative paths and stripped DWARF keep the object identical wherever it is built.
+# Mapped source paths and stripped DWARF keep the object identical wherever it is built.
 clang -O2 -g -target bpf -I/usr/include/"$(uname -m)"-linux-gnu -Wall -Werror \
+    -fdebug-prefix-map="$PWD"=. -ffile-prefix-map="$PWD"=. \
     -c bpf/toa.bpf.c -o "$out"
 llvm-strip -g "$out"
 if [ "$check" = 1 ]; then
