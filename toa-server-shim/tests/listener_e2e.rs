@@ -39,22 +39,27 @@ fn serve_std(listener: ToaListener, n: usize) -> std::thread::JoinHandle<StatsSn
     })
 }
 
-/// Serves `n` connections on the tokio listener.
+/// Serves `n` connections on the tokio listener; returns once it is ready
+/// (TCP_SAVE_SYN set), so that no SYN of the test arrives before.
 fn serve_tokio(listener: TcpListener, config: Config, n: usize) -> std::thread::JoinHandle<StatsSnapshot> {
-    std::thread::spawn(move || {
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
             use tokio::io::AsyncWriteExt;
             listener.set_nonblocking(true).unwrap();
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let listener = toa_server_shim::tokio::ToaListener::from_tokio(listener, config).unwrap();
+            ready_tx.send(()).unwrap();
             for _ in 0..n {
                 let (mut stream, peer) = listener.accept().await.expect("accept");
                 let _ = stream.write_all(format!("{peer}\n").as_bytes()).await;
             }
             listener.stats()
         })
-    })
+    });
+    ready.recv().expect("the tokio listener starts");
+    handle
 }
 
 /// The cases for a listener at `server`; `dual` when it is `[::]` and v4 clients come mapped.
