@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Accepted connections per second of a plain std server (no toa code in it)
 # with and without the kernel helper attached to its cgroup, in one run, the
-# rounds alternating. Needs root. Prints the ratio (with / without).
+# rounds alternating; the load comes from a process outside the cgroup, as
+# remote clients would. Needs root. Prints the ratio (with / without).
 # Usage: scripts/bench-ebpf.sh [SECONDS_PER_ROUND] [ROUNDS]   (default 3 6)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +21,16 @@ mkdir "$cgroup"
 cleanup() { "$shim" ebpf detach >/dev/null 2>&1 || true; rmdir "$cgroup" 2>/dev/null || true; }
 trap cleanup EXIT
 
-# Runs the plain server in the cgroup and prints its accepts/s.
-run() { sh -c "echo \$\$ > $cgroup/cgroup.procs && exec ./target/release/accept-bench --only plain-std --seconds $seconds"; }
+# Runs the plain server in the cgroup and the load outside it (as clients
+# elsewhere would be), and prints the server's accepts/s.
+port=18700
+run() {
+    port=$((port + 1))
+    ./target/release/accept-bench --load "127.0.0.1:$port" --seconds "$((seconds + 3))" &
+    local load=$!
+    sh -c "echo \$\$ > $cgroup/cgroup.procs && exec ./target/release/accept-bench --serve 127.0.0.1:$port --only plain-std --seconds $seconds" 2>/dev/null
+    wait "$load"
+}
 
 without=0; with=0
 for round in $(seq "$rounds"); do

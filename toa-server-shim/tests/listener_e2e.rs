@@ -195,13 +195,26 @@ fn v6_toa_on_a_v4_listener() {
 }
 
 #[test]
-fn a_thousand_concurrent_clients() {
+fn a_thousand_concurrent_clients_std() {
     require_root!();
+    many_clients(false);
+}
+
+#[test]
+fn a_thousand_concurrent_clients_tokio() {
+    require_root!();
+    many_clients(true);
+}
+
+fn many_clients(tokio: bool) {
     let bed = Bed::new("shim-many");
     let server = sock(SERVER_V4, 8080);
-    let listener = bed.listen(server).with_toa(Config::new(policy())).unwrap();
     const N: u16 = 1200;
-    let served = serve_std(listener, usize::from(N));
+    let served = if tokio {
+        serve_tokio(bed.listen(server), Config::new(policy()), usize::from(N))
+    } else {
+        serve_std(bed.listen(server).with_toa(Config::new(policy())).unwrap(), usize::from(N))
+    };
     // Every connection from the same LB address, each carrying its own client.
     let conns: Vec<Conn> = (0..N)
         .map(|i| {

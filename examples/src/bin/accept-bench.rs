@@ -147,6 +147,8 @@ fn main() {
     let mut seconds = 2.0;
     let mut rounds = 3;
     let mut only = None;
+    let mut serve_addr: Option<String> = None;
+    let mut load: Option<String> = None;
     let mut args = std::env::args().skip(1);
     let usage = || -> ! {
         eprintln!(
@@ -168,8 +170,51 @@ fn main() {
                     _ => usage(),
                 })
             }
+            "--serve" => serve_addr = Some(value),
+            "--load" => load = Some(value),
             _ => usage(),
         }
+    }
+    if let Some(addr) = load {
+        // The load alone, in its own process (and cgroup): stops after `seconds`.
+        let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || connect_loop(addr, &stop))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        stop.store(true, Ordering::Relaxed);
+        for client in clients {
+            let _ = client.join();
+        }
+        return;
+    }
+    if let Some(addr) = serve_addr {
+        // The server alone: measures for `seconds` once the first connection arrives.
+        let listener = TcpListener::bind(&addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let variant = only.unwrap_or(Variant::PlainStd);
+        let server = {
+            let (stop, accepted) = (stop.clone(), accepted.clone());
+            std::thread::spawn(move || serve(variant, listener, &stop, &accepted))
+        };
+        eprintln!("accept-bench: serving on {addr}");
+        while accepted.load(Ordering::Relaxed) == 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200)); // warm up
+        let (count0, start) = (accepted.load(Ordering::Relaxed), Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        let rate = (accepted.load(Ordering::Relaxed) - count0) as f64 / start.elapsed().as_secs_f64();
+        println!("{rate:.0}");
+        stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(&addr);
+        let _ = server.join();
+        return;
     }
     if let Some(variant) = only {
         // One measurement for a driver script (e.g. with and without the kernel helper).
