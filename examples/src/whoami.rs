@@ -25,6 +25,15 @@ pub struct Options {
 }
 
 impl Options {
+    /// The listener configuration; without one, says why on stderr (as
+    /// `program`) and gives the exit code 2.
+    pub fn config_or_exit(&self, program: &str) -> Result<Config, std::process::ExitCode> {
+        self.config().map_err(|e| {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::from(2)
+        })
+    }
+
     /// The listener configuration, or the reason there is none.
     pub fn config(&self) -> Result<Config, NoTrustConfigured> {
         let policy = if self.trust_any {

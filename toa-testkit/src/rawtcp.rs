@@ -137,7 +137,14 @@ impl Client {
         let mut active = 0;
         while Instant::now() < deadline {
             while active < window && next < conns.len() {
-                self.send(&conns[next], TcpFlags::SYN, ISN, 0, &conns[next].syn_options, &[]);
+                let syn = Segment {
+                    flags: TcpFlags::SYN,
+                    seq: ISN,
+                    ack: 0,
+                    options: &conns[next].syn_options,
+                    payload: &[],
+                };
+                self.send(&conns[next], syn);
                 states[next] = State::SynSent { at: Instant::now(), tries: 1 };
                 next += 1;
                 active += 1;
@@ -150,17 +157,14 @@ impl Client {
                 if let State::SynSent { at, tries } = state {
                     if at.elapsed() > Duration::from_millis(500 * u64::from(*tries)) {
                         let conn = &conns[i];
-                        Self::send_with(
-                            &mut self.tx,
-                            self.mac,
-                            self.peer_mac,
-                            conn,
-                            TcpFlags::SYN,
-                            ISN,
-                            0,
-                            &conn.syn_options,
-                            &[],
-                        );
+                        let syn = Segment {
+                            flags: TcpFlags::SYN,
+                            seq: ISN,
+                            ack: 0,
+                            options: &conn.syn_options,
+                            payload: &[],
+                        };
+                        send_on(&mut self.tx, self.mac, self.peer_mac, conn, syn);
                         *at = Instant::now();
                         *tries += 1;
                     }
@@ -172,18 +176,9 @@ impl Client {
                     if request_at.is_some_and(|at| Instant::now() >= at) {
                         let conn = &conns[i];
                         let flags = TcpFlags::ACK.union(TcpFlags::PSH);
-                        let (options, payload) = (&conn.data_options, &conn.request);
-                        Self::send_with(
-                            &mut self.tx,
-                            self.mac,
-                            self.peer_mac,
-                            conn,
-                            flags,
-                            ISN + 1,
-                            *server_next,
-                            options,
-                            payload,
-                        );
+                        let (options, payload) = (&conn.data_options[..], &conn.request[..]);
+                        let data = Segment { flags, seq: ISN + 1, ack: *server_next, options, payload };
+                        send_on(&mut self.tx, self.mac, self.peer_mac, conn, data);
                         *request_at = None;
                     }
                 }
@@ -203,7 +198,14 @@ impl Client {
             match &mut states[i] {
                 State::SynSent { .. } if flags.contains(TcpFlags::SYN.union(TcpFlags::ACK)) => {
                     let server_next = seq.wrapping_add(1);
-                    self.send(conn, TcpFlags::ACK, ISN + 1, server_next, &conn.ack_options, &[]);
+                    let ack = Segment {
+                        flags: TcpFlags::ACK,
+                        seq: ISN + 1,
+                        ack: server_next,
+                        options: &conn.ack_options,
+                        payload: &[],
+                    };
+                    self.send(conn, ack);
                     let request_at = (!conn.request.is_empty()).then(|| Instant::now() + conn.request_delay);
                     states[i] =
                         State::Established { server_next, data: Vec::new(), fin_at: None, request_at };
@@ -235,7 +237,8 @@ impl Client {
                     if fin_at.is_some_and(|end| end == data.len()) {
                         let sent = ISN + 1 + conn.request.len() as u32;
                         let ack = server_next.wrapping_add(data.len() as u32 + 1);
-                        self.send(conn, TcpFlags::RST.union(TcpFlags::ACK), sent, ack, &[], &[]);
+                        let flags = TcpFlags::RST.union(TcpFlags::ACK);
+                        self.send(conn, Segment { flags, seq: sent, ack, options: &[], payload: &[] });
                         let data = std::mem::take(data);
                         states[i] = State::Done(Ok(data));
                         active -= 1;
@@ -257,44 +260,45 @@ impl Client {
             .collect()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn send(&mut self, conn: &Conn, flags: TcpFlags, seq: u32, ack: u32, options: &[u8], payload: &[u8]) {
-        Self::send_with(&mut self.tx, self.mac, self.peer_mac, conn, flags, seq, ack, options, payload);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn send_with(
-        tx: &mut Box<dyn pnet_datalink::DataLinkSender>,
-        mac: [u8; 6],
-        peer_mac: [u8; 6],
-        conn: &Conn,
-        flags: TcpFlags,
-        seq: u32,
-        ack: u32,
-        options: &[u8],
-        payload: &[u8],
-    ) {
-        let frame = frame(mac, peer_mac, conn, flags, seq, ack, options, payload);
-        match tx.send_to(&frame, None) {
-            Some(Ok(())) => {}
-            other => panic!("send on the LB end failed: {other:?}"),
-        }
+    fn send(&mut self, conn: &Conn, segment: Segment<'_>) {
+        send_on(&mut self.tx, self.mac, self.peer_mac, conn, segment);
     }
 }
 
-/// Builds one Ethernet frame. The TCP options are `options` first (where an
-/// LB puts a TOA), then MSS on a SYN, NOP-padded.
-#[allow(clippy::too_many_arguments)]
-pub fn frame(
+/// One segment to send.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    /// The flags.
+    pub flags: TcpFlags,
+    /// The sequence number.
+    pub seq: u32,
+    /// The acknowledgement number (used with ACK).
+    pub ack: u32,
+    /// Raw option bytes, first in the header.
+    pub options: &'a [u8],
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+/// Sends one frame; the sender is borrowed alone so that callers may hold other state.
+fn send_on(
+    tx: &mut Box<dyn pnet_datalink::DataLinkSender>,
     mac: [u8; 6],
     peer_mac: [u8; 6],
     conn: &Conn,
-    flags: TcpFlags,
-    seq: u32,
-    ack: u32,
-    options: &[u8],
-    payload: &[u8],
-) -> Vec<u8> {
+    segment: Segment<'_>,
+) {
+    let frame = frame(mac, peer_mac, conn, segment);
+    match tx.send_to(&frame, None) {
+        Some(Ok(())) => {}
+        other => panic!("send on the LB end failed: {other:?}"),
+    }
+}
+
+/// Builds one Ethernet frame. The TCP options are the segment's options first
+/// (where an LB puts a TOA), then MSS on a SYN, NOP-padded.
+pub fn frame(mac: [u8; 6], peer_mac: [u8; 6], conn: &Conn, segment: Segment<'_>) -> Vec<u8> {
+    let Segment { flags, seq, ack, options, payload } = segment;
     let builder = PacketBuilder::ethernet2(mac, peer_mac);
     let builder = match (conn.src.ip(), conn.dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),

@@ -89,20 +89,17 @@ fn reset(stream: &impl std::os::fd::AsFd) {
 
 fn serve(variant: Variant, listener: TcpListener, stop: &AtomicBool, accepted: &AtomicU64) {
     match variant {
-        Variant::PlainStd => {
+        Variant::PlainStd | Variant::ToaStd => {
+            let toa = (variant == Variant::ToaStd).then(|| {
+                listener.try_clone().expect("clone listener").with_toa(config()).expect("TCP_SAVE_SYN")
+            });
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((mut stream, peer)) = listener.accept() {
-                    let _ = stream.write_all(b"!");
-                    reset(&stream);
-                    std::hint::black_box((stream, peer));
-                    accepted.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        Variant::ToaStd => {
-            let listener = listener.with_toa(config()).expect("TCP_SAVE_SYN");
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((mut stream, peer)) = listener.accept() {
+                // The same loop for both: only the accept call differs.
+                let accepted_conn = match &toa {
+                    Some(toa) => toa.accept().map(|(stream, peer)| (stream, Some(peer))),
+                    None => listener.accept().map(|(stream, _)| (stream, None)),
+                };
+                if let Ok((mut stream, peer)) = accepted_conn {
                     let _ = stream.write_all(b"!");
                     reset(&stream);
                     std::hint::black_box((stream, peer));

@@ -29,12 +29,9 @@ async fn whoami(ConnectInfo(peer): ConnectInfo<PeerInfo>) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match cli.options.config() {
+    let config = match cli.options.config_or_exit("whoami-http") {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("whoami-http: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let serve = async {
         let listener = ToaListener::bind(&cli.options.listen, config).await?;

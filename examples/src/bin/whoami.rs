@@ -36,12 +36,9 @@ fn line(peer: &PeerInfo) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match cli.options.config() {
+    let config = match cli.options.config_or_exit("whoami") {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("whoami: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let result = match cli.runtime {
         Runtime::Std => serve_std(&cli.options.listen, config),
