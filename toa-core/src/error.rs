@@ -133,6 +133,8 @@ pub enum Error {
         /// The format asked for.
         format: Format,
     },
+    /// An address of the other IP version than the packet's.
+    AddressFamily,
     /// The TCP header has no room for the option, even after reclaiming NOP padding.
     NoRoom {
         /// Option bytes needed.
@@ -235,6 +237,7 @@ impl Error {
             | Error::IpLength { .. }
             | Error::Jumbogram => Some(0),
             Error::Unrepresentable { .. }
+            | Error::AddressFamily
             | Error::NoRoom { .. }
             | Error::Capacity { .. }
             | Error::TooLong { .. } => None,

@@ -11,8 +11,9 @@
 //!   walks options and reports every malformed case as an [`Error`] with its
 //!   offset.
 //! - [`Toa`]: the decoded option, with [`Toa::emit`].
-//! - [`insert`], [`strip`], [`clamp_mss`]: edits in the caller's buffer with
-//!   lengths and checksums fixed incrementally ([`checksum`]).
+//! - [`insert`], [`strip`], [`clamp_mss`], [`rewrite_endpoints`]: edits in
+//!   the caller's buffer with lengths and checksums fixed incrementally
+//!   ([`checksum`]).
 //!
 //! It never allocates, opens a socket or reads a clock, and never panics on
 //! input: every function that takes packet bytes returns a typed error.
@@ -54,6 +55,7 @@ mod edit;
 mod error;
 mod format;
 mod mss;
+mod nat;
 mod option;
 mod packet;
 
@@ -61,5 +63,6 @@ pub use edit::{Stripped, insert, strip};
 pub use error::{Error, Layer};
 pub use format::{Format, Formats, UnknownFormat};
 pub use mss::{MIN_MSS, MssClamp, clamp_mss};
+pub use nat::rewrite_endpoints;
 pub use option::{Options, RawOption, TencentMeta, Toa, ToaOption, Toas, kind};
 pub use packet::{IpVersion, TcpFlags, TcpHeader, TcpPacket};

@@ -273,3 +273,28 @@ fn exercise(bytes: &[u8]) {
     // A length beyond the buffer is an error too, not a panic.
     let _ = insert(&mut buf, bytes.len() + 1, &toa, &Formats::ALL);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn rewritten_endpoints_keep_checksums_valid(shape in shape(), a in any::<[u8; 16]>(), b in any::<[u8; 16]>(), p in any::<(u16, u16)>()) {
+        let mut packet = build(&shape);
+        let len = packet.len();
+        let (src, dst) = if shape.v6 {
+            (SocketAddr::new(IpAddr::V6(Ipv6Addr::from(a)), p.0), SocketAddr::new(IpAddr::V6(Ipv6Addr::from(b)), p.1))
+        } else {
+            let (a4, b4) = ([a[0], a[1], a[2], a[3]], [b[0], b[1], b[2], b[3]]);
+            (SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a4)), p.0), SocketAddr::new(IpAddr::V4(Ipv4Addr::from(b4)), p.1))
+        };
+        toa_core::rewrite_endpoints(&mut packet, len, src, dst).unwrap();
+        assert_checksums_valid(&packet);
+        let view = TcpPacket::new_checked(&packet[..]).unwrap();
+        prop_assert_eq!((view.src(), view.dst()), (src, dst));
+        // The other family is refused and leaves the packet alone.
+        let other: SocketAddr = if shape.v6 { "192.0.2.1:1".parse().unwrap() } else { "[2001:db8::1]:1".parse().unwrap() };
+        let before = packet.clone();
+        prop_assert!(toa_core::rewrite_endpoints(&mut packet, len, other, dst).is_err());
+        prop_assert_eq!(packet, before);
+    }
+}
