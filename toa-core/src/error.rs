@@ -202,6 +202,7 @@ impl fmt::Display for Error {
             Error::Unrepresentable { format } => {
                 write!(f, "format {format} cannot carry this address")
             }
+            Error::AddressFamily => f.write_str("address family does not match the packet's ip version"),
             Error::NoRoom { need, available } => {
                 write!(f, "no room in the tcp header: need {need} option bytes, {available} available")
             }
