@@ -2,10 +2,10 @@
 
 use core::net::{IpAddr, SocketAddr};
 
+use crate::Error;
 use crate::checksum::{self, Accumulator};
 use crate::packet::field::{ipv4, ipv6, tcp};
 use crate::packet::{IpVersion, TcpPacket, read_u16};
-use crate::Error;
 
 /// Sets the source and destination of the TCP packet in `buf[..len]` to `src`
 /// and `dst` (addresses and ports), updating the IPv4 header checksum and the
@@ -31,7 +31,9 @@ pub fn rewrite_endpoints(buf: &mut [u8], len: usize, src: SocketAddr, dst: Socke
     let packet = buf.get(..len).ok_or(Error::Capacity { need: len, capacity: buf.len() })?;
     let packet = TcpPacket::new_checked(packet)?;
     let (version, tcp_start) = (packet.version(), packet.tcp_offset());
-    let fits = |a: &SocketAddr| matches!((a.ip(), version), (IpAddr::V4(_), IpVersion::V4) | (IpAddr::V6(_), IpVersion::V6));
+    let fits = |a: &SocketAddr| {
+        matches!((a.ip(), version), (IpAddr::V4(_), IpVersion::V4) | (IpAddr::V6(_), IpVersion::V6))
+    };
     if !fits(&src) || !fits(&dst) {
         return Err(Error::AddressFamily);
     }

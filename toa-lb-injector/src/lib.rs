@@ -1,9 +1,26 @@
-//! The load-balancer side of TOA.
+//! The load-balancer side of TOA: a sans-IO FULLNAT engine that writes the
+//! client's address into a TOA option, as Huawei ELB, LVS and DPVS do.
 //!
-//! Not built yet: this crate will hold the sans-IO injection engine and
-//! `toa-lb`, a FULLNAT L4 load balancer (see the project's LB issues). Until
-//! then, a balancer written elsewhere can use [`toa_core::insert`],
-//! [`toa_core::strip`] and [`toa_core::clamp_mss`] directly; they are the
-//! per-packet operations the engine will be built on.
-#![no_std]
+//! [`Engine::handle_packet`] takes one IP packet in the caller's buffer (from
+//! a client to a VIP, or from a backend to an SNAT address), rewrites it in
+//! place and says where it goes ([`Verdict`]). It never opens a socket or
+//! reads a clock: the driver passes the time, so every decision is testable
+//! without root, and any datapath (AF_PACKET, AF_XDP, ...) can drive it.
+//!
+//! Per packet from a client: strip every TOA-format option the client sent
+//! (forgery, in every mode), pick or find the flow, rewrite client -> VIP into
+//! SNAT -> backend, and insert the TOA where the listener's [`Placement`]
+//! says. From a backend: rewrite back, and lower the MSS of the SYN-ACK by the
+//! option's size so that clients never send segments that stop fitting.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod config;
+mod engine;
+mod flow;
+mod schedule;
+
+pub use config::{
+    Backend, ConfigError, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Scheduler, Timeouts,
+};
+pub use engine::{Counters, DropReason, Engine, Verdict};

@@ -1,0 +1,55 @@
+//! The LB engine fed arbitrary packet sequences: no panic, the flow table
+//! stays bounded, and every packet it forwards is a valid TCP packet.
+#![no_main]
+
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use toa_core::{Format, TcpPacket};
+use toa_lb_injector::{
+    Backend, Engine, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Scheduler, Timeouts, Verdict,
+};
+
+fn engine() -> Engine {
+    let listener = |vip: &str, backend: &str| ListenerConfig {
+        vip: vip.parse().expect("vip"),
+        backends: vec![Backend { addr: backend.parse().expect("backend"), weight: 1 }],
+        scheduler: Scheduler::RoundRobin,
+        obtain_client_ip: ObtainClientIp::Toa(Format::Toa),
+        placement: Placement { syn: true, handshake_ack: true, data: true },
+    };
+    Engine::new(EngineConfig {
+        listeners: vec![
+            listener("198.51.100.10:80", "192.0.2.10:8080"),
+            listener("[2001:db8:f::10]:80", "[2001:db8:be::a]:80"),
+        ],
+        snat: vec!["100.125.0.1".parse().expect("ip"), "2001:db8:64::1".parse().expect("ip")],
+        snat_ports: 1024..=1100,
+        max_flows: 16,
+        timeouts: Timeouts::default(),
+    })
+    .expect("valid config")
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut engine = engine();
+    // Packets are length-prefixed (one byte); the first byte of each also advances the clock.
+    let mut rest = data;
+    let mut now = Duration::ZERO;
+    while let Some((&len, tail)) = rest.split_first() {
+        let len = usize::from(len).min(tail.len());
+        let (packet, tail) = tail.split_at(len);
+        rest = tail;
+        now += Duration::from_millis(u64::from(packet.first().copied().unwrap_or(0)) * 50);
+        let mut buf = packet.to_vec();
+        buf.resize(packet.len() + 64, 0);
+        match engine.handle_packet(now, &mut buf, packet.len()) {
+            Verdict::ToBackend { len } | Verdict::ToClient { len } => {
+                assert!(TcpPacket::new_checked(&buf[..len]).is_ok(), "forwarded an invalid packet");
+            }
+            Verdict::Drop(_) | Verdict::NotMine => {}
+        }
+        assert!(engine.flow_count() <= 16);
+        engine.poll_expired(now);
+    }
+});

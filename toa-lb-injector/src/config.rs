@@ -1,0 +1,180 @@
+//! What the engine is told: listeners, backends, SNAT pool, limits.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use toa_core::Format;
+
+/// How a listener passes the client's address to its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObtainClientIp {
+    /// Nothing: backends see the SNAT address.
+    Off,
+    /// A TOA option of this format. An IPv6 client is sent as `toa6`
+    /// whatever the format, since the others carry IPv4 only.
+    Toa(Format),
+}
+
+/// Which client segments carry the TOA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The SYN (for saved-SYN readers such as `toa_server_shim::ToaListener`).
+    pub syn: bool,
+    /// The ACK that completes the handshake (for toa.ko and LVS-style readers).
+    pub handshake_ack: bool,
+    /// Client data segments until the backend first sends data (DPVS style).
+    pub data: bool,
+}
+
+impl Default for Placement {
+    /// SYN and handshake ACK.
+    fn default() -> Self {
+        Placement { syn: true, handshake_ack: true, data: false }
+    }
+}
+
+/// How a listener picks a backend for a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scheduler {
+    /// Each backend in turn.
+    #[default]
+    RoundRobin,
+    /// In turn, in proportion to the weights (smooth, as nginx does).
+    WeightedRoundRobin,
+    /// By a hash of the client's address and port (rendezvous hashing): a
+    /// client keeps its backend while the backend set stays the same, and
+    /// removing a backend moves only that backend's clients.
+    ConsistentHash,
+}
+
+/// A backend server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Its address and port.
+    pub addr: SocketAddr,
+    /// Its weight (weighted round robin), at least 1.
+    pub weight: u32,
+}
+
+/// One listener: a VIP and port, and where its connections go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// The address and port clients connect to.
+    pub vip: SocketAddr,
+    /// The backends.
+    pub backends: Vec<Backend>,
+    /// How a backend is picked.
+    pub scheduler: Scheduler,
+    /// Whether and how the client's address is passed on.
+    pub obtain_client_ip: ObtainClientIp,
+    /// Which segments carry it.
+    pub placement: Placement,
+}
+
+/// Idle timeouts per flow state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Until the handshake completes.
+    pub syn: Duration,
+    /// Established.
+    pub established: Duration,
+    /// After a FIN.
+    pub closing: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            syn: Duration::from_secs(5),
+            established: Duration::from_secs(900),
+            closing: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The engine's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// The listeners.
+    pub listeners: Vec<ListenerConfig>,
+    /// The addresses the LB talks to backends from (FULLNAT), e.g. inside 100.125.0.0/16.
+    pub snat: Vec<IpAddr>,
+    /// The SNAT ports used on each address.
+    pub snat_ports: std::ops::RangeInclusive<u16>,
+    /// The most flows kept at once; a SYN flood evicts the oldest half-open flows.
+    pub max_flows: usize,
+    /// Idle timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// A configuration the engine refuses, said so that it can be fixed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A listener without backends.
+    #[error("listener {0} has no backends")]
+    NoBackends(SocketAddr),
+    /// Two listeners on the same VIP and port.
+    #[error("listeners overlap: {0} is configured twice")]
+    Overlap(SocketAddr),
+    /// A backend of weight 0.
+    #[error("backend {backend} of listener {listener} has weight 0 (use at least 1, or remove it)")]
+    ZeroWeight {
+        /// The listener.
+        listener: SocketAddr,
+        /// The backend.
+        backend: SocketAddr,
+    },
+    /// No SNAT address of a family a backend needs.
+    #[error("listener {listener} has an {family} backend but the SNAT pool has no {family} address")]
+    NoSnatAddress {
+        /// The listener.
+        listener: SocketAddr,
+        /// "IPv4" or "IPv6".
+        family: &'static str,
+    },
+    /// A backend of the other IP version than its VIP (NAT64 is not supported yet).
+    #[error("backend {backend} of listener {listener} is of another IP version (NAT64 is not supported)")]
+    MixedFamilies {
+        /// The listener.
+        listener: SocketAddr,
+        /// The backend.
+        backend: SocketAddr,
+    },
+    /// An empty SNAT port range or a zero flow limit.
+    #[error("{0}")]
+    Limits(&'static str),
+}
+
+impl EngineConfig {
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_flows == 0 {
+            return Err(ConfigError::Limits("max_flows must be at least 1"));
+        }
+        if self.snat_ports.is_empty() {
+            return Err(ConfigError::Limits("the SNAT port range is empty"));
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if self.listeners[..i].iter().any(|other| other.vip == listener.vip) {
+                return Err(ConfigError::Overlap(listener.vip));
+            }
+            if listener.backends.is_empty() {
+                return Err(ConfigError::NoBackends(listener.vip));
+            }
+            for backend in &listener.backends {
+                if backend.weight == 0 {
+                    return Err(ConfigError::ZeroWeight { listener: listener.vip, backend: backend.addr });
+                }
+                if backend.addr.is_ipv4() != listener.vip.is_ipv4() {
+                    return Err(ConfigError::MixedFamilies { listener: listener.vip, backend: backend.addr });
+                }
+                if !self.snat.iter().any(|a| a.is_ipv4() == backend.addr.is_ipv4()) {
+                    let family = if backend.addr.is_ipv4() { "IPv4" } else { "IPv6" };
+                    return Err(ConfigError::NoSnatAddress { listener: listener.vip, family });
+                }
+            }
+        }
+        Ok(())
+    }
+}

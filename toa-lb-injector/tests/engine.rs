@@ -1,0 +1,326 @@
+//! The engine driven by packet sequences, without root: every packet it emits
+//! is checked with etherparse (checksums, addresses) and for its TOA.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use toa_core::{Format, Formats, TcpFlags, TcpPacket};
+use toa_lb_injector::{
+    Backend, DropReason, Engine, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Scheduler,
+    Timeouts, Verdict,
+};
+
+const CLIENT: &str = "203.0.113.7:40000";
+const VIP: &str = "198.51.100.10:80";
+const CLIENT6: &str = "[2001:db8:c::7]:40000";
+const VIP6: &str = "[2001:db8:f::10]:80";
+
+fn sock(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn config(mode: ObtainClientIp, placement: Placement, backends: &[&str]) -> EngineConfig {
+    let backends: Vec<Backend> = backends.iter().map(|b| Backend { addr: sock(b), weight: 1 }).collect();
+    let backends6 = vec![Backend { addr: sock("[2001:db8:be::a]:8080"), weight: 1 }];
+    EngineConfig {
+        listeners: vec![
+            ListenerConfig {
+                vip: sock(VIP),
+                backends,
+                scheduler: Scheduler::RoundRobin,
+                obtain_client_ip: mode,
+                placement,
+            },
+            ListenerConfig {
+                vip: sock(VIP6),
+                backends: backends6,
+                scheduler: Scheduler::RoundRobin,
+                obtain_client_ip: mode,
+                placement,
+            },
+        ],
+        snat: vec![
+            "100.125.0.1".parse().unwrap(),
+            "100.125.0.2".parse().unwrap(),
+            "2001:db8:64::1".parse().unwrap(),
+        ],
+        snat_ports: 1024..=65535,
+        max_flows: 1000,
+        timeouts: Timeouts::default(),
+    }
+}
+
+fn engine(mode: ObtainClientIp) -> Engine {
+    Engine::new(config(mode, Placement::default(), &["192.0.2.10:8080"])).unwrap()
+}
+
+/// Builds a TCP segment; `options` go first in the header.
+fn segment(src: SocketAddr, dst: SocketAddr, flags: TcpFlags, options: &[u8], payload: &[u8]) -> Vec<u8> {
+    let builder = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    };
+    let mut tcp = builder.tcp(src.port(), dst.port(), 1000, 64240);
+    if flags.contains(TcpFlags::SYN) {
+        tcp = tcp.syn();
+    }
+    if flags.contains(TcpFlags::ACK) {
+        tcp = tcp.ack(1);
+    }
+    if flags.contains(TcpFlags::FIN) {
+        tcp = tcp.fin();
+    }
+    if flags.contains(TcpFlags::RST) {
+        tcp = tcp.rst();
+    }
+    let mut all = options.to_vec();
+    if flags.contains(TcpFlags::SYN) {
+        all.extend_from_slice(&[2, 4, 0x05, 0xb4]);
+    }
+    while all.len() % 4 != 0 {
+        all.push(1);
+    }
+    let tcp = tcp.options_raw(&all).unwrap();
+    let mut out = Vec::new();
+    tcp.write(&mut out, payload).unwrap();
+    out
+}
+
+/// Runs `packet` through the engine with room to grow; returns the verdict and the bytes.
+fn handle(engine: &mut Engine, at: u64, packet: &[u8]) -> (Verdict, Vec<u8>) {
+    let mut buf = packet.to_vec();
+    buf.resize(packet.len() + 64, 0);
+    let verdict = engine.handle_packet(Duration::from_secs(at), &mut buf, packet.len());
+    let len = match verdict {
+        Verdict::ToBackend { len } | Verdict::ToClient { len } => len,
+        _ => packet.len(),
+    };
+    buf.truncate(len);
+    (verdict, buf)
+}
+
+/// Checks an emitted packet with etherparse; returns (src, dst, first TOA).
+fn inspect(packet: &[u8]) -> (SocketAddr, SocketAddr, Option<SocketAddr>) {
+    let sliced = SlicedPacket::from_ip(packet).expect("etherparse parses the output");
+    let Some(TransportSlice::Tcp(tcp)) = sliced.transport else { panic!("tcp") };
+    let expected = match sliced.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum(), "ipv4 checksum");
+            tcp.calc_checksum_ipv4(h.source(), h.destination()).unwrap()
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            tcp.calc_checksum_ipv6(ip.header().source(), ip.header().destination()).unwrap()
+        }
+        None => panic!("ip"),
+    };
+    assert_eq!(tcp.checksum(), expected, "tcp checksum");
+    let view = TcpPacket::new_checked(packet).unwrap();
+    let toa = view.toa(&Formats::ALL).unwrap().and_then(|t| t.toa.socket_addr());
+    (view.src(), view.dst(), toa)
+}
+
+#[test]
+fn handshake_with_toa_in_syn_and_ack() {
+    let mut e = engine(ObtainClientIp::Toa(Format::Toa));
+    let (client, vip) = (sock(CLIENT), sock(VIP));
+
+    let (v, syn) = handle(&mut e, 0, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    assert!(matches!(v, Verdict::ToBackend { .. }), "{v:?}");
+    let (src, dst, toa) = inspect(&syn);
+    assert_eq!(dst, sock("192.0.2.10:8080"));
+    assert!(src.ip().to_string().starts_with("100.125.0."), "FULLNAT from the SNAT pool: {src}");
+    assert_eq!(toa, Some(client), "TOA in the SYN");
+
+    let synack = segment(dst, src, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]);
+    let (v, back) = handle(&mut e, 0, &synack);
+    assert!(matches!(v, Verdict::ToClient { .. }));
+    let (bsrc, bdst, _) = inspect(&back);
+    assert_eq!((bsrc, bdst), (vip, client));
+    let mss = TcpPacket::new_checked(&back[..]).unwrap().tcp().options().find_map(|o| {
+        let o = o.unwrap();
+        (o.kind == 2).then(|| u16::from_be_bytes([o.data[0], o.data[1]]))
+    });
+    assert_eq!(mss, Some(1460 - 8), "the SYN-ACK's MSS leaves room for the option");
+
+    let (_, ack) = handle(&mut e, 0, &segment(client, vip, TcpFlags::ACK, &[], &[]));
+    assert_eq!(inspect(&ack).2, Some(client), "TOA in the handshake ACK");
+    let (_, data) =
+        handle(&mut e, 0, &segment(client, vip, TcpFlags::ACK.union(TcpFlags::PSH), &[], b"GET /"));
+    assert_eq!(inspect(&data).2, None, "not in data by default");
+
+    let c = *e.counters(0).unwrap();
+    assert_eq!((c.flows, c.injected, c.mss_clamped, c.to_backend, c.to_client), (1, 2, 1, 3, 1));
+
+    // RST ends the flow.
+    handle(&mut e, 0, &segment(client, vip, TcpFlags::RST, &[], &[]));
+    assert_eq!(e.flow_count(), 0);
+}
+
+#[test]
+fn forged_toas_are_stripped_in_every_mode() {
+    let forged = [254, 8, 0x04, 0xd2, 10, 9, 9, 9];
+    for mode in [ObtainClientIp::Off, ObtainClientIp::Toa(Format::Toa)] {
+        let mut e = engine(mode);
+        let syn = segment(sock(CLIENT), sock(VIP), TcpFlags::SYN, &forged, &[]);
+        let (_, out) = handle(&mut e, 0, &syn);
+        let (_, _, toa) = inspect(&out);
+        let expected = (mode != ObtainClientIp::Off).then(|| sock(CLIENT));
+        assert_eq!(toa, expected, "{mode:?}: the forged 10.9.9.9 is gone");
+        let view = TcpPacket::new_checked(&out[..]).unwrap();
+        assert!(view.toas(&Formats::ALL).all(|t| t.unwrap().toa.ip().to_string() != "10.9.9.9"));
+        assert_eq!(e.counters(0).unwrap().stripped, 1);
+    }
+}
+
+#[test]
+fn data_placement_until_the_backend_speaks() {
+    let placement = Placement { syn: false, handshake_ack: false, data: true };
+    let mut e =
+        Engine::new(config(ObtainClientIp::Toa(Format::Toa), placement, &["192.0.2.10:8080"])).unwrap();
+    let (client, vip) = (sock(CLIENT), sock(VIP));
+    let (_, syn) = handle(&mut e, 0, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    let (snat, backend, toa) = inspect(&syn);
+    assert_eq!(toa, None);
+    handle(&mut e, 0, &segment(backend, snat, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]));
+    let psh = TcpFlags::ACK.union(TcpFlags::PSH);
+    let (_, d1) = handle(&mut e, 0, &segment(client, vip, psh, &[], b"one"));
+    assert_eq!(inspect(&d1).2, Some(client));
+    let (_, d2) = handle(&mut e, 0, &segment(client, vip, psh, &[], b"two"));
+    assert_eq!(inspect(&d2).2, Some(client), "still: the backend has not sent data");
+    handle(&mut e, 0, &segment(backend, snat, psh, &[], b"hello"));
+    let (_, d3) = handle(&mut e, 0, &segment(client, vip, psh, &[], b"three"));
+    assert_eq!(inspect(&d3).2, None, "the backend spoke: stop");
+}
+
+#[test]
+fn retransmitted_syn_keeps_its_flow_and_out_of_order_ack_gets_no_toa() {
+    let mut e = engine(ObtainClientIp::Toa(Format::Toa));
+    let (client, vip) = (sock(CLIENT), sock(VIP));
+    let (_, first) = handle(&mut e, 0, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    let (_, again) = handle(&mut e, 1, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    assert_eq!(inspect(&first).0, inspect(&again).0, "same SNAT address and port");
+    assert_eq!(e.flow_count(), 1);
+    // An ACK before the backend's SYN-ACK is forwarded, but it completes no handshake.
+    let (v, ack) = handle(&mut e, 1, &segment(client, vip, TcpFlags::ACK, &[], &[]));
+    assert!(matches!(v, Verdict::ToBackend { .. }));
+    assert_eq!(inspect(&ack).2, None);
+    // A stray segment of an unknown connection is dropped and counted.
+    let stray = segment(sock("203.0.113.8:1"), vip, TcpFlags::ACK, &[], &[]);
+    assert_eq!(handle(&mut e, 1, &stray).0, Verdict::Drop(DropReason::NoFlow));
+    assert_eq!(e.counters(0).unwrap().dropped_no_flow, 1);
+}
+
+#[test]
+fn no_room_forwards_without_the_option() {
+    let mut e = engine(ObtainClientIp::Toa(Format::Toa));
+    // 36 option bytes without NOPs (plus the MSS the builder adds: 40) leave no room.
+    let mut options = vec![8, 10, 0, 0, 0, 1, 0, 0, 0, 0];
+    options.extend([30, 26]);
+    options.extend([0u8; 24]);
+    let syn = segment(sock(CLIENT), sock(VIP), TcpFlags::SYN, &options, &[]);
+    let (v, out) = handle(&mut e, 0, &syn);
+    assert!(matches!(v, Verdict::ToBackend { .. }));
+    assert_eq!(inspect(&out).2, None);
+    assert_eq!(e.counters(0).unwrap().no_room, 1);
+}
+
+#[test]
+fn ipv6_clients_get_toa6() {
+    let mut e = engine(ObtainClientIp::Toa(Format::Toa));
+    let (client, vip) = (sock(CLIENT6), sock(VIP6));
+    let (_, syn) = handle(&mut e, 0, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    let (src, dst, toa) = inspect(&syn);
+    assert_eq!((src.ip().to_string(), dst), ("2001:db8:64::1".to_owned(), sock("[2001:db8:be::a]:8080")));
+    assert_eq!(toa, Some(client));
+    let view = TcpPacket::new_checked(&syn[..]).unwrap();
+    assert_eq!(view.toa(&Formats::ALL).unwrap().unwrap().toa.format(), Format::Toa6);
+}
+
+#[test]
+fn syn_flood_stays_bounded_and_legitimate_clients_get_through() {
+    let mut cfg = config(ObtainClientIp::Toa(Format::Toa), Placement::default(), &["192.0.2.10:8080"]);
+    cfg.max_flows = 100;
+    let mut e = Engine::new(cfg).unwrap();
+    let vip = sock(VIP);
+    for i in 0..5000u32 {
+        let src = SocketAddr::new(
+            IpAddr::V4(std::net::Ipv4Addr::from(0xcb00_7100 + (i % 200))),
+            1024 + (i / 200) as u16,
+        );
+        handle(&mut e, 0, &segment(src, vip, TcpFlags::SYN, &[], &[]));
+        assert!(e.flow_count() <= 100);
+    }
+    let c = *e.counters(0).unwrap();
+    assert_eq!(c.flows, 5000);
+    assert_eq!(c.evicted, 4900);
+    // A real client completes its handshake amid the flood.
+    let client = sock(CLIENT);
+    let (_, syn) = handle(&mut e, 1, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    let (snat, backend, _) = inspect(&syn);
+    handle(&mut e, 1, &segment(backend, snat, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]));
+    let (_, ack) = handle(&mut e, 1, &segment(client, vip, TcpFlags::ACK, &[], &[]));
+    assert_eq!(inspect(&ack).2, Some(client));
+    // Half-open flows time out after the SYN timeout; the established one stays.
+    assert_eq!(e.poll_expired(Duration::from_secs(1 + 6)), 99);
+    assert_eq!(e.flow_count(), 1);
+    assert_eq!(e.poll_expired(Duration::from_secs(1 + 901)), 1);
+}
+
+#[test]
+fn round_robin_spreads_flows_and_mode_switches_apply_to_new_flows() {
+    let backends = ["192.0.2.10:8080", "192.0.2.11:8080", "192.0.2.12:8080"];
+    let mut e =
+        Engine::new(config(ObtainClientIp::Toa(Format::Toa), Placement::default(), &backends)).unwrap();
+    let vip = sock(VIP);
+    let mut seen = std::collections::HashMap::new();
+    for port in 0..30u16 {
+        let (_, syn) = handle(
+            &mut e,
+            0,
+            &segment(sock(&format!("203.0.113.7:{}", 2000 + port)), vip, TcpFlags::SYN, &[], &[]),
+        );
+        *seen.entry(inspect(&syn).1).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3);
+    assert!(seen.values().all(|&n| n == 10), "{seen:?}");
+
+    // An existing flow keeps TOA after the listener is switched off; a new one does not get it.
+    let old = sock("203.0.113.7:2000");
+    assert!(e.set_obtain_client_ip(0, ObtainClientIp::Off));
+    let (_, retrans) = handle(&mut e, 0, &segment(old, vip, TcpFlags::SYN, &[], &[]));
+    assert_eq!(inspect(&retrans).2, Some(old));
+    let (_, fresh) = handle(&mut e, 0, &segment(sock("203.0.113.9:1"), vip, TcpFlags::SYN, &[], &[]));
+    assert_eq!(inspect(&fresh).2, None);
+}
+
+#[test]
+fn bad_configurations_are_named() {
+    let mut cfg = config(ObtainClientIp::Off, Placement::default(), &["192.0.2.10:8080"]);
+    cfg.listeners[0].backends.clear();
+    assert_eq!(Engine::new(cfg).unwrap_err().to_string(), "listener 198.51.100.10:80 has no backends");
+    let mut cfg = config(ObtainClientIp::Off, Placement::default(), &["192.0.2.10:8080"]);
+    cfg.listeners[1].vip = cfg.listeners[0].vip;
+    cfg.listeners[1].backends = cfg.listeners[0].backends.clone();
+    assert!(Engine::new(cfg).unwrap_err().to_string().contains("configured twice"));
+    let mut cfg = config(ObtainClientIp::Off, Placement::default(), &["192.0.2.10:8080"]);
+    cfg.snat.retain(|a| a.is_ipv6());
+    assert!(Engine::new(cfg).unwrap_err().to_string().contains("no IPv4 address"));
+}
+
+#[test]
+fn garbage_is_dropped_not_panicked_on() {
+    let mut e = engine(ObtainClientIp::Toa(Format::Toa));
+    for len in 0..80 {
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
+        let mut buf = bytes.clone();
+        buf.resize(len as usize + 64, 0);
+        let _ = e.handle_packet(Duration::ZERO, &mut buf, len as usize);
+    }
+    // A SYN to the VIP with malformed options is dropped and counted.
+    let bad = segment(sock(CLIENT), sock(VIP), TcpFlags::SYN, &[254, 0, 0, 0], &[]);
+    assert_eq!(handle(&mut e, 0, &bad).0, Verdict::Drop(DropReason::Malformed));
+    assert_eq!(e.counters(0).unwrap().dropped_malformed, 1);
+}
