@@ -205,7 +205,9 @@ static __always_inline void find_toa(const __u8 *opts, int len, const struct toa
 		out->port = 0;
 		body += 1; /* version byte */
 	} else {
-		out->port = (__u16)opts[body & 63] | ((__u16)opts[(body + 1) & 63] << 8);
+		/* kept in network order: copy the bytes, whatever the host's endianness */
+		__u8 p[2] = {opts[body & 63], opts[(body + 1) & 63]};
+		__builtin_memcpy(&out->port, p, 2);
 		body += 2;
 	}
 	out->family = (olen == 8 || olen == 7) ? AF_INET : AF_INET6;
