@@ -27,6 +27,7 @@ fn engine() -> Engine {
         snat_ports: 1024..=1100,
         max_flows: 16,
         timeouts: Timeouts::default(),
+        snat_seed: 0,
     })
     .expect("valid config")
 }

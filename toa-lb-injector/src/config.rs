@@ -105,6 +105,10 @@ pub struct EngineConfig {
     pub max_flows: usize,
     /// Idle timeouts.
     pub timeouts: Timeouts,
+    /// Where SNAT port allocation starts. A driver passes something random
+    /// (the time, say): an LB restarted with the same SNAT ports would collide
+    /// with the TIME_WAIT state its previous run left on the backends.
+    pub snat_seed: u64,
 }
 
 /// A configuration the engine refuses, said so that it can be fixed.

@@ -104,7 +104,12 @@ impl Engine {
         config.validate()?;
         let pickers = config.listeners.iter().map(|l| Picker::new(l.scheduler, l.backends.len())).collect();
         let counters = vec![Counters::default(); config.listeners.len()];
-        let flows = FlowTable::new(config.snat.clone(), config.snat_ports.clone(), config.max_flows);
+        let flows = FlowTable::new(
+            config.snat.clone(),
+            config.snat_ports.clone(),
+            config.max_flows,
+            config.snat_seed,
+        );
         Ok(Engine { config, pickers, flows, counters, unparsed: 0 })
     }
 
@@ -148,9 +153,16 @@ impl Engine {
     /// for a TOA) at time `now` (any monotonic clock, as a duration since its
     /// start), rewriting it in place.
     pub fn handle_packet(&mut self, now: Duration, buf: &mut [u8], len: usize) -> Verdict {
-        let Ok(packet) = TcpPacket::new_checked(&buf[..len.min(buf.len())]) else {
-            self.unparsed += 1;
-            return Verdict::Drop(DropReason::Malformed);
+        let packet = match TcpPacket::new_checked(&buf[..len.min(buf.len())]) {
+            Ok(packet) => packet,
+            // Other protocols and fragments are someone else's business.
+            Err(toa_core::Error::NotTcp { .. } | toa_core::Error::Fragment { .. }) => {
+                return Verdict::NotMine;
+            }
+            Err(_) => {
+                self.unparsed += 1;
+                return Verdict::Drop(DropReason::Malformed);
+            }
         };
         let (src, dst, flags) = (packet.src(), packet.dst(), packet.tcp().flags());
         if let Some(listener) = self.config.listeners.iter().position(|l| l.vip == dst) {

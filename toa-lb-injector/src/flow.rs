@@ -65,7 +65,12 @@ pub(crate) enum Full {
 }
 
 impl FlowTable {
-    pub(crate) fn new(snat: Vec<IpAddr>, ports: std::ops::RangeInclusive<u16>, max: usize) -> Self {
+    pub(crate) fn new(
+        snat: Vec<IpAddr>,
+        ports: std::ops::RangeInclusive<u16>,
+        max: usize,
+        seed: u64,
+    ) -> Self {
         FlowTable {
             slots: Vec::new(),
             free: Vec::new(),
@@ -75,7 +80,7 @@ impl FlowTable {
             snat_used: HashSet::new(),
             snat,
             ports,
-            cursor: 0,
+            cursor: seed,
             max,
             len: 0,
         }

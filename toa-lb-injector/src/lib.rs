@@ -16,8 +16,11 @@
 #![warn(missing_docs)]
 
 mod config;
+pub mod datapath;
 mod engine;
+pub mod file;
 mod flow;
+pub mod nft;
 mod schedule;
 
 pub use config::{

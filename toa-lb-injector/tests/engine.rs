@@ -48,6 +48,7 @@ fn config(mode: ObtainClientIp, placement: Placement, backends: &[&str]) -> Engi
         snat_ports: 1024..=65535,
         max_flows: 1000,
         timeouts: Timeouts::default(),
+        snat_seed: 0,
     }
 }
 

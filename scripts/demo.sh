@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The demo: a client, toa-lb (a FULLNAT load balancer talking to backends from
+# 100.125.1.1, as Huawei ELB does from 100.125.0.0/16) and two `whoami`
+# backends, each in its own network namespace. With "Obtain Client IP" on,
+# the backends name the real client; off, they see the load balancer.
+# Needs root. Everything is torn down at the end, on Ctrl-C or on failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "demo.sh: needs root (network namespaces, raw sockets, nftables)" >&2; exit 1; }
+
+missing=()
+command -v ip >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
+command -v ethtool >/dev/null || missing+=(ethtool)
+if ((${#missing[@]})); then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
+prefix="toademo$$"
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    ./scripts/testbed.sh down "$prefix" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say "1. Building toa-lb, whoami and toa-shim (release)"
+cargo build --release -q -p toa-lb-injector --bin toa-lb -p toa-examples --bin whoami -p toa-server-shim --bin toa-shim
+bin=./target/release
+
+say "2. Testbed: client 203.0.113.2 -> VIP 203.0.113.10:80 -> backends 100.125.2.1, 100.125.2.2 (:8080)"
+./scripts/testbed.sh up "$prefix" 2 >/dev/null
+for i in 1 2; do
+    ip netns exec "$prefix-be$i" "$bin/whoami" --listen 0.0.0.0:8080 --trust 100.125.0.0/16 2>/dev/null &
+    pids+=($!)
+done
+
+config() {
+    cat >"$work/lb.toml" <<TOML
+client_interface = "lb-c"
+backend_interface = "lb-br"
+snat = ["100.125.1.1"]
+
+[[listener]]
+vip = "203.0.113.10:80"
+obtain_client_ip = "$1"
+toa_format = "toa"
+
+[[listener.backend]]
+address = "100.125.2.1:8080"
+
+[[listener.backend]]
+address = "100.125.2.2:8080"
+TOML
+}
+start_lb() {
+    config "$1"
+    ip netns exec "$prefix-lb" "$bin/toa-lb" run --config "$work/lb.toml" 2>"$work/lb.log" &
+    lb=$!
+    pids+=($lb)
+    sleep 1
+    kill -0 "$lb" 2>/dev/null || { cat "$work/lb.log" >&2; exit 1; }
+}
+ask() {
+    for _ in 1 2 3 4; do
+        printf '   client got: '
+        ip netns exec "$prefix-client" timeout 5 bash -c 'exec 3<>/dev/tcp/203.0.113.10/80; cat <&3' || echo "(no answer)"
+    done
+}
+
+say "3. toa-lb with obtain_client_ip = \"toa\": each backend names the real client (203.0.113.2)"
+start_lb toa
+ip netns exec "$prefix-be1" "$bin/toa-shim" inspect --iface b0 --count 1 --timeout 10s --trust 100.125.0.0/16 \
+    >"$work/wire.txt" 2>/dev/null &
+sleep 0.5
+ask
+wait $! 2>/dev/null || true
+say "   ...and on the wire, as backend 1 receives the SYN (toa-shim inspect --iface b0):"
+sed 's/^/   /' "$work/wire.txt"
+
+say "4. Restarted with obtain_client_ip = \"off\": the backends see the load balancer (100.125.1.1)"
+kill "$lb"; wait "$lb" 2>/dev/null || true
+start_lb off
+ask
+
+kill "$lb"; wait "$lb" 2>/dev/null || true
+if ip netns exec "$prefix-lb" nft list table inet toa_lb >/dev/null 2>&1; then
+    echo "demo.sh: toa-lb left its nftables rules behind" >&2; exit 1
+fi
+say "Done: toa-lb stopped and removed its nftables rules; the testbed is torn down."

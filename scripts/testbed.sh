@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The LB testbed: network namespaces for a client, the load balancer and N
+# backends, all traffic inside them.
+#
+#   client (PREFIX-client)  c0 203.0.113.2/24
+#        |  veth
+#   LB (PREFIX-lb)          lb-c 203.0.113.1/24  (toa-lb answers the VIP 203.0.113.10)
+#                           lb-br 100.125.0.1/16 (a bridge; toa-lb answers the SNAT 100.125.1.1)
+#        |  veths on the bridge
+#   backends (PREFIX-beN)   b0 100.125.2.N/16
+#
+# Usage: scripts/testbed.sh up|down [PREFIX] [BACKENDS]   (defaults: toa, 2)
+set -euo pipefail
+action=${1:-}
+prefix=${2:-toa}
+backends=${3:-2}
+ns() { ip netns exec "$1" "${@:2}"; }
+# Offloads off: the userspace datapath must see real frames, not 64 KiB GSO batches,
+# and finished checksums (with tx checksum offload a veth hands over only the
+# pseudo-header sum, which rewriting would carry into an invalid packet).
+no_offload() { command -v ethtool >/dev/null && ns "$1" ethtool -K "$2" tx off tso off gso off gro off >/dev/null 2>&1 || true; }
+
+down() {
+    for n in $(ip netns list | awk '{print $1}' | grep -E "^${prefix}-(client|lb|be[0-9]+)$" || true); do
+        ip netns del "$n"
+    done
+}
+
+up() {
+    down
+    ip netns add "$prefix-client"
+    ip netns add "$prefix-lb"
+    for n in "$prefix-client" "$prefix-lb"; do ns "$n" ip link set lo up; done
+    ip link add c0 netns "$prefix-client" type veth peer name lb-c netns "$prefix-lb"
+    ns "$prefix-client" ip addr add 203.0.113.2/24 dev c0
+    ns "$prefix-client" ip link set c0 up
+    ns "$prefix-lb" ip addr add 203.0.113.1/24 dev lb-c
+    ns "$prefix-lb" ip link set lb-c up
+    ns "$prefix-lb" ip link add lb-br type bridge
+    ns "$prefix-lb" ip addr add 100.125.0.1/16 dev lb-br
+    ns "$prefix-lb" ip link set lb-br up
+    no_offload "$prefix-client" c0
+    no_offload "$prefix-lb" lb-c
+    for i in $(seq "$backends"); do
+        b="$prefix-be$i"
+        ip netns add "$b"
+        ns "$b" ip link set lo up
+        ip link add b0 netns "$b" type veth peer name "lb-b$i" netns "$prefix-lb"
+        ns "$b" ip addr add "100.125.2.$i/16" dev b0
+        ns "$b" ip link set b0 up
+        ns "$prefix-lb" ip link set "lb-b$i" master lb-br up
+        no_offload "$b" b0
+        no_offload "$prefix-lb" "lb-b$i"
+        # TIME_WAIT hygiene for connection-rate runs.
+        ns "$b" sysctl -qw net.ipv4.tcp_max_tw_buckets=4096
+    done
+    ns "$prefix-client" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"
+}
+
+case "$action" in
+    up) up; echo "testbed $prefix up: client 203.0.113.2, VIP 203.0.113.10, $backends backends 100.125.2.1-$backends" ;;
+    down) down; echo "testbed $prefix down" ;;
+    *) echo "usage: $0 up|down [PREFIX] [BACKENDS]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,129 @@
+//! `toa-lb`: a FULLNAT L4 load balancer that writes the client's address
+//! into a TOA option ("Obtain Client IP Address").
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Parser, Subcommand};
+use toa_lb_injector::file::LbConfig;
+use toa_lb_injector::{Engine, datapath, nft};
+
+#[derive(Parser)]
+#[command(name = "toa-lb", version, about = "FULLNAT L4 load balancer with TOA (Obtain Client IP Address)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the load balancer (root).
+    Run {
+        /// The TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit.
+    Check {
+        /// The TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Check { config } => match LbConfig::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Run { config } => run(&config),
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("toa-lb: {e}");
+    ExitCode::FAILURE
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match LbConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    if !nix::unistd::Uid::effective().is_root() {
+        return fail("toa-lb needs root (raw sockets, nftables)");
+    }
+    let client = match datapath::interface(&config.client_interface) {
+        Ok(i) => i,
+        Err(e) => return fail(e),
+    };
+    let backend = match datapath::interface(&config.backend_interface) {
+        Ok(i) => i,
+        Err(e) => return fail(e),
+    };
+    let vips: Vec<_> = config.engine.listeners.iter().map(|l| l.vip.ip()).collect();
+    if let Err(e) = datapath::check_vips(&client, &vips) {
+        return fail(e);
+    }
+    let mut owned = vips.clone();
+    owned.extend(config.engine.snat.iter().copied());
+    if let Err(e) = nft::install(&owned) {
+        return fail(e);
+    }
+    let mut engine_config = config.engine.clone();
+    engine_config.snat_seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 ^ u64::from(std::process::id()))
+        .unwrap_or(0);
+    let engine = match Engine::new(engine_config) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    // A signal only sets the flag; the datapath threads notice within 200 ms.
+    if let Err(e) = stop_on_signals(stop.clone()) {
+        let _ = nft::remove();
+        return fail(format!("cannot handle SIGINT/SIGTERM: {e}"));
+    }
+    for l in &config.engine.listeners {
+        let backends: Vec<String> = l.backends.iter().map(|b| b.addr.to_string()).collect();
+        eprintln!(
+            "toa-lb: listener {} -> {} (obtain_client_ip {:?})",
+            l.vip,
+            backends.join(", "),
+            l.obtain_client_ip
+        );
+    }
+    eprintln!("toa-lb: running on {} (clients) and {} (backends)", client.name, backend.name);
+    let result = datapath::run(engine, &client, &backend, &owned, stop.clone());
+    let cleanup = nft::remove();
+    if let Err(e) = result {
+        return fail(e);
+    }
+    if let Err(e) = cleanup {
+        return fail(e);
+    }
+    eprintln!("toa-lb: stopped, nftables rules removed");
+    ExitCode::SUCCESS
+}
+
+/// Sets `flag` on SIGINT or SIGTERM: both are blocked in this thread (and so
+/// in every thread started later) and a thread waits for them with sigwait.
+fn stop_on_signals(flag: Arc<AtomicBool>) -> nix::Result<()> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::SIGINT);
+    set.add(nix::sys::signal::SIGTERM);
+    set.thread_block()?;
+    std::thread::spawn(move || {
+        if set.wait().is_ok() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    });
+    Ok(())
+}

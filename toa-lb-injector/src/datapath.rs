@@ -1,0 +1,255 @@
+//! The pnet (AF_PACKET) driver around the engine: one thread per interface,
+//! ARP for the VIPs and SNAT addresses, MAC learning for the next hop.
+//!
+//! IPv4 only for now: IPv6 needs NDP, which this driver does not speak yet.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pnet_datalink::{Channel, DataLinkReceiver, DataLinkSender, NetworkInterface};
+
+use crate::engine::{Engine, Verdict};
+
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+const ETHERTYPE_ARP: u16 = 0x0806;
+
+/// What can stop the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// No such interface.
+    #[error("interface {0} not found; run `ip link` (interfaces here: {1})")]
+    NoInterface(String, String),
+    /// The interface has no MAC (not Ethernet).
+    #[error("interface {0} has no Ethernet address")]
+    NoMac(String),
+    /// A VIP outside every network configured on the client interface.
+    #[error("VIP {0} is not on interface {1} (its networks: {2}); add an address of that network to it")]
+    VipNotOnInterface(IpAddr, String, String),
+    /// The socket could not be opened.
+    #[error("AF_PACKET on {0}: {1} (toa-lb needs root)")]
+    Open(String, std::io::Error),
+}
+
+struct Port {
+    name: String,
+    mac: [u8; 6],
+    /// An IPv4 address of the port, used as the sender of ARP requests.
+    ip: Option<Ipv4Addr>,
+    tx: Mutex<Box<dyn DataLinkSender>>,
+}
+
+impl Port {
+    fn send(&self, frame: &[u8]) {
+        if let Ok(mut tx) = self.tx.lock() {
+            let _ = tx.send_to(frame, None);
+        }
+    }
+}
+
+struct Shared {
+    engine: Mutex<Engine>,
+    /// Next hops learnt from ARP and from received frames.
+    neighbors: Mutex<HashMap<IpAddr, [u8; 6]>>,
+    /// Addresses `toa-lb` answers ARP for: VIPs and SNAT addresses.
+    owned: HashSet<Ipv4Addr>,
+    ports: [Port; 2],
+    start: Instant,
+}
+
+/// Finds an interface by name.
+pub fn interface(name: &str) -> Result<NetworkInterface, DatapathError> {
+    let all = pnet_datalink::interfaces();
+    match all.iter().find(|i| i.name == name) {
+        Some(i) => Ok(i.clone()),
+        None => {
+            let names = all.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ");
+            Err(DatapathError::NoInterface(name.to_owned(), names))
+        }
+    }
+}
+
+/// Checks that every VIP lies in a network of the client interface.
+pub fn check_vips(client: &NetworkInterface, vips: &[IpAddr]) -> Result<(), DatapathError> {
+    for vip in vips {
+        if !client.ips.iter().any(|net| net.contains(*vip)) {
+            let nets = client.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            return Err(DatapathError::VipNotOnInterface(*vip, client.name.clone(), nets));
+        }
+    }
+    Ok(())
+}
+
+fn open(interface: &NetworkInterface) -> Result<(Port, Box<dyn DataLinkReceiver>), DatapathError> {
+    let mac = interface.mac.ok_or_else(|| DatapathError::NoMac(interface.name.clone()))?.octets();
+    // Not promiscuous: the frames toa-lb needs are addressed to this MAC (its ARP
+    // answers make sure of that) or broadcast.
+    let config = pnet_datalink::Config {
+        read_timeout: Some(Duration::from_millis(200)),
+        promiscuous: false,
+        ..Default::default()
+    };
+    let (tx, rx) = match pnet_datalink::channel(interface, config) {
+        Ok(Channel::Ethernet(tx, rx)) => (tx, rx),
+        Ok(_) => {
+            return Err(DatapathError::Open(interface.name.clone(), std::io::Error::other("not Ethernet")));
+        }
+        Err(e) => return Err(DatapathError::Open(interface.name.clone(), e)),
+    };
+    let ip = interface.ips.iter().find_map(|n| match n.ip() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    });
+    Ok((Port { name: interface.name.clone(), mac, ip, tx: Mutex::new(tx) }, rx))
+}
+
+/// Runs the datapath until `stop` is set: the calling thread serves the
+/// client interface, a second thread the backend interface.
+pub fn run(
+    engine: Engine,
+    client: &NetworkInterface,
+    backend: &NetworkInterface,
+    owned: &[IpAddr],
+    stop: Arc<AtomicBool>,
+) -> Result<(), DatapathError> {
+    let (client_port, client_rx) = open(client)?;
+    let (backend_port, backend_rx) = open(backend)?;
+    let owned = owned
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(ip) => Some(*ip),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let shared = Arc::new(Shared {
+        engine: Mutex::new(engine),
+        neighbors: Mutex::new(HashMap::new()),
+        owned,
+        ports: [client_port, backend_port],
+        start: Instant::now(),
+    });
+    let backend_thread = {
+        let (shared, stop) = (shared.clone(), stop.clone());
+        std::thread::spawn(move || serve(&shared, 1, backend_rx, &stop))
+    };
+    serve(&shared, 0, client_rx, &stop);
+    let _ = backend_thread.join();
+    Ok(())
+}
+
+/// Serves port `side` (0 client, 1 backend).
+fn serve(shared: &Shared, side: usize, mut rx: Box<dyn DataLinkReceiver>, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 65_536 + 64];
+    let mut last_expiry = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if side == 0 && last_expiry.elapsed() > Duration::from_secs(1) {
+            if let Ok(mut engine) = shared.engine.lock() {
+                engine.poll_expired(shared.start.elapsed());
+            }
+            last_expiry = Instant::now();
+        }
+        let frame = match rx.next() {
+            Ok(frame) => frame,
+            Err(_) => continue, // read timeout: check `stop`
+        };
+        if frame.len() < 14 || frame.len() > buf.len() - 64 {
+            continue;
+        }
+        let len = frame.len();
+        buf[..len].copy_from_slice(frame);
+        handle_frame(shared, side, &mut buf, len);
+    }
+}
+
+fn handle_frame(shared: &Shared, side: usize, buf: &mut [u8], len: usize) {
+    let port = &shared.ports[side];
+    let src_mac: [u8; 6] = buf[6..12].try_into().unwrap_or_default();
+    if src_mac == port.mac {
+        return; // our own frame, seen on its way out
+    }
+    let ethertype = u16::from_be_bytes([buf[12], buf[13]]);
+    match ethertype {
+        ETHERTYPE_ARP => handle_arp(shared, port, &buf[14..len]),
+        ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => {
+            if let Ok(packet) = toa_core::TcpPacket::new_checked(&buf[14..len]) {
+                if let Ok(mut n) = shared.neighbors.lock() {
+                    n.insert(packet.src_addr(), src_mac);
+                }
+            }
+            let verdict = match shared.engine.lock() {
+                Ok(mut engine) => engine.handle_packet(shared.start.elapsed(), &mut buf[14..], len - 14),
+                Err(_) => return,
+            };
+            if std::env::var_os("TOA_LB_TRACE").is_some() {
+                eprintln!("toa-lb: {} {verdict:?}", shared.ports[side].name);
+            }
+            let (out, ip_len) = match verdict {
+                Verdict::ToBackend { len } => (&shared.ports[1], len),
+                Verdict::ToClient { len } => (&shared.ports[0], len),
+                Verdict::Drop(_) | Verdict::NotMine => return,
+            };
+            let Ok(packet) = toa_core::TcpPacket::new_checked(&buf[14..14 + ip_len]) else { return };
+            let next_hop = packet.dst_addr();
+            let mac = shared.neighbors.lock().ok().and_then(|n| n.get(&next_hop).copied());
+            match mac {
+                Some(mac) => {
+                    buf[0..6].copy_from_slice(&mac);
+                    buf[6..12].copy_from_slice(&out.mac);
+                    out.send(&buf[..14 + ip_len]);
+                }
+                // Unknown next hop: ask, and let TCP retransmit.
+                None => {
+                    if let IpAddr::V4(target) = next_hop {
+                        arp_request(out, target);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Answers ARP requests for owned addresses; learns every sender.
+fn handle_arp(shared: &Shared, port: &Port, arp: &[u8]) {
+    // Ethernet/IPv4 ARP: htype 1, ptype 0x0800, hlen 6, plen 4.
+    if arp.len() < 28 || arp[0..6] != [0, 1, 8, 0, 6, 4] {
+        return;
+    }
+    let op = u16::from_be_bytes([arp[6], arp[7]]);
+    let sender_mac: [u8; 6] = arp[8..14].try_into().unwrap_or_default();
+    let sender_ip = Ipv4Addr::new(arp[14], arp[15], arp[16], arp[17]);
+    let target_ip = Ipv4Addr::new(arp[24], arp[25], arp[26], arp[27]);
+    if let Ok(mut n) = shared.neighbors.lock() {
+        n.insert(IpAddr::V4(sender_ip), sender_mac);
+    }
+    if op == 1 && shared.owned.contains(&target_ip) {
+        let mut reply = Vec::with_capacity(42);
+        reply.extend_from_slice(&sender_mac);
+        reply.extend_from_slice(&port.mac);
+        reply.extend_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+        reply.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+        reply.extend_from_slice(&port.mac);
+        reply.extend_from_slice(&target_ip.octets());
+        reply.extend_from_slice(&sender_mac);
+        reply.extend_from_slice(&sender_ip.octets());
+        port.send(&reply);
+    }
+}
+
+fn arp_request(port: &Port, target: Ipv4Addr) {
+    let sender = port.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let mut request = Vec::with_capacity(42);
+    request.extend_from_slice(&[0xff; 6]);
+    request.extend_from_slice(&port.mac);
+    request.extend_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+    request.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    request.extend_from_slice(&port.mac);
+    request.extend_from_slice(&sender.octets());
+    request.extend_from_slice(&[0; 6]);
+    request.extend_from_slice(&target.octets());
+    port.send(&request);
+    let _ = &port.name;
+}

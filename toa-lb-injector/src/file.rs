@@ -1,0 +1,275 @@
+//! `toa-lb run --config FILE`: the TOML configuration.
+//!
+//! ```toml
+//! client_interface = "toa-c"       # faces clients; VIPs are answered here
+//! backend_interface = "toa-b"      # faces backends; SNAT addresses are answered here
+//! snat = ["100.125.1.1"]           # default: 100.125.1.1
+//! max_flows = 100000
+//!
+//! [[listener]]
+//! vip = "203.0.113.10:80"
+//! protocol = "tcp"
+//! scheduler = "round-robin"        # or weighted-round-robin, consistent-hash
+//! obtain_client_ip = "toa"         # or "off"
+//! toa_format = "toa"               # toa, toa6, ali-v6, tencent
+//! placement = { syn = true, ack = true, data = false }
+//!
+//! [[listener.backend]]
+//! address = "100.125.2.1:8080"
+//! weight = 1
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use serde::Deserialize;
+use toa_core::Format;
+
+use crate::config::{Backend, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Scheduler, Timeouts};
+
+/// A configuration file that cannot be used, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// Unreadable.
+    #[error("cannot read {0}: {1}")]
+    Read(String, std::io::Error),
+    /// Not valid TOML, or not this schema (the message names the line).
+    #[error("{0}: {1}")]
+    Parse(String, String),
+    /// Valid TOML, invalid configuration.
+    #[error("{0}: {1}")]
+    Invalid(String, String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    client_interface: String,
+    backend_interface: String,
+    #[serde(default = "default_snat")]
+    snat: Vec<IpAddr>,
+    #[serde(default = "default_max_flows")]
+    max_flows: usize,
+    #[serde(rename = "listener", default)]
+    listeners: Vec<RawListener>,
+}
+
+fn default_snat() -> Vec<IpAddr> {
+    vec![IpAddr::from([100, 125, 1, 1])]
+}
+
+fn default_max_flows() -> usize {
+    100_000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    vip: SocketAddr,
+    #[serde(default = "default_protocol")]
+    protocol: String,
+    #[serde(default)]
+    scheduler: RawScheduler,
+    #[serde(default)]
+    obtain_client_ip: RawObtain,
+    #[serde(default = "default_format")]
+    toa_format: String,
+    #[serde(default)]
+    placement: RawPlacement,
+    #[serde(rename = "backend", default)]
+    backends: Vec<RawBackend>,
+}
+
+fn default_protocol() -> String {
+    "tcp".into()
+}
+
+fn default_format() -> String {
+    "toa".into()
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+enum RawScheduler {
+    #[default]
+    RoundRobin,
+    WeightedRoundRobin,
+    ConsistentHash,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum RawObtain {
+    #[default]
+    Off,
+    Toa,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlacement {
+    #[serde(default = "yes")]
+    syn: bool,
+    #[serde(default = "yes")]
+    ack: bool,
+    #[serde(default)]
+    data: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for RawPlacement {
+    fn default() -> Self {
+        RawPlacement { syn: true, ack: true, data: false }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: SocketAddr,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A parsed and checked configuration file.
+#[derive(Clone, Debug)]
+pub struct LbConfig {
+    /// The interface facing clients.
+    pub client_interface: String,
+    /// The interface facing backends.
+    pub backend_interface: String,
+    /// The engine's configuration.
+    pub engine: EngineConfig,
+}
+
+impl LbConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<LbConfig, FileError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| FileError::Read(name.clone(), e))?;
+        Self::parse(&name, &text)
+    }
+
+    /// Parses and checks `text` (`name` is used in errors).
+    pub fn parse(name: &str, text: &str) -> Result<LbConfig, FileError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            // "TOML parse error at line L, column C" and the message, without the source excerpt.
+            let text = e.to_string();
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            let (first, last) = (lines.next().unwrap_or_default(), text.lines().last().unwrap_or_default());
+            FileError::Parse(name.to_owned(), format!("{}: {}", first.to_lowercase(), last.trim()))
+        })?;
+        let invalid = |msg: String| FileError::Invalid(name.to_owned(), msg);
+        if raw.listeners.is_empty() {
+            return Err(invalid("no [[listener]]: nothing to balance".into()));
+        }
+        let mut listeners = Vec::new();
+        for l in raw.listeners {
+            if l.protocol != "tcp" {
+                return Err(invalid(format!(
+                    "listener {}: protocol {:?} is not supported (tcp)",
+                    l.vip, l.protocol
+                )));
+            }
+            let format: Format = l
+                .toa_format
+                .parse()
+                .map_err(|_| invalid(format!("listener {}: unknown toa_format {:?}", l.vip, l.toa_format)))?;
+            if format == Format::AliCdn {
+                return Err(invalid(format!("listener {}: ali-cdn is a CDN format, not an LB one", l.vip)));
+            }
+            listeners.push(ListenerConfig {
+                vip: l.vip,
+                backends: l.backends.iter().map(|b| Backend { addr: b.address, weight: b.weight }).collect(),
+                scheduler: match l.scheduler {
+                    RawScheduler::RoundRobin => Scheduler::RoundRobin,
+                    RawScheduler::WeightedRoundRobin => Scheduler::WeightedRoundRobin,
+                    RawScheduler::ConsistentHash => Scheduler::ConsistentHash,
+                },
+                obtain_client_ip: match l.obtain_client_ip {
+                    RawObtain::Off => ObtainClientIp::Off,
+                    RawObtain::Toa => ObtainClientIp::Toa(format),
+                },
+                placement: Placement {
+                    syn: l.placement.syn,
+                    handshake_ack: l.placement.ack,
+                    data: l.placement.data,
+                },
+            });
+        }
+        let engine = EngineConfig {
+            listeners,
+            snat: raw.snat,
+            snat_ports: 1024..=65535,
+            max_flows: raw.max_flows,
+            timeouts: Timeouts::default(),
+            // Set by the driver at start (see EngineConfig::snat_seed).
+            snat_seed: 0,
+        };
+        engine.validate().map_err(|e| invalid(e.to_string()))?;
+        if raw.client_interface == raw.backend_interface {
+            return Err(invalid("client_interface and backend_interface must differ".into()));
+        }
+        Ok(LbConfig {
+            client_interface: raw.client_interface,
+            backend_interface: raw.backend_interface,
+            engine,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+client_interface = "toa-c"
+backend_interface = "toa-b"
+
+[[listener]]
+vip = "203.0.113.10:80"
+obtain_client_ip = "toa"
+
+[[listener.backend]]
+address = "100.125.2.1:8080"
+
+[[listener.backend]]
+address = "100.125.2.2:8080"
+weight = 3
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = LbConfig::parse("lb.toml", GOOD).unwrap();
+        assert_eq!(c.engine.snat, vec![IpAddr::from([100, 125, 1, 1])]);
+        let l = &c.engine.listeners[0];
+        assert_eq!(l.obtain_client_ip, ObtainClientIp::Toa(Format::Toa));
+        assert_eq!(l.placement, Placement::default());
+        assert_eq!(l.backends[1].weight, 3);
+    }
+
+    #[test]
+    fn errors_name_the_line_or_the_listener() {
+        let typo = GOOD.replace("obtain_client_ip = \"toa\"", "obtain_client_ip = \"yes\"");
+        let err = LbConfig::parse("lb.toml", &typo).unwrap_err().to_string();
+        assert!(err.starts_with("lb.toml: ") && err.contains("line 7"), "{err}");
+        let unknown = GOOD.replace("weight = 3", "wieght = 3");
+        let err = LbConfig::parse("lb.toml", &unknown).unwrap_err().to_string();
+        assert!(err.contains("wieght") && err.contains("line 14"), "{err}");
+        let empty = GOOD.split("[[listener.backend]]").next().unwrap().to_owned();
+        let err = LbConfig::parse("lb.toml", &empty).unwrap_err().to_string();
+        assert_eq!(err, "lb.toml: listener 203.0.113.10:80 has no backends");
+        let twice = format!(
+            "{GOOD}\n[[listener]]\nvip = \"203.0.113.10:80\"\n[[listener.backend]]\naddress = \"100.125.2.1:1\"\n"
+        );
+        let err = LbConfig::parse("lb.toml", &twice).unwrap_err().to_string();
+        assert!(err.contains("configured twice"), "{err}");
+    }
+}
