@@ -25,6 +25,8 @@ command -v llvm-strip >/dev/null || apt_missing+=(llvm)
 command -v socat >/dev/null || apt_missing+=(socat)         # unmodified servers in the eBPF end-to-end test
 command -v python3 >/dev/null || apt_missing+=(python3)
 command -v nsenter >/dev/null || apt_missing+=(util-linux)
+command -v nft >/dev/null || apt_missing+=(nftables)         # toa-lb keeps the kernel out of its flows
+command -v ethtool >/dev/null || apt_missing+=(ethtool)     # the LB testbed turns veth offloads off
 if ((${#apt_missing[@]})); then
     [ "$(id -u)" = 0 ] || die "missing ${apt_missing[*]}: run as root, or apt-get install them"
     apt-get update -qq

@@ -46,18 +46,23 @@ impl Netns {
     /// result. Sockets made there belong to the namespace wherever they are
     /// used afterwards.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-                    f()
-                })
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e))
-        })
+        run_in(&self.name, f)
     }
+}
+
+/// Runs `f` on a thread that has entered the named namespace (`ip netns`).
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
 }
 
 impl Drop for Netns {

@@ -1,0 +1,262 @@
+//! `toa-lb` end to end on the testbed (root): a real client, the real LB
+//! binary, backends using `ToaListener`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use toa_core::{Format, Toa};
+use toa_server_shim::{Config, TcpListenerExt, TrustPolicy};
+use toa_testkit::netns::run_in;
+use toa_testkit::rawtcp::{Client, Conn};
+use toa_testkit::require_root;
+
+const VIP: &str = "203.0.113.10:80";
+
+fn scripts() -> PathBuf {
+    [env!("CARGO_MANIFEST_DIR"), "..", "scripts"].iter().collect()
+}
+
+/// The testbed, torn down on drop.
+struct Testbed {
+    prefix: String,
+}
+
+impl Testbed {
+    fn up(tag: &str) -> Testbed {
+        let prefix = format!("tl{tag}{}", std::process::id() % 100_000);
+        let ok = Command::new(scripts().join("testbed.sh"))
+            .args(["up", &prefix, "2"])
+            .status()
+            .expect("testbed.sh");
+        assert!(ok.success(), "testbed up");
+        Testbed { prefix }
+    }
+
+    fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = Command::new(scripts().join("testbed.sh")).args(["down", &self.prefix]).output();
+    }
+}
+
+/// A `toa-lb` process, killed on drop.
+struct Lb(Child);
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_lb(bed: &Testbed, mode: &str, dir: &std::path::Path) -> Lb {
+    let config = dir.join(format!("lb-{mode}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\nsnat = [\"100.125.1.1\", \"100.125.1.2\"]\n\n\
+             [[listener]]\nvip = \"{VIP}\"\nobtain_client_ip = \"{mode}\"\n\n\
+             [[listener.backend]]\naddress = \"100.125.2.1:8080\"\n\n[[listener.backend]]\naddress = \"100.125.2.2:8080\"\n\n\
+             [[listener]]\nvip = \"203.0.113.10:81\"\nobtain_client_ip = \"{mode}\"\n\n[[listener.backend]]\naddress = \"100.125.2.1:8081\"\n"
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn toa-lb");
+    // Wait for "running on ...".
+    let mut err = child.stderr.take().expect("piped");
+    let mut seen = String::new();
+    let mut byte = [0u8; 1];
+    while !seen.contains("running on") {
+        match err.read(&mut byte) {
+            Ok(1) => seen.push(byte[0] as char),
+            _ => panic!("toa-lb did not start: {seen}"),
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    Lb(child)
+}
+
+/// Backends: `beN` answers "beN client=... lb=... source=..." on :8080; be1 echoes on :8081.
+fn start_backends(bed: &Testbed, stop: &Arc<AtomicBool>) {
+    let policy = || TrustPolicy::new("100.125.0.0/16".parse().unwrap()).unwrap();
+    for i in 1..=2 {
+        let listener = run_in(&bed.ns(&format!("be{i}")), || TcpListener::bind("0.0.0.0:8080")).unwrap();
+        let listener = listener.with_toa(Config::new(policy())).unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Ok((mut stream, peer)) = conn {
+                    let _ = writeln!(stream, "be{i} {peer}");
+                }
+            }
+        });
+    }
+    let echo = run_in(&bed.ns("be1"), || TcpListener::bind("0.0.0.0:8081")).unwrap();
+    std::thread::spawn(move || {
+        for stream in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().expect("clone");
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+}
+
+/// Connects from the client namespace and returns the backend's line.
+fn ask(bed: &Testbed) -> (SocketAddr, String) {
+    run_in(&bed.ns("client"), || {
+        let mut stream = TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(10))
+            .expect("connect to the VIP");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut line = String::new();
+        stream.read_to_string(&mut line).expect("read");
+        (stream.local_addr().unwrap(), line.trim_end().to_owned())
+    })
+}
+
+#[test]
+fn toa_lb_end_to_end() {
+    require_root!();
+    let bed = Testbed::up("a");
+    let dir = std::env::temp_dir().join(format!("toa-lb-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    start_backends(&bed, &stop);
+
+    // Obtain Client IP on: the backends name the client.
+    let lb = start_lb(&bed, "toa", &dir);
+    let (local, line) = ask(&bed);
+    assert!(line.contains(&format!(" client={local} lb=100.125.1.")), "{line}");
+    assert!(line.ends_with("source=saved-syn"), "{line}");
+
+    // 1000+ connections at once, each naming its own client port; round robin over both backends.
+    let answers: Arc<Mutex<Vec<(SocketAddr, String)>>> = Arc::default();
+    run_in(&bed.ns("client"), || {
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                let answers = answers.clone();
+                scope.spawn(move || {
+                    let mut open = Vec::new();
+                    for _ in 0..150 {
+                        let s = TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(10))
+                            .expect("connect");
+                        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                        open.push(s);
+                    }
+                    for mut s in open {
+                        let mut line = String::new();
+                        s.read_to_string(&mut line).expect("read");
+                        answers.lock().unwrap().push((s.local_addr().unwrap(), line.trim_end().to_owned()));
+                    }
+                });
+            }
+        })
+    });
+    let answers = answers.lock().unwrap();
+    assert_eq!(answers.len(), 1200);
+    let mut per_backend = [0; 2];
+    for (local, line) in answers.iter() {
+        assert!(line.contains(&format!(" client={local} ")), "{line}");
+        per_backend[usize::from(line.starts_with("be2"))] += 1;
+    }
+    assert!(per_backend[0] >= 550 && per_backend[1] >= 550, "round robin: {per_backend:?}");
+
+    // 64 MiB each way through the LB, compared.
+    run_in(&bed.ns("client"), || {
+        let stream = TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10))
+            .expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        const SIZE: usize = 64 << 20;
+        let mut writer = stream.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let mut sum = 0u64;
+            let mut block = vec![0u8; 64 << 10];
+            for i in 0..SIZE / block.len() {
+                for (j, b) in block.iter_mut().enumerate() {
+                    *b = (i * 131 + j * 7) as u8;
+                }
+                sum = block.iter().fold(sum, |s, b| s.wrapping_mul(31).wrapping_add(u64::from(*b)));
+                writer.write_all(&block).expect("send");
+            }
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+            sum
+        });
+        let (mut reader, mut got, mut sum) = (stream, 0usize, 0u64);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = reader.read(&mut buf).expect("receive");
+            if n == 0 {
+                break;
+            }
+            sum = buf[..n].iter().fold(sum, |s, b| s.wrapping_mul(31).wrapping_add(u64::from(*b)));
+            got += n;
+        }
+        assert_eq!(got, SIZE, "all of it came back");
+        assert_eq!(sum, sender.join().unwrap(), "and unchanged");
+    });
+
+    // A client that forges a TOA has it stripped: the backend sees the real one.
+    let forged = Toa::new(Format::Toa, "10.9.9.9:1".parse().unwrap()).unwrap();
+    let client_mac = mac_of(&bed.ns("client"), "c0");
+    let lb_mac = mac_of(&bed.ns("lb"), "lb-c");
+    // A source address the client's kernel does not own, so that it never answers for it.
+    let conn = Conn::new("203.0.113.50:40000".parse().unwrap(), VIP.parse().unwrap()).toa_in_syn(&forged);
+    let mut raw = run_in(&bed.ns("client"), || Client::open("c0", client_mac, lb_mac));
+    let answer = raw.run(&[conn], 1, Duration::from_secs(15)).remove(0).expect("answer");
+    let line = String::from_utf8(answer).unwrap();
+    assert!(line.contains("client=203.0.113.50:40000 "), "forged TOA not stripped: {line}");
+    drop(lb);
+
+    // SIGKILL leaves the nftables rules; the next start cleans them up.
+    let mut lb = start_lb(&bed, "off", &dir);
+    assert!(nft_present(&bed));
+    lb.0.kill().unwrap();
+    lb.0.wait().unwrap();
+    assert!(nft_present(&bed), "SIGKILL cannot clean up");
+    let lb = start_lb(&bed, "off", &dir);
+    let (local, line) = ask(&bed);
+    assert!(line.contains("client=100.125.1.") && !line.contains(&local.to_string()), "toa off: {line}");
+    // SIGTERM: a clean exit removes them.
+    Command::new("kill").args(["-TERM", &lb.0.id().to_string()]).status().unwrap();
+    let mut lb = lb;
+    let status = lb.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!nft_present(&bed), "rules left after a clean exit");
+    stop.store(true, Ordering::Relaxed);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn nft_present(bed: &Testbed) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", &bed.ns("lb"), "nft", "list", "table", "inet", "toa_lb"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn mac_of(ns: &str, iface: &str) -> [u8; 6] {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat", &format!("/sys/class/net/{iface}/address")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let bytes: Vec<u8> = text.trim().split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+    bytes.try_into().unwrap()
+}
