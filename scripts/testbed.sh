@@ -2,12 +2,14 @@
 # The LB testbed: network namespaces for a client, the load balancer and N
 # backends, all traffic inside them.
 #
-#   client (PREFIX-client)  c0 203.0.113.2/24
+#   client (PREFIX-client)  c0 203.0.113.2/24, 2001:db8:c::2/64
 #        |  veth
-#   LB (PREFIX-lb)          lb-c 203.0.113.1/24  (toa-lb answers the VIP 203.0.113.10)
-#                           lb-br 100.125.0.1/16 (a bridge; toa-lb answers the SNAT 100.125.1.1)
+#   LB (PREFIX-lb)          lb-c 203.0.113.1/24, 2001:db8:c::1/64
+#                             (toa-lb answers the VIPs 203.0.113.10, 2001:db8:c::10)
+#                           lb-br 100.125.0.1/16, 2001:db8:64::1/64 (a bridge;
+#                             toa-lb answers the SNATs 100.125.1.1, 2001:db8:64::1:1)
 #        |  veths on the bridge
-#   backends (PREFIX-beN)   b0 100.125.2.N/16
+#   backends (PREFIX-beN)   b0 100.125.2.N/16, 2001:db8:64::2:N/64
 #
 # Usage: scripts/testbed.sh up|down [PREFIX] [BACKENDS]   (defaults: toa, 2)
 set -euo pipefail
@@ -33,11 +35,14 @@ up() {
     for n in "$prefix-client" "$prefix-lb"; do ns "$n" ip link set lo up; done
     ip link add c0 netns "$prefix-client" type veth peer name lb-c netns "$prefix-lb"
     ns "$prefix-client" ip addr add 203.0.113.2/24 dev c0
+    ns "$prefix-client" ip -6 addr add 2001:db8:c::2/64 dev c0 nodad
     ns "$prefix-client" ip link set c0 up
     ns "$prefix-lb" ip addr add 203.0.113.1/24 dev lb-c
+    ns "$prefix-lb" ip -6 addr add 2001:db8:c::1/64 dev lb-c nodad
     ns "$prefix-lb" ip link set lb-c up
     ns "$prefix-lb" ip link add lb-br type bridge
     ns "$prefix-lb" ip addr add 100.125.0.1/16 dev lb-br
+    ns "$prefix-lb" ip -6 addr add 2001:db8:64::1/64 dev lb-br nodad
     ns "$prefix-lb" ip link set lb-br up
     no_offload "$prefix-client" c0
     no_offload "$prefix-lb" lb-c
@@ -47,6 +52,7 @@ up() {
         ns "$b" ip link set lo up
         ip link add b0 netns "$b" type veth peer name "lb-b$i" netns "$prefix-lb"
         ns "$b" ip addr add "100.125.2.$i/16" dev b0
+        ns "$b" ip -6 addr add "2001:db8:64::2:$i/64" dev b0 nodad
         ns "$b" ip link set b0 up
         ns "$prefix-lb" ip link set "lb-b$i" master lb-br up
         no_offload "$b" b0

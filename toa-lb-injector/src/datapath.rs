@@ -1,10 +1,11 @@
 //! The pnet (AF_PACKET) driver around the engine: one thread per interface,
 //! ARP for the VIPs and SNAT addresses, MAC learning for the next hop.
 //!
-//! IPv4 only for now: IPv6 needs NDP, which this driver does not speak yet.
+//! IPv6 next hops are found with NDP: neighbour solicitations for the VIPs and
+//! SNAT addresses are answered, and unknown next hops are solicited.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,6 +40,8 @@ struct Port {
     mac: [u8; 6],
     /// An IPv4 address of the port, used as the sender of ARP requests.
     ip: Option<Ipv4Addr>,
+    /// An IPv6 address of the port, used as the source of neighbour solicitations.
+    ip6: Option<Ipv6Addr>,
     tx: Mutex<Box<dyn DataLinkSender>>,
 }
 
@@ -54,8 +57,8 @@ struct Shared {
     engine: Mutex<Engine>,
     /// Next hops learnt from ARP and from received frames.
     neighbors: Mutex<HashMap<IpAddr, [u8; 6]>>,
-    /// Addresses `toa-lb` answers ARP for: VIPs and SNAT addresses.
-    owned: HashSet<Ipv4Addr>,
+    /// Addresses `toa-lb` answers ARP and NDP for: VIPs and SNAT addresses.
+    owned: HashSet<IpAddr>,
     ports: [Port; 2],
     start: Instant,
 }
@@ -103,7 +106,16 @@ fn open(interface: &NetworkInterface) -> Result<(Port, Box<dyn DataLinkReceiver>
         IpAddr::V4(ip) => Some(ip),
         IpAddr::V6(_) => None,
     });
-    Ok((Port { name: interface.name.clone(), mac, ip, tx: Mutex::new(tx) }, rx))
+    // A global address if there is one: the peers' on-link prefix.
+    let ip6 = interface
+        .ips
+        .iter()
+        .filter_map(|n| match n.ip() {
+            IpAddr::V6(ip) => Some(ip),
+            IpAddr::V4(_) => None,
+        })
+        .min_by_key(|ip| ip.is_unicast_link_local());
+    Ok((Port { name: interface.name.clone(), mac, ip, ip6, tx: Mutex::new(tx) }, rx))
 }
 
 /// Runs the datapath until `stop` is set: the calling thread serves the
@@ -117,13 +129,7 @@ pub fn run(
 ) -> Result<(), DatapathError> {
     let (client_port, client_rx) = open(client)?;
     let (backend_port, backend_rx) = open(backend)?;
-    let owned = owned
-        .iter()
-        .filter_map(|a| match a {
-            IpAddr::V4(ip) => Some(*ip),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
+    let owned = owned.iter().copied().collect();
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
         neighbors: Mutex::new(HashMap::new()),
@@ -173,6 +179,7 @@ fn handle_frame(shared: &Shared, side: usize, buf: &mut [u8], len: usize) {
     let ethertype = u16::from_be_bytes([buf[12], buf[13]]);
     match ethertype {
         ETHERTYPE_ARP => handle_arp(shared, port, &buf[14..len]),
+        ETHERTYPE_IPV6 if is_ndp(&buf[14..len]) => handle_ndp(shared, port, &buf[14..len], src_mac),
         ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => {
             if let Ok(packet) = toa_core::TcpPacket::new_checked(&buf[14..len]) {
                 if let Ok(mut n) = shared.neighbors.lock() {
@@ -201,11 +208,10 @@ fn handle_frame(shared: &Shared, side: usize, buf: &mut [u8], len: usize) {
                     out.send(&buf[..14 + ip_len]);
                 }
                 // Unknown next hop: ask, and let TCP retransmit.
-                None => {
-                    if let IpAddr::V4(target) = next_hop {
-                        arp_request(out, target);
-                    }
-                }
+                None => match next_hop {
+                    IpAddr::V4(target) => arp_request(out, target),
+                    IpAddr::V6(target) => neighbor_solicit(out, target),
+                },
             }
         }
         _ => {}
@@ -225,7 +231,7 @@ fn handle_arp(shared: &Shared, port: &Port, arp: &[u8]) {
     if let Ok(mut n) = shared.neighbors.lock() {
         n.insert(IpAddr::V4(sender_ip), sender_mac);
     }
-    if op == 1 && shared.owned.contains(&target_ip) {
+    if op == 1 && shared.owned.contains(&IpAddr::V4(target_ip)) {
         let mut reply = Vec::with_capacity(42);
         reply.extend_from_slice(&sender_mac);
         reply.extend_from_slice(&port.mac);
@@ -252,4 +258,83 @@ fn arp_request(port: &Port, target: Ipv4Addr) {
     request.extend_from_slice(&target.octets());
     port.send(&request);
     let _ = &port.name;
+}
+
+const ICMPV6: u8 = 58;
+const NS: u8 = 135;
+const NA: u8 = 136;
+
+/// Whether an IPv6 packet is a neighbour solicitation or advertisement
+/// (without extension headers, as NDP sends them).
+fn is_ndp(ip: &[u8]) -> bool {
+    ip.len() >= 40 + 24 && ip[6] == ICMPV6 && matches!(ip[40], NS | NA)
+}
+
+fn v6(bytes: &[u8]) -> Ipv6Addr {
+    let mut octets = [0u8; 16];
+    octets.copy_from_slice(&bytes[..16]);
+    Ipv6Addr::from(octets)
+}
+
+/// Answers solicitations for owned addresses; learns the link-layer address
+/// of every sender (source link-layer option, or the frame's source MAC).
+fn handle_ndp(shared: &Shared, port: &Port, ip: &[u8], frame_src: [u8; 6]) {
+    let src = v6(&ip[8..24]);
+    let target = v6(&ip[48..64]);
+    if ip[40] == NA {
+        if let Ok(mut n) = shared.neighbors.lock() {
+            n.insert(IpAddr::V6(target), frame_src);
+        }
+        return;
+    }
+    if !src.is_unspecified() {
+        if let Ok(mut n) = shared.neighbors.lock() {
+            n.insert(IpAddr::V6(src), frame_src);
+        }
+    }
+    if !shared.owned.contains(&IpAddr::V6(target)) || src.is_unspecified() {
+        return;
+    }
+    // Neighbour advertisement: solicited + override, target link-layer option.
+    let mut icmp = vec![NA, 0, 0, 0, 0x60, 0, 0, 0];
+    icmp.extend_from_slice(&target.octets());
+    icmp.extend_from_slice(&[2, 1]);
+    icmp.extend_from_slice(&port.mac);
+    port.send(&ndp_frame(frame_src, port.mac, target, src, icmp));
+}
+
+/// Solicits `target` from the port's IPv6 address, at its solicited-node multicast group.
+fn neighbor_solicit(port: &Port, target: Ipv6Addr) {
+    let Some(src) = port.ip6 else { return };
+    let t = target.octets();
+    let group =
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(t[13]), u16::from_be_bytes([t[14], t[15]]));
+    let g = group.octets();
+    let mac = [0x33, 0x33, g[12], g[13], g[14], g[15]];
+    let mut icmp = vec![NS, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&t);
+    icmp.extend_from_slice(&[1, 1]);
+    icmp.extend_from_slice(&port.mac);
+    port.send(&ndp_frame(mac, port.mac, src, group, icmp));
+}
+
+/// An Ethernet frame with an IPv6 header (hop limit 255, as NDP requires)
+/// around `icmp`, whose checksum is filled in.
+fn ndp_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr, mut icmp: Vec<u8>) -> Vec<u8> {
+    let mut sum = toa_core::checksum::Accumulator::new();
+    sum.add_ipv6_pseudo_header(src, dst, ICMPV6, icmp.len() as u32);
+    sum.add_bytes(&icmp);
+    let csum = sum.finish();
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    let mut frame = Vec::with_capacity(14 + 40 + icmp.len());
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+    frame.extend_from_slice(&[0x60, 0, 0, 0]);
+    frame.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[ICMPV6, 255]);
+    frame.extend_from_slice(&src.octets());
+    frame.extend_from_slice(&dst.octets());
+    frame.extend_from_slice(&icmp);
+    frame
 }

@@ -63,10 +63,13 @@ fn start_lb(bed: &Testbed, mode: &str, dir: &std::path::Path) -> Lb {
     std::fs::write(
         &config,
         format!(
-            "client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\nsnat = [\"100.125.1.1\", \"100.125.1.2\"]\n\n\
+            "client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\n\
+             snat = [\"100.125.1.1\", \"100.125.1.2\", \"2001:db8:64::1:1\"]\n\n\
              [[listener]]\nvip = \"{VIP}\"\nobtain_client_ip = \"{mode}\"\n\n\
              [[listener.backend]]\naddress = \"100.125.2.1:8080\"\n\n[[listener.backend]]\naddress = \"100.125.2.2:8080\"\n\n\
-             [[listener]]\nvip = \"203.0.113.10:81\"\nobtain_client_ip = \"{mode}\"\n\n[[listener.backend]]\naddress = \"100.125.2.1:8081\"\n"
+             [[listener]]\nvip = \"203.0.113.10:81\"\nobtain_client_ip = \"{mode}\"\n\n[[listener.backend]]\naddress = \"100.125.2.1:8081\"\n\n\
+             [[listener]]\nvip = \"[2001:db8:c::10]:80\"\nobtain_client_ip = \"{mode}\"\n\n\
+             [[listener.backend]]\naddress = \"[2001:db8:64::2:1]:8082\"\n"
         ),
     )
     .expect("write config");
@@ -108,6 +111,14 @@ fn start_backends(bed: &Testbed, stop: &Arc<AtomicBool>) {
             }
         });
     }
+    let v6 = run_in(&bed.ns("be1"), || TcpListener::bind("[2001:db8:64::2:1]:8082")).unwrap();
+    let v6 =
+        v6.with_toa(Config::new(TrustPolicy::new("2001:db8:64::/64".parse().unwrap()).unwrap())).unwrap();
+    std::thread::spawn(move || {
+        for (mut stream, peer) in v6.incoming().flatten() {
+            let _ = writeln!(stream, "be1v6 {peer}");
+        }
+    });
     let echo = run_in(&bed.ns("be1"), || TcpListener::bind("0.0.0.0:8081")).unwrap();
     std::thread::spawn(move || {
         for stream in echo.incoming().flatten() {
@@ -122,8 +133,12 @@ fn start_backends(bed: &Testbed, stop: &Arc<AtomicBool>) {
 
 /// Connects from the client namespace and returns the backend's line.
 fn ask(bed: &Testbed) -> (SocketAddr, String) {
+    ask_vip(bed, VIP)
+}
+
+fn ask_vip(bed: &Testbed, vip: &str) -> (SocketAddr, String) {
     run_in(&bed.ns("client"), || {
-        let mut stream = TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(10))
+        let mut stream = TcpStream::connect_timeout(&vip.parse().unwrap(), Duration::from_secs(10))
             .expect("connect to the VIP");
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut line = String::new();
@@ -146,6 +161,9 @@ fn toa_lb_end_to_end() {
     let (local, line) = ask(&bed);
     assert!(line.contains(&format!(" client={local} lb=100.125.1.")), "{line}");
     assert!(line.ends_with("source=saved-syn"), "{line}");
+    // IPv6: the client as toa6, from the IPv6 SNAT address.
+    let (local, line) = ask_vip(&bed, "[2001:db8:c::10]:80");
+    assert!(line.contains(&format!(" client={local} lb=[2001:db8:64::1:1]:")), "{line}");
 
     // 1000+ connections at once, each naming its own client port; round robin over both backends.
     let answers: Arc<Mutex<Vec<(SocketAddr, String)>>> = Arc::default();
@@ -234,6 +252,11 @@ fn toa_lb_end_to_end() {
     let lb = start_lb(&bed, "off", &dir);
     let (local, line) = ask(&bed);
     assert!(line.contains("client=100.125.1.") && !line.contains(&local.to_string()), "toa off: {line}");
+    let (local, line) = ask_vip(&bed, "[2001:db8:c::10]:80");
+    assert!(
+        line.contains(" client=[2001:db8:64::1:1]:") && !line.contains(&local.to_string()),
+        "toa off, v6: {line}"
+    );
     // SIGTERM: a clean exit removes them.
     Command::new("kill").args(["-TERM", &lb.0.id().to_string()]).status().unwrap();
     let mut lb = lb;
