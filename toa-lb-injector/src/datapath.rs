@@ -190,9 +190,7 @@ fn handle_frame(shared: &Shared, side: usize, buf: &mut [u8], len: usize) {
                 Ok(mut engine) => engine.handle_packet(shared.start.elapsed(), &mut buf[14..], len - 14),
                 Err(_) => return,
             };
-            if std::env::var_os("TOA_LB_TRACE").is_some() {
-                eprintln!("toa-lb: {} {verdict:?}", shared.ports[side].name);
-            }
+            tracing::trace!(port = %shared.ports[side].name, ?verdict, "packet");
             let (out, ip_len) = match verdict {
                 Verdict::ToBackend { len } => (&shared.ports[1], len),
                 Verdict::ToClient { len } => (&shared.ports[0], len),

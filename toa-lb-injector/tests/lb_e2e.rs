@@ -79,11 +79,11 @@ fn start_lb(bed: &Testbed, mode: &str, dir: &std::path::Path) -> Lb {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn toa-lb");
-    // Wait for "running on ...".
+    // Wait for "running on the interfaces".
     let mut err = child.stderr.take().expect("piped");
     let mut seen = String::new();
     let mut byte = [0u8; 1];
-    while !seen.contains("running on") {
+    while !seen.contains("running on the interfaces") {
         match err.read(&mut byte) {
             Ok(1) => seen.push(byte[0] as char),
             _ => panic!("toa-lb did not start: {seen}"),

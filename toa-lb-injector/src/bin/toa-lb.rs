@@ -34,6 +34,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Structured logs on stderr; RUST_LOG=debug (or toa_lb=trace) for more.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     match Cli::parse().command {
         Command::Check { config } => match LbConfig::load(&config) {
             Ok(_) => {
@@ -47,6 +55,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
+    // One clear line for the operator, whatever the log configuration.
     eprintln!("toa-lb: {e}");
     ExitCode::FAILURE
 }
@@ -100,7 +109,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             l.obtain_client_ip
         );
     }
-    eprintln!("toa-lb: running on {} (clients) and {} (backends)", client.name, backend.name);
+    tracing::info!(clients = %client.name, backends = %backend.name, "running on the interfaces");
     let result = datapath::run(engine, &client, &backend, &owned, stop.clone());
     let cleanup = nft::remove();
     if let Err(e) = result {
@@ -109,7 +118,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     if let Err(e) = cleanup {
         return fail(e);
     }
-    eprintln!("toa-lb: stopped, nftables rules removed");
+    tracing::info!("stopped, nftables rules removed");
     ExitCode::SUCCESS
 }
 
