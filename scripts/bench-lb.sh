@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Connections per second and bulk throughput through toa-lb (TOA on and off)
+# against the kernel doing the same FULLNAT with nftables (dnat + snat, no
+# TOA), in one run on the testbed. Needs root. Prints the ratios.
+# Usage: scripts/bench-lb.sh [SECONDS]   (default 3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-3}
+[ "$(id -u)" = 0 ] || { echo "bench-lb.sh: needs root" >&2; exit 1; }
+cargo build --release -q -p toa-lb-injector --bin toa-lb -p toa-examples --bin accept-bench --bin bulk-bench
+bin=./target/release
+prefix="tbench$$"
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    ./scripts/testbed.sh down "$prefix" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+./scripts/testbed.sh up "$prefix" 1 >/dev/null
+lbns="$prefix-lb"; be="$prefix-be1"; client="$prefix-client"
+ip netns exec "$be" "$bin/bulk-bench" --serve 0.0.0.0:8081 & pids+=($!)
+
+measure() { # prints "conn/s MB/s"
+    local port=$((18000 + RANDOM % 1000))
+    ip netns exec "$client" "$bin/accept-bench" --load 203.0.113.10:80 --seconds $((seconds + 3)) &
+    local load=$!
+    # The backend server listens on 8080 (what the VIP's port 80 maps to).
+    local rate
+    rate=$(ip netns exec "$be" "$bin/accept-bench" --serve 0.0.0.0:8080 --seconds "$seconds" 2>/dev/null)
+    wait "$load" 2>/dev/null || true
+    local mbs
+    mbs=$(ip netns exec "$client" "$bin/bulk-bench" --send 203.0.113.10:81 --seconds "$seconds")
+    echo "$rate $mbs"
+    : "$port"
+}
+
+lb_run() {
+    cat >"$work/lb.toml" <<TOML
+client_interface = "lb-c"
+backend_interface = "lb-br"
+snat = ["100.125.1.1", "100.125.1.2", "100.125.1.3", "100.125.1.4"]
+[[listener]]
+vip = "203.0.113.10:80"
+obtain_client_ip = "$1"
+[[listener.backend]]
+address = "100.125.2.1:8080"
+[[listener]]
+vip = "203.0.113.10:81"
+obtain_client_ip = "$1"
+[[listener.backend]]
+address = "100.125.2.1:8081"
+TOML
+    ip netns exec "$lbns" "$bin/toa-lb" run --config "$work/lb.toml" 2>/dev/null &
+    local lb=$!
+    sleep 1
+    measure
+    kill "$lb"; wait "$lb" 2>/dev/null || true
+}
+
+kernel_run() {
+    ip netns exec "$lbns" ip addr add 203.0.113.10/32 dev lb-c
+    for i in 1 2 3 4; do ip netns exec "$lbns" ip addr add "100.125.1.$i/32" dev lb-br; done
+    ip netns exec "$lbns" sysctl -qw net.ipv4.ip_forward=1
+    ip netns exec "$lbns" nft -f - <<NFT
+table ip bench_fullnat {
+  chain pre {
+    type nat hook prerouting priority dstnat;
+    ip daddr 203.0.113.10 tcp dport 80 dnat to 100.125.2.1:8080
+    ip daddr 203.0.113.10 tcp dport 81 dnat to 100.125.2.1:8081
+  }
+  chain post {
+    type nat hook postrouting priority srcnat;
+    ip daddr 100.125.2.1 snat to 100.125.1.1-100.125.1.4 fully-random
+  }
+}
+NFT
+    measure
+    ip netns exec "$lbns" nft delete table ip bench_fullnat
+    ip netns exec "$lbns" sysctl -qw net.ipv4.ip_forward=0
+    ip netns exec "$lbns" ip addr del 203.0.113.10/32 dev lb-c
+    for i in 1 2 3 4; do ip netns exec "$lbns" ip addr del "100.125.1.$i/32" dev lb-br; done
+}
+
+read -r kc kb < <(kernel_run)
+read -r tc tb < <(lb_run toa)
+read -r oc ob < <(lb_run off)
+printf '%-28s %10s %10s\n' "path" "conn/s" "MB/s"
+printf '%-28s %10s %10s\n' "kernel nftables FULLNAT" "$kc" "$kb"
+printf '%-28s %10s %10s\n' "toa-lb, TOA on" "$tc" "$tb"
+printf '%-28s %10s %10s\n' "toa-lb, TOA off" "$oc" "$ob"
+awk -v a="$tc" -v b="$kc" -v c="$tb" -v d="$kb" -v e="$oc" -v f="$ob" 'BEGIN {
+  printf "ratio toa-lb/kernel, TOA on:  conn/s %.2f  throughput %.2f\n", a / b, c / d;
+  printf "ratio toa-lb/kernel, TOA off: conn/s %.2f  throughput %.2f\n", e / b, f / d }'
