@@ -54,7 +54,7 @@ impl Port {
 }
 
 struct Shared {
-    engine: Mutex<Engine>,
+    engine: Arc<Mutex<Engine>>,
     /// Next hops learnt from ARP and from received frames.
     neighbors: Mutex<HashMap<IpAddr, [u8; 6]>>,
     /// Addresses `toa-lb` answers ARP and NDP for: VIPs and SNAT addresses.
@@ -119,9 +119,10 @@ fn open(interface: &NetworkInterface) -> Result<(Port, Box<dyn DataLinkReceiver>
 }
 
 /// Runs the datapath until `stop` is set: the calling thread serves the
-/// client interface, a second thread the backend interface.
+/// client interface, a second thread the backend interface. `engine` is
+/// shared with the control socket.
 pub fn run(
-    engine: Engine,
+    engine: Arc<Mutex<Engine>>,
     client: &NetworkInterface,
     backend: &NetworkInterface,
     owned: &[IpAddr],
@@ -131,7 +132,7 @@ pub fn run(
     let (backend_port, backend_rx) = open(backend)?;
     let owned = owned.iter().copied().collect();
     let shared = Arc::new(Shared {
-        engine: Mutex::new(engine),
+        engine,
         neighbors: Mutex::new(HashMap::new()),
         owned,
         ports: [client_port, backend_port],

@@ -118,6 +118,11 @@ impl Engine {
         self.counters.get(index)
     }
 
+    /// The listeners, in configuration order (with their current modes).
+    pub fn listeners(&self) -> &[crate::config::ListenerConfig] {
+        &self.config.listeners
+    }
+
     /// Flows in the table.
     pub fn flow_count(&self) -> usize {
         self.flows.len()

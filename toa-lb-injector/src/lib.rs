@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod config;
+pub mod ctl;
 pub mod datapath;
 mod engine;
 pub mod file;

@@ -76,6 +76,8 @@ fn start_lb(bed: &Testbed, mode: &str, dir: &std::path::Path) -> Lb {
     let mut child = Command::new("ip")
         .args(["netns", "exec", &bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
         .arg(&config)
+        .arg("--socket")
+        .arg(dir.join("ctl.sock"))
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn toa-lb");
@@ -164,6 +166,41 @@ fn toa_lb_end_to_end() {
     // IPv6: the client as toa6, from the IPv6 SNAT address.
     let (local, line) = ask_vip(&bed, "[2001:db8:c::10]:80");
     assert!(line.contains(&format!(" client={local} lb=[2001:db8:64::1:1]:")), "{line}");
+
+    // Switched live over the control socket: new connections follow, and back.
+    let ctl = |request: &str| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
+            .args(["ctl", "--socket"])
+            .arg(dir.join("ctl.sock"))
+            .args(request.split_whitespace())
+            .output()
+            .expect("toa-lb ctl");
+        assert!(out.status.success(), "ctl {request}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(ctl("listeners").contains("0 203.0.113.10:80 obtain-client-ip=toa(toa)"));
+    assert_eq!(
+        ctl("set 203.0.113.10:80 obtain-client-ip off"),
+        "203.0.113.10:80 obtain-client-ip=off (new flows)\n"
+    );
+    let (local, line) = ask(&bed);
+    assert!(
+        line.contains(" client=100.125.1.") && !line.contains(&local.to_string()),
+        "switched off: {line}"
+    );
+    ctl("set 0 obtain-client-ip toa");
+    let (local, line) = ask(&bed);
+    assert!(line.contains(&format!(" client={local} ")), "switched back on: {line}");
+    assert!(ctl("stats").contains("203.0.113.10:80 flows="));
+    let bad = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
+        .args(["ctl", "--socket"])
+        .arg(dir.join("ctl.sock"))
+        .args(["set", "203.0.113.99:80", "obtain-client-ip", "off"])
+        .output()
+        .unwrap();
+    assert!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("no listener 203.0.113.99:80")
+    );
 
     // 1000+ connections at once, each naming its own client port; round robin over both backends.
     let answers: Arc<Mutex<Vec<(SocketAddr, String)>>> = Arc::default();

@@ -24,12 +24,24 @@ enum Command {
         /// The TOML configuration.
         #[arg(long)]
         config: PathBuf,
+        /// The control socket (`toa-lb ctl`).
+        #[arg(long, default_value = toa_lb_injector::ctl::SOCKET)]
+        socket: PathBuf,
     },
     /// Check a configuration file and exit.
     Check {
         /// The TOML configuration.
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Talk to a running toa-lb: listeners | stats | set LISTENER obtain-client-ip off|toa.
+    Ctl {
+        /// The control socket.
+        #[arg(long, default_value = toa_lb_injector::ctl::SOCKET)]
+        socket: PathBuf,
+        /// The request, e.g. `set 203.0.113.10:80 obtain-client-ip off`.
+        #[arg(required = true, num_args = 1..)]
+        request: Vec<String>,
     },
 }
 
@@ -50,7 +62,20 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::Run { config } => run(&config),
+        Command::Run { config, socket } => run(&config, &socket),
+        Command::Ctl { socket, request } => {
+            match toa_lb_injector::ctl::request(&socket, &request.join(" ")) {
+                Ok(answer) if answer.starts_with("error: ") => {
+                    eprint!("toa-lb: {}", &answer["error: ".len()..]);
+                    ExitCode::FAILURE
+                }
+                Ok(answer) => {
+                    print!("{answer}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(format!("{}: {e} (is toa-lb running? see --socket)", socket.display())),
+            }
+        }
     }
 }
 
@@ -60,7 +85,7 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
+fn run(path: &std::path::Path, socket: &std::path::Path) -> ExitCode {
     let config = match LbConfig::load(path) {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -91,7 +116,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         .map(|d| d.as_nanos() as u64 ^ u64::from(std::process::id()))
         .unwrap_or(0);
     let engine = match Engine::new(engine_config) {
-        Ok(e) => e,
+        Ok(e) => Arc::new(std::sync::Mutex::new(e)),
         Err(e) => return fail(e),
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -99,6 +124,10 @@ fn run(path: &std::path::Path) -> ExitCode {
     if let Err(e) = stop_on_signals(stop.clone()) {
         let _ = nft::remove();
         return fail(format!("cannot handle SIGINT/SIGTERM: {e}"));
+    }
+    if let Err(e) = toa_lb_injector::ctl::serve(socket, engine.clone(), stop.clone()) {
+        let _ = nft::remove();
+        return fail(format!("control socket {}: {e}", socket.display()));
     }
     for l in &config.engine.listeners {
         let backends: Vec<String> = l.backends.iter().map(|b| b.addr.to_string()).collect();

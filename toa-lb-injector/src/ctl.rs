@@ -1,0 +1,146 @@
+//! `toa-lb ctl`: live control over a unix socket (root only, mode 0600).
+//!
+//! One request per connection, one line each way and back:
+//! `listeners`, `stats`, `set LISTENER obtain-client-ip off|toa`, where
+//! LISTENER is the VIP (`203.0.113.10:80`) or its index. A switch applies to
+//! new flows; existing flows keep the mode they started with.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use toa_core::Format;
+
+use crate::config::ObtainClientIp;
+use crate::engine::Engine;
+
+/// The default socket path.
+pub const SOCKET: &str = "/run/toa-lb.sock";
+
+/// Serves the control socket at `path` until `stop` is set.
+pub fn serve(path: &Path, engine: Arc<Mutex<Engine>>, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path); // a stale socket from a crash
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = answer(stream, &engine);
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(())
+}
+
+fn answer(stream: UnixStream, engine: &Mutex<Engine>) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let reply = match engine.lock() {
+        Ok(mut engine) => handle(&mut engine, line.trim()),
+        Err(_) => Err("engine unavailable".to_owned()),
+    };
+    let mut stream = stream;
+    match reply {
+        Ok(text) => write!(stream, "{text}"),
+        Err(e) => writeln!(stream, "error: {e}"),
+    }
+}
+
+/// Runs one control request against the engine.
+pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
+    let words: Vec<&str> = request.split_whitespace().collect();
+    match words.as_slice() {
+        ["listeners"] => {
+            let mut out = String::new();
+            for (i, l) in engine.listeners().iter().enumerate() {
+                let backends: Vec<String> = l.backends.iter().map(|b| b.addr.to_string()).collect();
+                let _ = writeln!(
+                    out,
+                    "{i} {} obtain-client-ip={} backends={}",
+                    l.vip,
+                    mode_name(l.obtain_client_ip),
+                    backends.join(",")
+                );
+            }
+            Ok(out)
+        }
+        ["stats"] => {
+            let mut out = format!("flows {}\n", engine.flow_count());
+            for (i, l) in engine.listeners().iter().enumerate() {
+                if let Some(c) = engine.counters(i) {
+                    let _ = writeln!(
+                        out,
+                        "{} flows={} injected={} no_room={} stripped={} evicted={} expired={} to_backend={} to_client={} dropped_malformed={} dropped_no_flow={} dropped_table_full={} dropped_no_snat={}",
+                        l.vip,
+                        c.flows,
+                        c.injected,
+                        c.no_room,
+                        c.stripped,
+                        c.evicted,
+                        c.expired,
+                        c.to_backend,
+                        c.to_client,
+                        c.dropped_malformed,
+                        c.dropped_no_flow,
+                        c.dropped_table_full,
+                        c.dropped_no_snat
+                    );
+                }
+            }
+            Ok(out)
+        }
+        ["set", listener, "obtain-client-ip", mode] => {
+            let index = engine
+                .listeners()
+                .iter()
+                .position(|l| l.vip.to_string() == *listener)
+                .or_else(|| listener.parse::<usize>().ok().filter(|i| *i < engine.listeners().len()))
+                .ok_or_else(|| format!("no listener {listener}; see `toa-lb ctl listeners`"))?;
+            let current = engine.listeners()[index].obtain_client_ip;
+            let mode = match *mode {
+                "off" => ObtainClientIp::Off,
+                "toa" => ObtainClientIp::Toa(match current {
+                    ObtainClientIp::Toa(format) => format,
+                    ObtainClientIp::Off => Format::Toa,
+                }),
+                other => return Err(format!("unknown mode {other:?}: off or toa")),
+            };
+            engine.set_obtain_client_ip(index, mode);
+            Ok(format!(
+                "{} obtain-client-ip={} (new flows)\n",
+                engine.listeners()[index].vip,
+                mode_name(mode)
+            ))
+        }
+        _ => Err(format!(
+            "unknown request {request:?}: listeners | stats | set LISTENER obtain-client-ip off|toa"
+        )),
+    }
+}
+
+fn mode_name(mode: ObtainClientIp) -> String {
+    match mode {
+        ObtainClientIp::Off => "off".into(),
+        ObtainClientIp::Toa(format) => format!("toa({format})"),
+    }
+}
+
+/// Sends one request to a running `toa-lb` and returns its answer.
+pub fn request(path: &Path, request: &str) -> std::io::Result<String> {
+    let mut stream = UnixStream::connect(path)?;
+    writeln!(stream, "{request}")?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer)?;
+    Ok(answer)
+}
