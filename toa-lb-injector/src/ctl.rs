@@ -136,6 +136,89 @@ fn mode_name(mode: ObtainClientIp) -> String {
     }
 }
 
+/// A counter series: name, help text, and how to read it from a listener's counters.
+type Series = (&'static str, &'static str, fn(&crate::engine::Counters) -> u64);
+
+/// The counters in the Prometheus text format.
+pub fn metrics(engine: &Engine) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP toa_lb_flows Flows in the table.\n# TYPE toa_lb_flows gauge\ntoa_lb_flows {}",
+        engine.flow_count()
+    );
+    let series: [Series; 9] = [
+        ("toa_lb_flows_created_total", "Flows created.", |c| c.flows),
+        ("toa_lb_flows_evicted_total", "Half-open flows evicted under a SYN flood.", |c| c.evicted),
+        ("toa_lb_flows_expired_total", "Flows that timed out.", |c| c.expired),
+        ("toa_lb_toa_injected_total", "TOA options written.", |c| c.injected),
+        ("toa_lb_toa_no_room_total", "Segments with no room for the TOA.", |c| c.no_room),
+        ("toa_lb_toa_stripped_total", "TOA options removed from what clients sent.", |c| c.stripped),
+        ("toa_lb_packets_to_backend_total", "Packets forwarded to backends.", |c| c.to_backend),
+        ("toa_lb_packets_to_client_total", "Packets forwarded to clients.", |c| c.to_client),
+        ("toa_lb_mss_clamped_total", "SYN-ACKs whose MSS was lowered.", |c| c.mss_clamped),
+    ];
+    for (name, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (i, l) in engine.listeners().iter().enumerate() {
+            if let Some(c) = engine.counters(i) {
+                let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", l.vip, get(c));
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP toa_lb_dropped_total Packets dropped, by reason.\n# TYPE toa_lb_dropped_total counter"
+    );
+    for (i, l) in engine.listeners().iter().enumerate() {
+        if let Some(c) = engine.counters(i) {
+            for (reason, n) in [
+                ("malformed", c.dropped_malformed),
+                ("no_flow", c.dropped_no_flow),
+                ("table_full", c.dropped_table_full),
+                ("no_snat_port", c.dropped_no_snat),
+            ] {
+                let _ =
+                    writeln!(out, "toa_lb_dropped_total{{listener=\"{}\",reason=\"{reason}\"}} {n}", l.vip);
+            }
+        }
+    }
+    out
+}
+
+/// Serves `GET /metrics` (Prometheus text format) on `addr` until `stop` is set.
+pub fn serve_metrics(
+    addr: std::net::SocketAddr,
+    engine: Arc<Mutex<Engine>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((stream, _)) = listener.accept() else {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            };
+            let _ = stream.set_nonblocking(false);
+            let mut request = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut request);
+            let mut stream = stream;
+            let (status, body) = if request.starts_with("GET /metrics ") {
+                ("200 OK", engine.lock().map(|e| metrics(&e)).unwrap_or_default())
+            } else {
+                ("404 Not Found", "try /metrics\n".to_owned())
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(())
+}
+
 /// Sends one request to a running `toa-lb` and returns its answer.
 pub fn request(path: &Path, request: &str) -> std::io::Result<String> {
     let mut stream = UnixStream::connect(path)?;

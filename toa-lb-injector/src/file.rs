@@ -5,6 +5,7 @@
 //! backend_interface = "toa-b"      # faces backends; SNAT addresses are answered here
 //! snat = ["100.125.1.1"]           # default: 100.125.1.1
 //! max_flows = 100000
+//! metrics = "127.0.0.1:9947"      # Prometheus text at /metrics (loopback only)
 //!
 //! [[listener]]
 //! vip = "203.0.113.10:80"
@@ -50,6 +51,8 @@ struct RawFile {
     snat: Vec<IpAddr>,
     #[serde(default = "default_max_flows")]
     max_flows: usize,
+    #[serde(default)]
+    metrics: Option<SocketAddr>,
     #[serde(rename = "listener", default)]
     listeners: Vec<RawListener>,
 }
@@ -147,6 +150,8 @@ pub struct LbConfig {
     pub backend_interface: String,
     /// The engine's configuration.
     pub engine: EngineConfig,
+    /// Where to serve Prometheus metrics (a local address, e.g. 127.0.0.1:9947).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl LbConfig {
@@ -217,10 +222,14 @@ impl LbConfig {
         if raw.client_interface == raw.backend_interface {
             return Err(invalid("client_interface and backend_interface must differ".into()));
         }
+        if raw.metrics.is_some_and(|m| !m.ip().is_loopback()) {
+            return Err(invalid("metrics must listen on a loopback address (e.g. 127.0.0.1:9947)".into()));
+        }
         Ok(LbConfig {
             client_interface: raw.client_interface,
             backend_interface: raw.backend_interface,
             engine,
+            metrics: raw.metrics,
         })
     }
 }

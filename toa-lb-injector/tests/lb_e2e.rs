@@ -63,7 +63,7 @@ fn start_lb(bed: &Testbed, mode: &str, dir: &std::path::Path) -> Lb {
     std::fs::write(
         &config,
         format!(
-            "client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\n\
+            "client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\nmetrics = \"127.0.0.1:9947\"\n\
              snat = [\"100.125.1.1\", \"100.125.1.2\", \"2001:db8:64::1:1\"]\n\n\
              [[listener]]\nvip = \"{VIP}\"\nobtain_client_ip = \"{mode}\"\n\n\
              [[listener.backend]]\naddress = \"100.125.2.1:8080\"\n\n[[listener.backend]]\naddress = \"100.125.2.2:8080\"\n\n\
@@ -192,6 +192,22 @@ fn toa_lb_end_to_end() {
     let (local, line) = ask(&bed);
     assert!(line.contains(&format!(" client={local} ")), "switched back on: {line}");
     assert!(ctl("stats").contains("203.0.113.10:80 flows="));
+    // Prometheus metrics on the LB host's loopback.
+    let metrics = run_in(&bed.ns("lb"), || {
+        let mut s = TcpStream::connect("127.0.0.1:9947").expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    });
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    let injected = metrics
+        .lines()
+        .find(|l| l.starts_with("toa_lb_toa_injected_total{listener=\"203.0.113.10:80\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .expect("injected counter");
+    assert!(injected >= 4, "{metrics}");
+    assert!(metrics.contains("toa_lb_dropped_total{listener=\"203.0.113.10:80\",reason=\"no_flow\"}"));
     let bad = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
         .args(["ctl", "--socket"])
         .arg(dir.join("ctl.sock"))

@@ -129,6 +129,12 @@ fn run(path: &std::path::Path, socket: &std::path::Path) -> ExitCode {
         let _ = nft::remove();
         return fail(format!("control socket {}: {e}", socket.display()));
     }
+    if let Some(addr) = config.metrics {
+        if let Err(e) = toa_lb_injector::ctl::serve_metrics(addr, engine.clone(), stop.clone()) {
+            let _ = nft::remove();
+            return fail(format!("metrics on {addr}: {e}"));
+        }
+    }
     for l in &config.engine.listeners {
         let backends: Vec<String> = l.backends.iter().map(|b| b.addr.to_string()).collect();
         eprintln!(
