@@ -64,7 +64,15 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
         ["listeners"] => {
             let mut out = String::new();
             for (i, l) in engine.listeners().iter().enumerate() {
-                let backends: Vec<String> = l.backends.iter().map(|b| b.addr.to_string()).collect();
+                let backends: Vec<String> = l
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(|(b, backend)| {
+                        let down = engine.backend_up(i, b) == Some(false);
+                        format!("{}{}", backend.addr, if down { "(down)" } else { "" })
+                    })
+                    .collect();
                 let _ = writeln!(
                     out,
                     "{i} {} obtain-client-ip={} backends={}",
@@ -147,7 +155,7 @@ pub fn metrics(engine: &Engine) -> String {
         "# HELP toa_lb_flows Flows in the table.\n# TYPE toa_lb_flows gauge\ntoa_lb_flows {}",
         engine.flow_count()
     );
-    let series: [Series; 9] = [
+    let series: [Series; 10] = [
         ("toa_lb_flows_created_total", "Flows created.", |c| c.flows),
         ("toa_lb_flows_evicted_total", "Half-open flows evicted under a SYN flood.", |c| c.evicted),
         ("toa_lb_flows_expired_total", "Flows that timed out.", |c| c.expired),
@@ -157,6 +165,7 @@ pub fn metrics(engine: &Engine) -> String {
         ("toa_lb_packets_to_backend_total", "Packets forwarded to backends.", |c| c.to_backend),
         ("toa_lb_packets_to_client_total", "Packets forwarded to clients.", |c| c.to_client),
         ("toa_lb_mss_clamped_total", "SYN-ACKs whose MSS was lowered.", |c| c.mss_clamped),
+        ("toa_lb_health_changes_total", "Backends that went down or came back.", |c| c.health_changes),
     ];
     for (name, help, get) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -177,6 +186,7 @@ pub fn metrics(engine: &Engine) -> String {
                 ("no_flow", c.dropped_no_flow),
                 ("table_full", c.dropped_table_full),
                 ("no_snat_port", c.dropped_no_snat),
+                ("no_backend", c.dropped_no_backend),
             ] {
                 let _ =
                     writeln!(out, "toa_lb_dropped_total{{listener=\"{}\",reason=\"{reason}\"}} {n}", l.vip);

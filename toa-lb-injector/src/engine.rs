@@ -39,6 +39,8 @@ pub enum DropReason {
     TableFull,
     /// No free SNAT address and port.
     NoSnatPort,
+    /// Every backend of the listener is down (health checks).
+    NoBackend,
 }
 
 /// Counters of one listener.
@@ -70,6 +72,10 @@ pub struct Counters {
     pub dropped_table_full: u64,
     /// Drops: no SNAT port.
     pub dropped_no_snat: u64,
+    /// Drops: every backend down.
+    pub dropped_no_backend: u64,
+    /// Backends that went down or came back (health checks).
+    pub health_changes: u64,
 }
 
 impl Counters {
@@ -79,6 +85,7 @@ impl Counters {
             DropReason::NoFlow => self.dropped_no_flow += 1,
             DropReason::TableFull => self.dropped_table_full += 1,
             DropReason::NoSnatPort => self.dropped_no_snat += 1,
+            DropReason::NoBackend => self.dropped_no_backend += 1,
         }
         Verdict::Drop(reason)
     }
@@ -91,6 +98,8 @@ pub struct Engine {
     pickers: Vec<Picker>,
     flows: FlowTable,
     counters: Vec<Counters>,
+    /// Per listener, per backend: whether health checks say it is up.
+    up: Vec<Vec<bool>>,
     /// Packets that could not be parsed at all (no listener to count them on).
     unparsed: u64,
 }
@@ -110,7 +119,8 @@ impl Engine {
             config.max_flows,
             config.snat_seed,
         );
-        Ok(Engine { config, pickers, flows, counters, unparsed: 0 })
+        let up = config.listeners.iter().map(|l| vec![true; l.backends.len()]).collect();
+        Ok(Engine { config, pickers, flows, counters, up, unparsed: 0 })
     }
 
     /// The counters of listener `index` (configuration order).
@@ -143,6 +153,24 @@ impl Engine {
             }
             None => false,
         }
+    }
+
+    /// Marks backend `backend` of listener `listener` up or down. A backend
+    /// that is down gets no new flow; its existing flows are kept until they
+    /// end or time out. Returns whether the state changed.
+    pub fn set_backend_up(&mut self, listener: usize, backend: usize, up: bool) -> bool {
+        let Some(state) = self.up.get_mut(listener).and_then(|l| l.get_mut(backend)) else { return false };
+        if *state == up {
+            return false;
+        }
+        *state = up;
+        self.counters[listener].health_changes += 1;
+        true
+    }
+
+    /// Whether backend `backend` of listener `listener` is up.
+    pub fn backend_up(&self, listener: usize, backend: usize) -> Option<bool> {
+        self.up.get(listener)?.get(backend).copied()
     }
 
     /// Removes the flows that have been idle too long; call it every second or so.
@@ -263,7 +291,10 @@ impl Engine {
             }
         }
         let config = &self.config.listeners[listener];
-        let backend = config.backends[self.pickers[listener].pick(&config.backends, client)].addr;
+        let Some(pick) = self.pickers[listener].pick(&config.backends, &self.up[listener], client) else {
+            return Err(DropReason::NoBackend);
+        };
+        let backend = config.backends[pick].addr;
         let flow = Flow {
             client,
             vip,

@@ -6,6 +6,7 @@
 //! snat = ["100.125.1.1"]           # default: 100.125.1.1
 //! max_flows = 100000
 //! metrics = "127.0.0.1:9947"      # Prometheus text at /metrics (loopback only)
+//! health = { interval_ms = 2000, timeout_ms = 1000, rise = 2, fall = 3 }   # the defaults; enabled = false turns it off
 //!
 //! [[listener]]
 //! vip = "203.0.113.10:80"
@@ -53,6 +54,8 @@ struct RawFile {
     max_flows: usize,
     #[serde(default)]
     metrics: Option<SocketAddr>,
+    #[serde(default)]
+    health: Option<RawHealth>,
     #[serde(rename = "listener", default)]
     listeners: Vec<RawListener>,
 }
@@ -63,6 +66,17 @@ fn default_snat() -> Vec<IpAddr> {
 
 fn default_max_flows() -> usize {
     100_000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default = "yes")]
+    enabled: bool,
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    rise: Option<u32>,
+    fall: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +166,8 @@ pub struct LbConfig {
     pub engine: EngineConfig,
     /// Where to serve Prometheus metrics (a local address, e.g. 127.0.0.1:9947).
     pub metrics: Option<SocketAddr>,
+    /// Health checks (on by default).
+    pub health: Option<crate::health::HealthCheck>,
 }
 
 impl LbConfig {
@@ -225,11 +241,40 @@ impl LbConfig {
         if raw.metrics.is_some_and(|m| !m.ip().is_loopback()) {
             return Err(invalid("metrics must listen on a loopback address (e.g. 127.0.0.1:9947)".into()));
         }
+        let defaults = crate::health::HealthCheck::default();
+        let health = match raw.health {
+            Some(h) if !h.enabled => None,
+            h => {
+                let h = h.unwrap_or(RawHealth {
+                    enabled: true,
+                    interval_ms: None,
+                    timeout_ms: None,
+                    rise: None,
+                    fall: None,
+                });
+                let check = crate::health::HealthCheck {
+                    interval: h
+                        .interval_ms
+                        .map(std::time::Duration::from_millis)
+                        .unwrap_or(defaults.interval),
+                    timeout: h.timeout_ms.map(std::time::Duration::from_millis).unwrap_or(defaults.timeout),
+                    rise: h.rise.unwrap_or(defaults.rise),
+                    fall: h.fall.unwrap_or(defaults.fall),
+                };
+                if check.rise == 0 || check.fall == 0 || check.interval.is_zero() || check.timeout.is_zero() {
+                    return Err(invalid(
+                        "health: interval_ms, timeout_ms, rise and fall must be at least 1".into(),
+                    ));
+                }
+                Some(check)
+            }
+        };
         Ok(LbConfig {
             client_interface: raw.client_interface,
             backend_interface: raw.backend_interface,
             engine,
             metrics: raw.metrics,
+            health,
         })
     }
 }

@@ -21,6 +21,7 @@ pub mod datapath;
 mod engine;
 pub mod file;
 mod flow;
+pub mod health;
 pub mod nft;
 mod schedule;
 

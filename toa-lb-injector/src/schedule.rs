@@ -19,24 +19,33 @@ impl Picker {
         Picker { scheduler, next: 0, current: vec![0; backends] }
     }
 
-    /// The index of the backend for a new flow from `client`.
-    pub(crate) fn pick(&mut self, backends: &[Backend], client: SocketAddr) -> usize {
-        match self.scheduler {
-            Scheduler::RoundRobin => {
+    /// The index of the backend for a new flow from `client`, among those
+    /// marked up; `None` when none is.
+    pub(crate) fn pick(&mut self, backends: &[Backend], up: &[bool], client: SocketAddr) -> Option<usize> {
+        if !up.iter().any(|u| *u) {
+            return None;
+        }
+        Some(match self.scheduler {
+            Scheduler::RoundRobin => loop {
                 let i = self.next % backends.len();
                 self.next = self.next.wrapping_add(1);
-                i
-            }
+                if up[i] {
+                    break i;
+                }
+            },
             Scheduler::WeightedRoundRobin => {
-                // nginx's smooth WRR: add each weight, take the largest, subtract the total.
-                let total: i64 = backends.iter().map(|b| i64::from(b.weight)).sum();
-                let mut best = 0;
-                for (i, backend) in backends.iter().enumerate() {
+                // nginx's smooth WRR over the backends that are up: add each weight,
+                // take the largest, subtract the total.
+                let total: i64 =
+                    (0..backends.len()).filter(|i| up[*i]).map(|i| i64::from(backends[i].weight)).sum();
+                let mut best = None;
+                for (i, backend) in backends.iter().enumerate().filter(|(i, _)| up[*i]) {
                     self.current[i] += i64::from(backend.weight);
-                    if self.current[i] > self.current[best] {
-                        best = i;
+                    if best.is_none_or(|b: usize| self.current[i] > self.current[b]) {
+                        best = Some(i);
                     }
                 }
+                let best = best.unwrap_or(0);
                 self.current[best] -= total;
                 best
             }
@@ -50,9 +59,9 @@ impl Picker {
                     h.write(b.addr.to_string().as_bytes());
                     h.finish()
                 };
-                (0..backends.len()).max_by_key(|&i| score(&backends[i])).unwrap_or(0)
+                (0..backends.len()).filter(|i| up[*i]).max_by_key(|&i| score(&backends[i])).unwrap_or(0)
             }
-        }
+        })
     }
 }
 
@@ -72,15 +81,25 @@ mod tests {
     fn round_robin_spreads_evenly() {
         let b = backends(&[1, 1, 1]);
         let mut p = Picker::new(Scheduler::RoundRobin, 3);
-        let picks: Vec<usize> = (0..6).map(|_| p.pick(&b, "203.0.113.1:1".parse().unwrap())).collect();
+        let all = [true; 3];
+        let picks: Vec<usize> =
+            (0..6).map(|_| p.pick(&b, &all, "203.0.113.1:1".parse().unwrap()).unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        // A backend marked down gets nothing; none up, no pick.
+        let picks: Vec<usize> = (0..4)
+            .map(|_| p.pick(&b, &[true, false, true], "203.0.113.1:1".parse().unwrap()).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 2, 0, 2]);
+        assert_eq!(p.pick(&b, &[false; 3], "203.0.113.1:1".parse().unwrap()), None);
     }
 
     #[test]
     fn weighted_round_robin_is_smooth_and_proportional() {
         let b = backends(&[5, 1, 1]);
         let mut p = Picker::new(Scheduler::WeightedRoundRobin, 3);
-        let picks: Vec<usize> = (0..7).map(|_| p.pick(&b, "203.0.113.1:1".parse().unwrap())).collect();
+        let all = [true; 3];
+        let picks: Vec<usize> =
+            (0..7).map(|_| p.pick(&b, &all, "203.0.113.1:1".parse().unwrap()).unwrap()).collect();
         // nginx's example: a a b a c a a
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
     }
@@ -91,14 +110,18 @@ mod tests {
         let mut p = Picker::new(Scheduler::ConsistentHash, 4);
         let clients: Vec<SocketAddr> =
             (0..400).map(|i| format!("203.0.113.{}:{}", i % 250, 1000 + i).parse().unwrap()).collect();
-        let before: Vec<usize> = clients.iter().map(|c| p.pick(&b, *c)).collect();
-        assert_eq!(before, clients.iter().map(|c| p.pick(&b, *c)).collect::<Vec<_>>(), "stable");
+        let all = [true; 4];
+        let before: Vec<usize> = clients.iter().map(|c| p.pick(&b, &all, *c).unwrap()).collect();
+        assert_eq!(
+            before,
+            clients.iter().map(|c| p.pick(&b, &all, *c).unwrap()).collect::<Vec<_>>(),
+            "stable"
+        );
         let used: std::collections::HashSet<_> = before.iter().collect();
         assert_eq!(used.len(), 4, "every backend gets clients");
-        // Remove backend 3: only its clients move.
-        let fewer = &b[..3];
+        // Backend 3 down: only its clients move.
         for (c, old) in clients.iter().zip(&before) {
-            let new = p.pick(fewer, *c);
+            let new = p.pick(&b, &[true, true, true, false], *c).unwrap();
             if *old != 3 {
                 assert_eq!(new, *old);
             }

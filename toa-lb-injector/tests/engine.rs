@@ -298,6 +298,30 @@ fn round_robin_spreads_flows_and_mode_switches_apply_to_new_flows() {
 }
 
 #[test]
+fn backends_marked_down_get_no_new_flows() {
+    let backends = ["192.0.2.10:8080", "192.0.2.11:8080"];
+    let mut e = Engine::new(config(ObtainClientIp::Off, Placement::default(), &backends)).unwrap();
+    let vip = sock(VIP);
+    let (_, first) = handle(&mut e, 0, &segment(sock("203.0.113.7:1"), vip, TcpFlags::SYN, &[], &[]));
+    assert_eq!(inspect(&first).1, sock("192.0.2.10:8080"));
+    assert!(e.set_backend_up(0, 0, false));
+    assert!(!e.set_backend_up(0, 0, false), "no change");
+    for port in 2..10 {
+        let (_, syn) =
+            handle(&mut e, 0, &segment(sock(&format!("203.0.113.7:{port}")), vip, TcpFlags::SYN, &[], &[]));
+        assert_eq!(inspect(&syn).1, sock("192.0.2.11:8080"));
+    }
+    // The flow that was on the down backend is kept.
+    let (v, _) = handle(&mut e, 0, &segment(sock("203.0.113.7:1"), vip, TcpFlags::ACK, &[], &[]));
+    assert!(matches!(v, Verdict::ToBackend { .. }));
+    e.set_backend_up(0, 1, false);
+    let none = segment(sock("203.0.113.7:99"), vip, TcpFlags::SYN, &[], &[]);
+    assert_eq!(handle(&mut e, 0, &none).0, Verdict::Drop(DropReason::NoBackend));
+    let c = *e.counters(0).unwrap();
+    assert_eq!((c.health_changes, c.dropped_no_backend), (2, 1));
+}
+
+#[test]
 fn bad_configurations_are_named() {
     let mut cfg = config(ObtainClientIp::Off, Placement::default(), &["192.0.2.10:8080"]);
     cfg.listeners[0].backends.clear();

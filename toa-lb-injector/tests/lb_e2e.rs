@@ -64,9 +64,11 @@ fn start_lb(bed: &Testbed, mode: &str, dir: &std::path::Path) -> Lb {
         &config,
         format!(
             "client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\nmetrics = \"127.0.0.1:9947\"\n\
+             health = {{ interval_ms = 100, timeout_ms = 100, rise = 2, fall = 2 }}\n\
              snat = [\"100.125.1.1\", \"100.125.1.2\", \"2001:db8:64::1:1\"]\n\n\
              [[listener]]\nvip = \"{VIP}\"\nobtain_client_ip = \"{mode}\"\n\n\
              [[listener.backend]]\naddress = \"100.125.2.1:8080\"\n\n[[listener.backend]]\naddress = \"100.125.2.2:8080\"\n\n\
+             [[listener.backend]]\naddress = \"100.125.2.1:9999\"\n\n\
              [[listener]]\nvip = \"203.0.113.10:81\"\nobtain_client_ip = \"{mode}\"\n\n[[listener.backend]]\naddress = \"100.125.2.1:8081\"\n\n\
              [[listener]]\nvip = \"[2001:db8:c::10]:80\"\nobtain_client_ip = \"{mode}\"\n\n\
              [[listener.backend]]\naddress = \"[2001:db8:64::2:1]:8082\"\n"
@@ -92,6 +94,21 @@ fn start_lb(bed: &Testbed, mode: &str, dir: &std::path::Path) -> Lb {
         }
     }
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    // The third backend of :80 listens nowhere: wait until health checks take it out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
+            .args(["ctl", "--socket"])
+            .arg(dir.join("ctl.sock"))
+            .arg("listeners")
+            .output()
+            .expect("toa-lb ctl");
+        if String::from_utf8_lossy(&out.stdout).contains("100.125.2.1:9999(down)") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the dead backend was never marked down");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Lb(child)
 }
 
@@ -178,7 +195,8 @@ fn toa_lb_end_to_end() {
         assert!(out.status.success(), "ctl {request}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
-    assert!(ctl("listeners").contains("0 203.0.113.10:80 obtain-client-ip=toa(toa)"));
+    let listeners = ctl("listeners");
+    assert!(listeners.contains("0 203.0.113.10:80 obtain-client-ip=toa(toa)"), "{listeners}");
     assert_eq!(
         ctl("set 203.0.113.10:80 obtain-client-ip off"),
         "203.0.113.10:80 obtain-client-ip=off (new flows)\n"
@@ -208,6 +226,7 @@ fn toa_lb_end_to_end() {
         .expect("injected counter");
     assert!(injected >= 4, "{metrics}");
     assert!(metrics.contains("toa_lb_dropped_total{listener=\"203.0.113.10:80\",reason=\"no_flow\"}"));
+    assert!(metrics.contains("toa_lb_health_changes_total{listener=\"203.0.113.10:80\"} 1"), "{metrics}");
     let bad = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
         .args(["ctl", "--socket"])
         .arg(dir.join("ctl.sock"))

@@ -135,6 +135,9 @@ fn run(path: &std::path::Path, socket: &std::path::Path) -> ExitCode {
             return fail(format!("metrics on {addr}: {e}"));
         }
     }
+    if let Some(check) = config.health {
+        toa_lb_injector::health::spawn(engine.clone(), check, stop.clone());
+    }
     for l in &config.engine.listeners {
         let backends: Vec<String> = l.backends.iter().map(|b| b.addr.to_string()).collect();
         eprintln!(
