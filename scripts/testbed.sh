@@ -30,6 +30,8 @@ down() {
 
 up() {
     down
+    # A step that fails leaves nothing half built.
+    trap 'down; echo "testbed.sh: setting up $prefix failed" >&2' ERR
     ip netns add "$prefix-client"
     ip netns add "$prefix-lb"
     for n in "$prefix-client" "$prefix-lb"; do ns "$n" ip link set lo up; done
@@ -54,6 +56,10 @@ up() {
         ns "$b" ip addr add "100.125.2.$i/16" dev b0
         ns "$b" ip -6 addr add "2001:db8:64::2:$i/64" dev b0 nodad
         ns "$b" ip link set b0 up
+        # Replies to clients go through the LB (used by the transparent mode, which keeps the
+        # client's address as the source).
+        ns "$b" ip route add 203.0.113.0/24 via 100.125.0.1
+        ns "$b" ip -6 route add 2001:db8:c::/64 via 2001:db8:64::1
         ns "$prefix-lb" ip link set "lb-b$i" master lb-br up
         no_offload "$b" b0
         no_offload "$prefix-lb" "lb-b$i"

@@ -13,6 +13,9 @@ pub enum ObtainClientIp {
     /// A TOA option of this format. An IPv6 client is sent as `toa6`
     /// whatever the format, since the others carry IPv4 only.
     Toa(Format),
+    /// DNAT only: the client's own address stays the source, as dedicated
+    /// ELBs pass it. The backends must route replies through the LB.
+    Transparent,
 }
 
 /// Which client segments carry the TOA.

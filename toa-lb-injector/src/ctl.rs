@@ -1,7 +1,7 @@
 //! `toa-lb ctl`: live control over a unix socket (root only, mode 0600).
 //!
 //! One request per connection, one line each way and back:
-//! `listeners`, `stats`, `set LISTENER obtain-client-ip off|toa`, where
+//! `listeners`, `stats`, `set LISTENER obtain-client-ip off|toa|transparent`, where
 //! LISTENER is the VIP (`203.0.113.10:80`) or its index. A switch applies to
 //! new flows; existing flows keep the mode they started with.
 
@@ -118,11 +118,12 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
             let current = engine.listeners()[index].obtain_client_ip;
             let mode = match *mode {
                 "off" => ObtainClientIp::Off,
+                "transparent" => ObtainClientIp::Transparent,
                 "toa" => ObtainClientIp::Toa(match current {
                     ObtainClientIp::Toa(format) => format,
-                    ObtainClientIp::Off => Format::Toa,
+                    ObtainClientIp::Off | ObtainClientIp::Transparent => Format::Toa,
                 }),
-                other => return Err(format!("unknown mode {other:?}: off or toa")),
+                other => return Err(format!("unknown mode {other:?}: off, toa or transparent")),
             };
             engine.set_obtain_client_ip(index, mode);
             Ok(format!(
@@ -132,7 +133,7 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
             ))
         }
         _ => Err(format!(
-            "unknown request {request:?}: listeners | stats | set LISTENER obtain-client-ip off|toa"
+            "unknown request {request:?}: listeners | stats | set LISTENER obtain-client-ip off|toa|transparent"
         )),
     }
 }
@@ -140,6 +141,7 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
 fn mode_name(mode: ObtainClientIp) -> String {
     match mode {
         ObtainClientIp::Off => "off".into(),
+        ObtainClientIp::Transparent => "transparent".into(),
         ObtainClientIp::Toa(format) => format!("toa({format})"),
     }
 }

@@ -12,7 +12,7 @@
 //! vip = "203.0.113.10:80"
 //! protocol = "tcp"
 //! scheduler = "round-robin"        # or weighted-round-robin, consistent-hash
-//! obtain_client_ip = "toa"         # or "off"
+//! obtain_client_ip = "toa"         # or "off", or "transparent" (DNAT only; backends route via the LB)
 //! toa_format = "toa"               # toa, toa6, ali-v6, tencent
 //! placement = { syn = true, ack = true, data = false }
 //!
@@ -120,6 +120,7 @@ enum RawObtain {
     #[default]
     Off,
     Toa,
+    Transparent,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +218,7 @@ impl LbConfig {
                 obtain_client_ip: match l.obtain_client_ip {
                     RawObtain::Off => ObtainClientIp::Off,
                     RawObtain::Toa => ObtainClientIp::Toa(format),
+                    RawObtain::Transparent => ObtainClientIp::Transparent,
                 },
                 placement: Placement {
                     syn: l.placement.syn,

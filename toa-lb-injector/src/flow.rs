@@ -38,6 +38,13 @@ pub(crate) struct Flow {
     pub(crate) backend_sent_data: bool,
 }
 
+impl Flow {
+    /// Whether the backend side uses an address from the SNAT pool (not in transparent mode).
+    fn snat_allocated(&self) -> bool {
+        self.mode != ObtainClientIp::Transparent
+    }
+}
+
 /// A bounded table of flows, looked up from either side.
 #[derive(Debug)]
 pub(crate) struct FlowTable {
@@ -124,7 +131,12 @@ impl FlowTable {
         if self.len >= self.max {
             return Err(Full::Table);
         }
-        flow.snat = self.allocate_snat(flow.backend.is_ipv4()).ok_or(Full::Snat)?;
+        flow.snat = if flow.snat_allocated() {
+            self.allocate_snat(flow.backend.is_ipv4()).ok_or(Full::Snat)?
+        } else {
+            // Transparent: the backend sees, and answers, the client itself.
+            flow.client
+        };
         let id = match self.free.pop() {
             Some(id) => id,
             None => {
@@ -163,7 +175,9 @@ impl FlowTable {
         let flow = self.slots.get_mut(id)?.take()?;
         self.by_client.remove(&(flow.client, flow.vip));
         self.by_backend.remove(&(flow.backend, flow.snat));
-        self.snat_used.remove(&flow.snat);
+        if flow.snat_allocated() {
+            self.snat_used.remove(&flow.snat);
+        }
         self.free.push(id);
         self.len -= 1;
         Some(flow)

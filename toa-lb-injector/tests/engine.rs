@@ -322,6 +322,20 @@ fn backends_marked_down_get_no_new_flows() {
 }
 
 #[test]
+fn transparent_mode_keeps_the_client_source() {
+    let mut e = engine(ObtainClientIp::Transparent);
+    let (client, vip) = (sock(CLIENT), sock(VIP));
+    let (_, syn) = handle(&mut e, 0, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    let (src, dst, toa) = inspect(&syn);
+    assert_eq!((src, dst, toa), (client, sock("192.0.2.10:8080"), None), "DNAT only, no TOA");
+    let (v, back) = handle(&mut e, 0, &segment(dst, client, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]));
+    assert!(matches!(v, Verdict::ToClient { .. }));
+    assert_eq!(inspect(&back).0, vip, "the reply comes from the VIP");
+    handle(&mut e, 0, &segment(client, vip, TcpFlags::RST, &[], &[]));
+    assert_eq!(e.flow_count(), 0);
+}
+
+#[test]
 fn bad_configurations_are_named() {
     let mut cfg = config(ObtainClientIp::Off, Placement::default(), &["192.0.2.10:8080"]);
     cfg.listeners[0].backends.clear();

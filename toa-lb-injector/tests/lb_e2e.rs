@@ -33,7 +33,7 @@ impl Testbed {
             .args(["up", &prefix, "2"])
             .status()
             .expect("testbed.sh");
-        assert!(ok.success(), "testbed up");
+        assert!(ok.success(), "testbed.sh up {prefix} failed (it removes what it built)");
         Testbed { prefix }
     }
 
@@ -210,6 +210,11 @@ fn toa_lb_end_to_end() {
     let (local, line) = ask(&bed);
     assert!(line.contains(&format!(" client={local} ")), "switched back on: {line}");
     assert!(ctl("stats").contains("203.0.113.10:80 flows="));
+    // Transparent: DNAT only, the backend sees the client as its peer.
+    ctl("set 203.0.113.10:80 obtain-client-ip transparent");
+    let (local, line) = ask(&bed);
+    assert!(line.contains(&format!(" client={local} lb={local} source=none")), "transparent: {line}");
+    ctl("set 203.0.113.10:80 obtain-client-ip toa");
     // Prometheus metrics on the LB host's loopback.
     let metrics = run_in(&bed.ns("lb"), || {
         let mut s = TcpStream::connect("127.0.0.1:9947").expect("metrics endpoint");

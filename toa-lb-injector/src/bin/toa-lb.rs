@@ -34,7 +34,7 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Talk to a running toa-lb: listeners | stats | set LISTENER obtain-client-ip off|toa.
+    /// Talk to a running toa-lb: listeners | stats | set LISTENER obtain-client-ip off|toa|transparent.
     Ctl {
         /// The control socket.
         #[arg(long, default_value = toa_lb_injector::ctl::SOCKET)]
