@@ -170,7 +170,7 @@ fn ask_vip(bed: &Testbed, vip: &str) -> (SocketAddr, String) {
 fn toa_lb_end_to_end() {
     require_root!();
     let bed = Testbed::up("a");
-    let dir = std::env::temp_dir().join(format!("toa-lb-e2e-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("toa-lb-e2e-a-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     start_backends(&bed, &stop);
@@ -359,4 +359,90 @@ fn mac_of(ns: &str, iface: &str) -> [u8; 6] {
     let text = String::from_utf8(out.stdout).unwrap();
     let bytes: Vec<u8> = text.trim().split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
     bytes.try_into().unwrap()
+}
+
+/// One connection of the steady load: when it started, and its local address and answer.
+type Attempt = (Duration, Result<(SocketAddr, String), String>);
+
+/// Obtain Client IP switched ten times under steady load: no connection fails,
+/// and each one's backend line matches the mode in force when it started.
+#[test]
+fn live_switch_under_load() {
+    require_root!();
+    let bed = Testbed::up("s");
+    let dir = std::env::temp_dir().join(format!("toa-lb-switch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    start_backends(&bed, &stop);
+    let _lb = start_lb(&bed, "toa", &dir);
+    let start = std::time::Instant::now();
+    let load_done = Arc::new(AtomicBool::new(false));
+    // (started at, client local address, line); a few hundred connections per second.
+    let results: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+    let load = {
+        let (results, done, client_ns) = (results.clone(), load_done.clone(), bed.ns("client"));
+        std::thread::spawn(move || {
+            run_in(&client_ns, || {
+                std::thread::scope(|scope| {
+                    for _ in 0..4 {
+                        let (results, done) = (results.clone(), done.clone());
+                        scope.spawn(move || {
+                            while !done.load(Ordering::Relaxed) {
+                                let at = start.elapsed();
+                                let result =
+                                    TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(5))
+                                        .and_then(|mut s| {
+                                            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                                            let mut line = String::new();
+                                            s.read_to_string(&mut line)?;
+                                            Ok((s.local_addr()?, line.trim_end().to_owned()))
+                                        })
+                                        .map_err(|e| e.to_string());
+                                results.lock().unwrap().push((at, result));
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                        });
+                    }
+                })
+            })
+        })
+    };
+    let mut switches = Vec::new();
+    for i in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        let mode = if i % 2 == 0 { "off" } else { "toa" };
+        let out = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
+            .args(["ctl", "--socket"])
+            .arg(dir.join("ctl.sock"))
+            .args(["set", "0", "obtain-client-ip", mode])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        switches.push((start.elapsed(), mode == "toa"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    load_done.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+
+    let results = results.lock().unwrap();
+    assert!(results.len() >= 300, "steady load: {} connections", results.len());
+    let mut checked = 0;
+    for (at, result) in results.iter() {
+        let (local, line) = result.as_ref().unwrap_or_else(|e| panic!("a connection failed at {at:?}: {e}"));
+        // The mode in force when the connection started; ambiguous within 50 ms of a switch.
+        let near = switches.iter().any(|(t, _)| at.abs_diff(*t) < Duration::from_millis(50));
+        let toa = switches.iter().rev().find(|(t, _)| t <= at).map(|(_, toa)| *toa).unwrap_or(true);
+        let named = line.contains(&format!(" client={local} "));
+        if !near {
+            assert_eq!(named, toa, "started at {at:?} under {}: {line}", if toa { "toa" } else { "off" });
+            checked += 1;
+        }
+    }
+    assert!(
+        checked * 2 >= results.len(),
+        "most connections are away from a switch: {checked} of {}",
+        results.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
