@@ -1,8 +1,10 @@
 //! `toa-lb ctl`: live control over a unix socket (root only, mode 0600).
 //!
 //! One request per connection, one line each way and back:
-//! `listeners`, `stats`, `set LISTENER obtain-client-ip off|toa|transparent`, where
-//! LISTENER is the VIP (`203.0.113.10:80`) or its index. A switch applies to
+//! `listeners`, `backends`, `stats`, `set LISTENER obtain-client-ip
+//! off|toa|transparent`, `add-backend LISTENER ADDR [WEIGHT]`, `remove-backend
+//! LISTENER ADDR`, `drain|undrain LISTENER ADDR`, where LISTENER is the VIP
+//! (`203.0.113.10:80`) or its index. A switch applies to
 //! new flows; existing flows keep the mode they started with.
 
 use std::fmt::Write as _;
@@ -108,13 +110,46 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
             }
             Ok(out)
         }
+        ["backends"] => {
+            let mut out = String::new();
+            for (i, l) in engine.listeners().iter().enumerate() {
+                for (b, backend) in l.backends.iter().enumerate() {
+                    let state = match (engine.backend_up(i, b), engine.is_draining(i, backend.addr)) {
+                        (_, true) => "draining",
+                        (Some(false), _) => "down",
+                        _ => "up",
+                    };
+                    let _ = writeln!(out, "{} {} weight={} {state}", l.vip, backend.addr, backend.weight);
+                }
+            }
+            Ok(out)
+        }
+        ["add-backend", listener, addr, rest @ ..] => {
+            let index = listener_index(engine, listener)?;
+            let addr: std::net::SocketAddr =
+                addr.parse().map_err(|_| format!("{addr:?} is not an address:port"))?;
+            let weight = match rest {
+                [] => 1,
+                [w] => w.parse().map_err(|_| format!("weight {w:?} is not a number"))?,
+                _ => return Err("usage: add-backend LISTENER ADDR [WEIGHT]".into()),
+            };
+            engine.add_backend(index, crate::config::Backend { addr, weight })?;
+            Ok(format!("{} + {addr}\n", engine.listeners()[index].vip))
+        }
+        ["remove-backend", listener, addr] => {
+            let index = listener_index(engine, listener)?;
+            let addr = addr.parse().map_err(|_| format!("{addr:?} is not an address:port"))?;
+            engine.remove_backend(index, addr)?;
+            Ok(format!("{} - {addr} (its connections go on)\n", engine.listeners()[index].vip))
+        }
+        [verb @ ("drain" | "undrain"), listener, addr] => {
+            let index = listener_index(engine, listener)?;
+            let addr = addr.parse().map_err(|_| format!("{addr:?} is not an address:port"))?;
+            engine.drain_backend(index, addr, *verb == "drain")?;
+            Ok(format!("{} {addr} {verb}ed\n", engine.listeners()[index].vip))
+        }
         ["set", listener, "obtain-client-ip", mode] => {
-            let index = engine
-                .listeners()
-                .iter()
-                .position(|l| l.vip.to_string() == *listener)
-                .or_else(|| listener.parse::<usize>().ok().filter(|i| *i < engine.listeners().len()))
-                .ok_or_else(|| format!("no listener {listener}; see `toa-lb ctl listeners`"))?;
+            let index = listener_index(engine, listener)?;
             let current = engine.listeners()[index].obtain_client_ip;
             let mode = match *mode {
                 "off" => ObtainClientIp::Off,
@@ -133,9 +168,19 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
             ))
         }
         _ => Err(format!(
-            "unknown request {request:?}: listeners | stats | set LISTENER obtain-client-ip off|toa|transparent"
+            "unknown request {request:?}: listeners | backends | stats | set LISTENER obtain-client-ip off|toa|transparent | add-backend LISTENER ADDR [WEIGHT] | remove-backend LISTENER ADDR | drain|undrain LISTENER ADDR"
         )),
     }
+}
+
+/// A listener by VIP (`203.0.113.10:80`) or index.
+fn listener_index(engine: &Engine, listener: &str) -> Result<usize, String> {
+    engine
+        .listeners()
+        .iter()
+        .position(|l| l.vip.to_string() == listener)
+        .or_else(|| listener.parse::<usize>().ok().filter(|i| *i < engine.listeners().len()))
+        .ok_or_else(|| format!("no listener {listener}; see `toa-lb ctl listeners`"))
 }
 
 fn mode_name(mode: ObtainClientIp) -> String {
@@ -175,6 +220,18 @@ pub fn metrics(engine: &Engine) -> String {
             if let Some(c) = engine.counters(i) {
                 let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", l.vip, get(c));
             }
+        }
+    }
+    let _ = writeln!(out, "# HELP toa_lb_backend_up Whether health checks say the backend is up.");
+    let _ = writeln!(out, "# TYPE toa_lb_backend_up gauge");
+    for (i, l) in engine.listeners().iter().enumerate() {
+        for (b, backend) in l.backends.iter().enumerate() {
+            let up = u8::from(engine.backend_up(i, b) != Some(false));
+            let _ = writeln!(
+                out,
+                "toa_lb_backend_up{{listener=\"{}\",backend=\"{}\"}} {up}",
+                l.vip, backend.addr
+            );
         }
     }
     let _ = writeln!(

@@ -100,6 +100,8 @@ pub struct Engine {
     counters: Vec<Counters>,
     /// Per listener, per backend: whether health checks say it is up.
     up: Vec<Vec<bool>>,
+    /// Draining backends: (listener, address).
+    draining: Vec<(usize, SocketAddr)>,
     /// Packets that could not be parsed at all (no listener to count them on).
     unparsed: u64,
 }
@@ -120,7 +122,7 @@ impl Engine {
             config.snat_seed,
         );
         let up = config.listeners.iter().map(|l| vec![true; l.backends.len()]).collect();
-        Ok(Engine { config, pickers, flows, counters, up, unparsed: 0 })
+        Ok(Engine { config, pickers, flows, counters, up, draining: Vec::new(), unparsed: 0 })
     }
 
     /// The counters of listener `index` (configuration order).
@@ -155,17 +157,77 @@ impl Engine {
         }
     }
 
-    /// Marks backend `backend` of listener `listener` up or down. A backend
-    /// that is down gets no new flow; its existing flows are kept until they
-    /// end or time out. Returns whether the state changed.
-    pub fn set_backend_up(&mut self, listener: usize, backend: usize, up: bool) -> bool {
-        let Some(state) = self.up.get_mut(listener).and_then(|l| l.get_mut(backend)) else { return false };
+    /// Marks the backend at `addr` of listener `listener` up or down. A
+    /// backend that is down gets no new flow; its existing flows are kept
+    /// until they end or time out. Returns whether the state changed.
+    pub fn set_backend_up(&mut self, listener: usize, addr: SocketAddr, up: bool) -> bool {
+        let Some(index) =
+            self.config.listeners.get(listener).and_then(|l| l.backends.iter().position(|b| b.addr == addr))
+        else {
+            return false;
+        };
+        let state = &mut self.up[listener][index];
         if *state == up {
             return false;
         }
         *state = up;
         self.counters[listener].health_changes += 1;
         true
+    }
+
+    /// Adds a backend to listener `listener`; it gets new flows at once.
+    pub fn add_backend(&mut self, listener: usize, backend: crate::config::Backend) -> Result<(), String> {
+        let config = self.config.listeners.get_mut(listener).ok_or("no such listener")?;
+        if backend.weight == 0 {
+            return Err("weight must be at least 1".into());
+        }
+        if backend.addr.is_ipv4() != config.vip.is_ipv4() {
+            return Err(format!("{} is not of the VIP's IP version", backend.addr));
+        }
+        if !self.config.snat.iter().any(|a| a.is_ipv4() == backend.addr.is_ipv4()) {
+            return Err(format!("no SNAT address of {}'s IP version", backend.addr));
+        }
+        if config.backends.iter().any(|b| b.addr == backend.addr) {
+            return Err(format!("{} is already a backend", backend.addr));
+        }
+        config.backends.push(backend);
+        self.up[listener].push(true);
+        self.pickers[listener].resize(config.backends.len(), None);
+        Ok(())
+    }
+
+    /// Removes a backend: it gets no new flow; its existing flows go on until
+    /// they end or time out. The last backend cannot be removed.
+    pub fn remove_backend(&mut self, listener: usize, addr: SocketAddr) -> Result<(), String> {
+        let config = self.config.listeners.get_mut(listener).ok_or("no such listener")?;
+        let i =
+            config.backends.iter().position(|b| b.addr == addr).ok_or(format!("{addr} is not a backend"))?;
+        if config.backends.len() == 1 {
+            return Err("cannot remove the last backend (drain it, or add another first)".into());
+        }
+        config.backends.remove(i);
+        self.up[listener].remove(i);
+        self.draining.retain(|d| *d != (listener, addr));
+        self.pickers[listener].resize(config.backends.len(), Some(i));
+        Ok(())
+    }
+
+    /// Drains a backend (or undrains it): no new flows while draining, existing ones go on.
+    pub fn drain_backend(&mut self, listener: usize, addr: SocketAddr, drain: bool) -> Result<(), String> {
+        let config = self.config.listeners.get(listener).ok_or("no such listener")?;
+        if !config.backends.iter().any(|b| b.addr == addr) {
+            return Err(format!("{addr} is not a backend"));
+        }
+        self.draining.retain(|d| *d != (listener, addr));
+        if drain {
+            self.draining.push((listener, addr));
+        }
+        Ok(())
+    }
+
+    /// Whether a backend is draining.
+    pub fn is_draining(&self, listener: usize, addr: SocketAddr) -> bool {
+        self.draining.contains(&(listener, addr))
     }
 
     /// Whether backend `backend` of listener `listener` is up.
@@ -227,6 +289,13 @@ impl Engine {
             Err(_) => return self.counters[listener].drop(DropReason::Malformed),
         };
         let syn = flags.contains(TcpFlags::SYN) && !flags.contains(TcpFlags::ACK);
+        // A SYN on a flow past its handshake is a new connection reusing the client
+        // port (the old one is closing): it gets a flow, and the mode, of its own.
+        if let Some(old) = self.flows.by_client(client, vip) {
+            if syn && self.flows.get(old).is_some_and(|f| f.state != State::SynSent) {
+                self.flows.remove(old);
+            }
+        }
         let id = match self.flows.by_client(client, vip) {
             Some(id) => id,
             None if syn => match self.new_flow(now, listener, client, vip) {
@@ -291,7 +360,13 @@ impl Engine {
             }
         }
         let config = &self.config.listeners[listener];
-        let Some(pick) = self.pickers[listener].pick(&config.backends, &self.up[listener], client) else {
+        let eligible: Vec<bool> = config
+            .backends
+            .iter()
+            .zip(&self.up[listener])
+            .map(|(b, up)| *up && !self.draining.contains(&(listener, b.addr)))
+            .collect();
+        let Some(pick) = self.pickers[listener].pick(&config.backends, &eligible, client) else {
             return Err(DropReason::NoBackend);
         };
         let backend = config.backends[pick].addr;

@@ -5,6 +5,7 @@
 //! is marked up again after `rise` successes. Changes are logged and counted
 //! (`health_changes`).
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,46 +32,52 @@ impl Default for HealthCheck {
     }
 }
 
-/// Probes every backend of every listener on a thread of its own until `stop` is set.
+/// Probes every backend of every listener, once per interval, until `stop`
+/// is set. The list is read from the engine each round, so backends added or
+/// removed with `toa-lb ctl` are followed.
 pub fn spawn(engine: Arc<Mutex<Engine>>, check: HealthCheck, stop: Arc<AtomicBool>) {
-    let targets: Vec<(usize, usize, SocketAddr, SocketAddr)> = match engine.lock() {
-        Ok(e) => e
-            .listeners()
-            .iter()
-            .enumerate()
-            .flat_map(|(l, listener)| {
-                listener
-                    .backends
+    std::thread::spawn(move || {
+        // (listener, backend) -> (up, probes in a row that disagree with `up`)
+        let mut state: HashMap<(usize, SocketAddr), (bool, u32)> = HashMap::new();
+        while !stop.load(Ordering::Relaxed) {
+            let targets: Vec<(usize, SocketAddr, SocketAddr)> = match engine.lock() {
+                Ok(e) => e
+                    .listeners()
                     .iter()
                     .enumerate()
-                    .map(move |(b, backend)| (l, b, listener.vip, backend.addr))
-            })
-            .collect(),
-        Err(_) => return,
-    };
-    for (listener, backend, vip, addr) in targets {
-        let (engine, stop) = (engine.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let (mut up, mut streak) = (true, 0u32);
-            while !stop.load(Ordering::Relaxed) {
-                let ok = TcpStream::connect_timeout(&addr, check.timeout).is_ok();
-                // `streak` counts probes that disagree with the current state.
-                streak = if ok != up { streak + 1 } else { 0 };
-                let needed = if up { check.fall } else { check.rise };
-                if streak >= needed {
-                    up = ok;
-                    streak = 0;
+                    .flat_map(|(l, listener)| {
+                        listener.backends.iter().map(move |b| (l, listener.vip, b.addr))
+                    })
+                    .collect(),
+                Err(_) => return,
+            };
+            state.retain(|key, _| targets.iter().any(|t| (t.0, t.2) == *key));
+            // One probe thread per backend, so a slow one does not delay the others.
+            let results: Vec<bool> = std::thread::scope(|scope| {
+                let probes: Vec<_> = targets
+                    .iter()
+                    .map(|t| scope.spawn(move || TcpStream::connect_timeout(&t.2, check.timeout).is_ok()))
+                    .collect();
+                probes.into_iter().map(|p| p.join().unwrap_or(false)).collect()
+            });
+            for ((listener, vip, addr), ok) in targets.into_iter().zip(results) {
+                let (up, streak) = state.entry((listener, addr)).or_insert((true, 0));
+                *streak = if ok != *up { *streak + 1 } else { 0 };
+                let needed = if *up { check.fall } else { check.rise };
+                if *streak >= needed {
+                    *up = ok;
+                    *streak = 0;
                     if let Ok(mut e) = engine.lock() {
-                        e.set_backend_up(listener, backend, up);
+                        e.set_backend_up(listener, addr, ok);
                     }
-                    if up {
+                    if ok {
                         tracing::info!(%vip, backend = %addr, "backend up");
                     } else {
                         tracing::warn!(%vip, backend = %addr, "backend down: no new flows");
                     }
                 }
-                std::thread::sleep(check.interval);
             }
-        });
-    }
+            std::thread::sleep(check.interval);
+        }
+    });
 }

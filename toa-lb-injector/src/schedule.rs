@@ -19,6 +19,16 @@ impl Picker {
         Picker { scheduler, next: 0, current: vec![0; backends] }
     }
 
+    /// Follows a change of the backend list (added at the end, or removed at `removed`).
+    pub(crate) fn resize(&mut self, backends: usize, removed: Option<usize>) {
+        if let Some(i) = removed {
+            if i < self.current.len() {
+                self.current.remove(i);
+            }
+        }
+        self.current.resize(backends, 0);
+    }
+
     /// The index of the backend for a new flow from `client`, among those
     /// marked up; `None` when none is.
     pub(crate) fn pick(&mut self, backends: &[Backend], up: &[bool], client: SocketAddr) -> Option<usize> {

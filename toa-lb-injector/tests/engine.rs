@@ -304,8 +304,8 @@ fn backends_marked_down_get_no_new_flows() {
     let vip = sock(VIP);
     let (_, first) = handle(&mut e, 0, &segment(sock("203.0.113.7:1"), vip, TcpFlags::SYN, &[], &[]));
     assert_eq!(inspect(&first).1, sock("192.0.2.10:8080"));
-    assert!(e.set_backend_up(0, 0, false));
-    assert!(!e.set_backend_up(0, 0, false), "no change");
+    assert!(e.set_backend_up(0, sock("192.0.2.10:8080"), false));
+    assert!(!e.set_backend_up(0, sock("192.0.2.10:8080"), false), "no change");
     for port in 2..10 {
         let (_, syn) =
             handle(&mut e, 0, &segment(sock(&format!("203.0.113.7:{port}")), vip, TcpFlags::SYN, &[], &[]));
@@ -314,7 +314,7 @@ fn backends_marked_down_get_no_new_flows() {
     // The flow that was on the down backend is kept.
     let (v, _) = handle(&mut e, 0, &segment(sock("203.0.113.7:1"), vip, TcpFlags::ACK, &[], &[]));
     assert!(matches!(v, Verdict::ToBackend { .. }));
-    e.set_backend_up(0, 1, false);
+    e.set_backend_up(0, sock("192.0.2.11:8080"), false);
     let none = segment(sock("203.0.113.7:99"), vip, TcpFlags::SYN, &[], &[]);
     assert_eq!(handle(&mut e, 0, &none).0, Verdict::Drop(DropReason::NoBackend));
     let c = *e.counters(0).unwrap();
@@ -333,6 +333,48 @@ fn transparent_mode_keeps_the_client_source() {
     assert_eq!(inspect(&back).0, vip, "the reply comes from the VIP");
     handle(&mut e, 0, &segment(client, vip, TcpFlags::RST, &[], &[]));
     assert_eq!(e.flow_count(), 0);
+}
+
+#[test]
+fn backends_added_removed_and_drained_live() {
+    let mut e = Engine::new(config(ObtainClientIp::Off, Placement::default(), &["192.0.2.10:8080"])).unwrap();
+    let vip = sock(VIP);
+    let mut next = 1u16;
+    let mut pick = |e: &mut Engine| {
+        next += 1;
+        let (_, syn) =
+            handle(e, 0, &segment(sock(&format!("203.0.113.7:{next}")), vip, TcpFlags::SYN, &[], &[]));
+        inspect(&syn).1
+    };
+    let added = Backend { addr: sock("192.0.2.11:8080"), weight: 1 };
+    e.add_backend(0, added).unwrap();
+    assert!(e.add_backend(0, added).unwrap_err().contains("already"));
+    let seen: std::collections::HashSet<_> = (0..4).map(|_| pick(&mut e)).collect();
+    assert_eq!(seen.len(), 2, "the added backend takes flows");
+    e.drain_backend(0, sock("192.0.2.10:8080"), true).unwrap();
+    assert!(e.is_draining(0, sock("192.0.2.10:8080")));
+    assert!((0..4).all(|_| pick(&mut e) == sock("192.0.2.11:8080")), "a draining backend gets no new flow");
+    e.drain_backend(0, sock("192.0.2.10:8080"), false).unwrap();
+    e.remove_backend(0, sock("192.0.2.11:8080")).unwrap();
+    assert!((0..4).all(|_| pick(&mut e) == sock("192.0.2.10:8080")));
+    assert!(e.remove_backend(0, sock("192.0.2.10:8080")).unwrap_err().contains("last backend"));
+}
+
+#[test]
+fn a_reused_client_port_starts_a_new_flow_with_the_current_mode() {
+    let mut e = engine(ObtainClientIp::Toa(Format::Toa));
+    let (client, vip) = (sock(CLIENT), sock(VIP));
+    let (_, syn) = handle(&mut e, 0, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    let (snat, backend, _) = inspect(&syn);
+    handle(&mut e, 0, &segment(backend, snat, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]));
+    handle(&mut e, 0, &segment(client, vip, TcpFlags::ACK, &[], &[]));
+    handle(&mut e, 0, &segment(backend, snat, TcpFlags::FIN.union(TcpFlags::ACK), &[], &[]));
+    e.set_obtain_client_ip(0, ObtainClientIp::Off);
+    // The same client port connects again while the old flow is closing.
+    let (_, again) = handle(&mut e, 1, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    assert_eq!(inspect(&again).2, None, "the new connection follows the new mode");
+    assert_eq!(e.flow_count(), 1);
+    assert_eq!(e.counters(0).unwrap().flows, 2);
 }
 
 #[test]

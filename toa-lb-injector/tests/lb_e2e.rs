@@ -210,19 +210,28 @@ fn toa_lb_end_to_end() {
     let (local, line) = ask(&bed);
     assert!(line.contains(&format!(" client={local} ")), "switched back on: {line}");
     assert!(ctl("stats").contains("203.0.113.10:80 flows="));
+    // Backends changed live: drained, removed, added back; the dead one shows down.
+    assert!(ctl("backends").contains("203.0.113.10:80 100.125.2.1:9999 weight=1 down"));
+    assert!(
+        metrics_text(&bed)
+            .contains("toa_lb_backend_up{listener=\"203.0.113.10:80\",backend=\"100.125.2.1:9999\"} 0")
+    );
+    let all_on = |bed: &Testbed, prefix: &str| (0..6).all(|_| ask(bed).1.starts_with(prefix));
+    ctl("drain 203.0.113.10:80 100.125.2.1:8080");
+    assert!(all_on(&bed, "be2 "), "a drained backend gets no new flow");
+    ctl("undrain 203.0.113.10:80 100.125.2.1:8080");
+    ctl("remove-backend 203.0.113.10:80 100.125.2.2:8080");
+    assert!(all_on(&bed, "be1 "), "a removed backend gets no new flow");
+    ctl("add-backend 203.0.113.10:80 100.125.2.2:8080 1");
+    assert!((0..6).any(|_| ask(&bed).1.starts_with("be2 ")), "an added backend gets flows");
+
     // Transparent: DNAT only, the backend sees the client as its peer.
     ctl("set 203.0.113.10:80 obtain-client-ip transparent");
     let (local, line) = ask(&bed);
     assert!(line.contains(&format!(" client={local} lb={local} source=none")), "transparent: {line}");
     ctl("set 203.0.113.10:80 obtain-client-ip toa");
     // Prometheus metrics on the LB host's loopback.
-    let metrics = run_in(&bed.ns("lb"), || {
-        let mut s = TcpStream::connect("127.0.0.1:9947").expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    });
+    let metrics = metrics_text(&bed);
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     let injected = metrics
         .lines()
@@ -344,6 +353,17 @@ fn toa_lb_end_to_end() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Scrapes the metrics endpoint inside the LB namespace.
+fn metrics_text(bed: &Testbed) -> String {
+    run_in(&bed.ns("lb"), || {
+        let mut s = TcpStream::connect("127.0.0.1:9947").expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    })
+}
+
 fn nft_present(bed: &Testbed) -> bool {
     Command::new("ip")
         .args(["netns", "exec", &bed.ns("lb"), "nft", "list", "table", "inet", "toa_lb"])
@@ -411,6 +431,7 @@ fn live_switch_under_load() {
     for i in 0..10 {
         std::thread::sleep(Duration::from_millis(300));
         let mode = if i % 2 == 0 { "off" } else { "toa" };
+        let before = start.elapsed();
         let out = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
             .args(["ctl", "--socket"])
             .arg(dir.join("ctl.sock"))
@@ -418,7 +439,8 @@ fn live_switch_under_load() {
             .output()
             .unwrap();
         assert!(out.status.success());
-        switches.push((start.elapsed(), mode == "toa"));
+        // The switch takes effect somewhere between `before` and now.
+        switches.push((before, start.elapsed(), mode == "toa"));
     }
     std::thread::sleep(Duration::from_millis(300));
     load_done.store(true, Ordering::Relaxed);
@@ -430,9 +452,11 @@ fn live_switch_under_load() {
     let mut checked = 0;
     for (at, result) in results.iter() {
         let (local, line) = result.as_ref().unwrap_or_else(|e| panic!("a connection failed at {at:?}: {e}"));
-        // The mode in force when the connection started; ambiguous within 50 ms of a switch.
-        let near = switches.iter().any(|(t, _)| at.abs_diff(*t) < Duration::from_millis(50));
-        let toa = switches.iter().rev().find(|(t, _)| t <= at).map(|(_, toa)| *toa).unwrap_or(true);
+        // The mode in force when the connection started; ambiguous while a switch is
+        // under way and for 50 ms either side.
+        let margin = Duration::from_millis(50);
+        let near = switches.iter().any(|(from, to, _)| *at + margin >= *from && *at <= *to + margin);
+        let toa = switches.iter().rev().find(|(_, to, _)| to <= at).map(|(_, _, toa)| *toa).unwrap_or(true);
         let named = line.contains(&format!(" client={local} "));
         if !near {
             assert_eq!(named, toa, "started at {at:?} under {}: {line}", if toa { "toa" } else { "off" });

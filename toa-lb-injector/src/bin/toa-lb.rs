@@ -34,7 +34,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Talk to a running toa-lb: listeners | stats | set LISTENER obtain-client-ip off|toa|transparent.
+    /// Talk to a running toa-lb: listeners | backends | stats | set LISTENER obtain-client-ip
+    /// off|toa|transparent | add-backend LISTENER ADDR [WEIGHT] | remove-backend LISTENER ADDR |
+    /// drain|undrain LISTENER ADDR.
     Ctl {
         /// The control socket.
         #[arg(long, default_value = toa_lb_injector::ctl::SOCKET)]
