@@ -260,6 +260,11 @@ impl Client {
             .collect()
     }
 
+    /// Sends one segment of `conn` and nothing else (for floods: no state, no waiting).
+    pub fn send_segment(&mut self, conn: &Conn, segment: Segment<'_>) {
+        self.send(conn, segment);
+    }
+
     fn send(&mut self, conn: &Conn, segment: Segment<'_>) {
         send_on(&mut self.tx, self.mac, self.peer_mac, conn, segment);
     }
