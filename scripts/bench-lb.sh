@@ -9,16 +9,8 @@ seconds=${1:-3}
 [ "$(id -u)" = 0 ] || { echo "bench-lb.sh: needs root" >&2; exit 1; }
 cargo build --release -q -p toa-lb-injector --bin toa-lb -p toa-examples --bin accept-bench --bin bulk-bench
 bin=./target/release
-prefix="tbench$$"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    ./scripts/testbed.sh down "$prefix" >/dev/null 2>&1 || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/lib/session.sh
+session "tbench$$"
 ./scripts/testbed.sh up "$prefix" 1 >/dev/null
 lbns="$prefix-lb"; be="$prefix-be1"; client="$prefix-client"
 ip netns exec "$be" "$bin/bulk-bench" --serve 0.0.0.0:8081 & pids+=($!)

@@ -17,16 +17,8 @@ if ((${#missing[@]})); then
 fi
 
 say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
-prefix="toademo$$"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    ./scripts/testbed.sh down "$prefix" >/dev/null 2>&1 || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/lib/session.sh
+session "toademo$$"
 trap 'exit 130' INT TERM
 
 say "1. Building toa-lb, whoami and toa-shim (release)"

@@ -102,12 +102,7 @@ fn start_lb_with(bed: &Testbed, mode: &str, dir: &std::path::Path, extra: &str) 
     // The third backend of :80 listens nowhere: wait until health checks take it out.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let out = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
-            .args(["ctl", "--socket"])
-            .arg(dir.join("ctl.sock"))
-            .arg("listeners")
-            .output()
-            .expect("toa-lb ctl");
+        let out = ctl_output(dir, "listeners");
         if String::from_utf8_lossy(&out.stdout).contains("100.125.2.1:9999(down)") {
             break;
         }
@@ -191,12 +186,7 @@ fn toa_lb_end_to_end() {
 
     // Switched live over the control socket: new connections follow, and back.
     let ctl = |request: &str| -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
-            .args(["ctl", "--socket"])
-            .arg(dir.join("ctl.sock"))
-            .args(request.split_whitespace())
-            .output()
-            .expect("toa-lb ctl");
+        let out = ctl_output(&dir, request);
         assert!(out.status.success(), "ctl {request}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
@@ -246,12 +236,7 @@ fn toa_lb_end_to_end() {
     assert!(injected >= 4, "{metrics}");
     assert!(metrics.contains("toa_lb_dropped_total{listener=\"203.0.113.10:80\",reason=\"no_flow\"}"));
     assert!(metrics.contains("toa_lb_health_changes_total{listener=\"203.0.113.10:80\"} 1"), "{metrics}");
-    let bad = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
-        .args(["ctl", "--socket"])
-        .arg(dir.join("ctl.sock"))
-        .args(["set", "203.0.113.99:80", "obtain-client-ip", "off"])
-        .output()
-        .unwrap();
+    let bad = ctl_output(&dir, "set 203.0.113.99:80 obtain-client-ip off");
     assert!(
         !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("no listener 203.0.113.99:80")
     );
@@ -358,6 +343,16 @@ fn toa_lb_end_to_end() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Runs `toa-lb ctl REQUEST` against the instance whose socket is in `dir`.
+fn ctl_output(dir: &std::path::Path, request: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_toa-lb"))
+        .args(["ctl", "--socket"])
+        .arg(dir.join("ctl.sock"))
+        .args(request.split_whitespace())
+        .output()
+        .expect("toa-lb ctl")
+}
+
 /// Scrapes the metrics endpoint inside the LB namespace.
 fn metrics_text(bed: &Testbed) -> String {
     run_in(&bed.ns("lb"), || {
@@ -437,12 +432,7 @@ fn live_switch_under_load() {
         std::thread::sleep(Duration::from_millis(300));
         let mode = if i % 2 == 0 { "off" } else { "toa" };
         let before = start.elapsed();
-        let out = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
-            .args(["ctl", "--socket"])
-            .arg(dir.join("ctl.sock"))
-            .args(["set", "0", "obtain-client-ip", mode])
-            .output()
-            .unwrap();
+        let out = ctl_output(&dir, &format!("set 0 obtain-client-ip {mode}"));
         assert!(out.status.success());
         // The switch takes effect somewhere between `before` and now.
         switches.push((before, start.elapsed(), mode == "toa"));
@@ -529,12 +519,7 @@ fn syn_flood_is_bounded() {
     flood(15000);
     std::thread::sleep(Duration::from_millis(500));
     let after_all = rss(pid);
-    let stats = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
-        .args(["ctl", "--socket"])
-        .arg(dir.join("ctl.sock"))
-        .arg("stats")
-        .output()
-        .unwrap();
+    let stats = ctl_output(&dir, "stats");
     let stats = String::from_utf8(stats.stdout).unwrap();
     let flows: usize =
         stats.lines().next().and_then(|l| l.strip_prefix("flows ")?.parse().ok()).expect("flows line");
