@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
         let mut buf = packet.to_vec();
         buf.resize(packet.len() + 64, 0);
         match engine.handle_packet(now, &mut buf, packet.len()) {
-            Verdict::ToBackend { len } | Verdict::ToClient { len } => {
+            Verdict::ToBackend { len, .. } | Verdict::ToClient { len, .. } => {
                 assert!(TcpPacket::new_checked(&buf[..len]).is_ok(), "forwarded an invalid packet");
             }
             Verdict::Drop(_) | Verdict::NotMine => {}

@@ -182,9 +182,9 @@ fn handle_frame(shared: &Shared, side: usize, buf: &mut [u8], len: usize) {
         ETHERTYPE_ARP => handle_arp(shared, port, &buf[14..len]),
         ETHERTYPE_IPV6 if is_ndp(&buf[14..len]) => handle_ndp(shared, port, &buf[14..len], src_mac),
         ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => {
-            if let Ok(packet) = toa_core::TcpPacket::new_checked(&buf[14..len]) {
+            if let Some(src) = ip_source(&buf[14..len]) {
                 if let Ok(mut n) = shared.neighbors.lock() {
-                    n.insert(packet.src_addr(), src_mac);
+                    n.insert(src, src_mac);
                 }
             }
             let verdict = match shared.engine.lock() {
@@ -192,13 +192,11 @@ fn handle_frame(shared: &Shared, side: usize, buf: &mut [u8], len: usize) {
                 Err(_) => return,
             };
             tracing::trace!(port = %shared.ports[side].name, ?verdict, "packet");
-            let (out, ip_len) = match verdict {
-                Verdict::ToBackend { len } => (&shared.ports[1], len),
-                Verdict::ToClient { len } => (&shared.ports[0], len),
+            let (out, ip_len, next_hop) = match verdict {
+                Verdict::ToBackend { len, next_hop } => (&shared.ports[1], len, next_hop),
+                Verdict::ToClient { len, next_hop } => (&shared.ports[0], len, next_hop),
                 Verdict::Drop(_) | Verdict::NotMine => return,
             };
-            let Ok(packet) = toa_core::TcpPacket::new_checked(&buf[14..14 + ip_len]) else { return };
-            let next_hop = packet.dst_addr();
             let mac = shared.neighbors.lock().ok().and_then(|n| n.get(&next_hop).copied());
             match mac {
                 Some(mac) => {
@@ -214,6 +212,16 @@ fn handle_frame(shared: &Shared, side: usize, buf: &mut [u8], len: usize) {
             }
         }
         _ => {}
+    }
+}
+
+/// The source address of an IP packet, read from its header alone (for MAC
+/// learning; the engine validates the packet itself).
+fn ip_source(ip: &[u8]) -> Option<IpAddr> {
+    match ip.first()? >> 4 {
+        4 if ip.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]))),
+        6 if ip.len() >= 40 => Some(IpAddr::V6(v6(&ip[8..24]))),
+        _ => None,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The engine: one packet in, one verdict out.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use toa_core::{Format, Formats, TcpFlags, TcpPacket, Toa, clamp_mss, insert, rewrite_endpoints, strip};
@@ -16,11 +16,15 @@ pub enum Verdict {
     ToBackend {
         /// Its length now.
         len: usize,
+        /// Its destination address now (the backend), for the next-hop lookup.
+        next_hop: IpAddr,
     },
     /// Send the rewritten packet (`buf[..len]`) to the client.
     ToClient {
         /// Its length now.
         len: usize,
+        /// Its destination address now (the client), for the next-hop lookup.
+        next_hop: IpAddr,
     },
     /// Drop it.
     Drop(DropReason),
@@ -259,27 +263,31 @@ impl Engine {
                 return Verdict::Drop(DropReason::Malformed);
             }
         };
-        let (src, dst, flags) = (packet.src(), packet.dst(), packet.tcp().flags());
-        if let Some(listener) = self.config.listeners.iter().position(|l| l.vip == dst) {
-            return self.handle_client(now, buf, len, listener, src, dst, flags);
+        let segment = Segment {
+            src: packet.src(),
+            dst: packet.dst(),
+            flags: packet.tcp().flags(),
+            // The edits below change headers only: the payload keeps this length.
+            payload: packet.tcp().payload().len(),
+        };
+        if let Some(listener) = self.config.listeners.iter().position(|l| l.vip == segment.dst) {
+            return self.handle_client(now, buf, len, listener, segment);
         }
-        if let Some(id) = self.flows.by_backend(src, dst) {
-            return self.handle_backend(now, buf, len, id, flags);
+        if let Some(id) = self.flows.by_backend(segment.src, segment.dst) {
+            return self.handle_backend(now, buf, len, id, segment);
         }
         Verdict::NotMine
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn handle_client(
         &mut self,
         now: Duration,
         buf: &mut [u8],
         len: usize,
         listener: usize,
-        client: SocketAddr,
-        vip: SocketAddr,
-        flags: TcpFlags,
+        segment: Segment,
     ) -> Verdict {
+        let Segment { src: client, dst: vip, flags, payload } = segment;
         // A client may not speak for itself: strip forged TOAs in every mode.
         let len = match strip(buf, len, &Formats::ALL) {
             Ok(stripped) => {
@@ -315,7 +323,6 @@ impl Engine {
         if flags.contains(TcpFlags::FIN) {
             flow.state = State::Closing;
         }
-        let payload = TcpPacket::new_checked(&buf[..len]).map(|p| p.tcp().payload().len()).unwrap_or(0);
         let wants_toa = (syn && flow.placement.syn)
             || (handshake_ack && flow.placement.handshake_ack)
             || (payload > 0 && flow.placement.data && !flow.backend_sent_data);
@@ -343,7 +350,7 @@ impl Engine {
             }
         }
         counters.to_backend += 1;
-        Verdict::ToBackend { len }
+        Verdict::ToBackend { len, next_hop: backend.ip() }
     }
 
     fn new_flow(
@@ -397,13 +404,12 @@ impl Engine {
         buf: &mut [u8],
         len: usize,
         id: usize,
-        flags: TcpFlags,
+        segment: Segment,
     ) -> Verdict {
         let Some(flow) = self.flows.get_mut(id) else { return Verdict::NotMine };
-        let listener = flow.listener;
+        let (flags, listener) = (segment.flags, flow.listener);
         flow.last_seen = now;
-        let payload = TcpPacket::new_checked(&buf[..len]).map(|p| p.tcp().payload().len()).unwrap_or(0);
-        if payload > 0 {
+        if segment.payload > 0 {
             flow.backend_sent_data = true;
         }
         if flags.contains(TcpFlags::SYN) && flags.contains(TcpFlags::ACK) && flow.state == State::SynSent {
@@ -430,8 +436,17 @@ impl Engine {
             return counters.drop(DropReason::Malformed);
         }
         counters.to_client += 1;
-        Verdict::ToClient { len }
+        Verdict::ToClient { len, next_hop: client.ip() }
     }
+}
+
+/// What the engine reads of a packet once, before editing it.
+#[derive(Clone, Copy)]
+struct Segment {
+    src: SocketAddr,
+    dst: SocketAddr,
+    flags: TcpFlags,
+    payload: usize,
 }
 
 /// The TOA for `client` in the listener's `format`: an IPv6 client needs an

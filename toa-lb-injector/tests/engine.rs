@@ -95,7 +95,7 @@ fn handle(engine: &mut Engine, at: u64, packet: &[u8]) -> (Verdict, Vec<u8>) {
     buf.resize(packet.len() + 64, 0);
     let verdict = engine.handle_packet(Duration::from_secs(at), &mut buf, packet.len());
     let len = match verdict {
-        Verdict::ToBackend { len } | Verdict::ToClient { len } => len,
+        Verdict::ToBackend { len, .. } | Verdict::ToClient { len, .. } => len,
         _ => packet.len(),
     };
     buf.truncate(len);
@@ -129,16 +129,16 @@ fn handshake_with_toa_in_syn_and_ack() {
     let (client, vip) = (sock(CLIENT), sock(VIP));
 
     let (v, syn) = handle(&mut e, 0, &segment(client, vip, TcpFlags::SYN, &[], &[]));
-    assert!(matches!(v, Verdict::ToBackend { .. }), "{v:?}");
     let (src, dst, toa) = inspect(&syn);
+    assert!(matches!(v, Verdict::ToBackend { next_hop, .. } if next_hop == dst.ip()), "{v:?}");
     assert_eq!(dst, sock("192.0.2.10:8080"));
     assert!(src.ip().to_string().starts_with("100.125.0."), "FULLNAT from the SNAT pool: {src}");
     assert_eq!(toa, Some(client), "TOA in the SYN");
 
     let synack = segment(dst, src, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]);
     let (v, back) = handle(&mut e, 0, &synack);
-    assert!(matches!(v, Verdict::ToClient { .. }));
     let (bsrc, bdst, _) = inspect(&back);
+    assert!(matches!(v, Verdict::ToClient { next_hop, .. } if next_hop == client.ip()), "{v:?}");
     assert_eq!((bsrc, bdst), (vip, client));
     let mss = TcpPacket::new_checked(&back[..]).unwrap().tcp().options().find_map(|o| {
         let o = o.unwrap();
