@@ -256,6 +256,15 @@ impl<T: AsRef<[u8]>> TcpHeader<T> {
     }
 }
 
+impl<'a> TcpHeader<&'a [u8]> {
+    /// A walker over the options that borrows the underlying buffer, not the view.
+    #[inline]
+    pub fn into_options(self) -> Options<'a> {
+        let header_len = usize::from(self.buffer[tcp::DATA_OFFSET] >> 4) * 4;
+        Options::new(&self.buffer[tcp::OPTIONS..header_len], self.origin + tcp::OPTIONS)
+    }
+}
+
 /// The IP version of a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IpVersion {
@@ -385,9 +394,7 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
 
     /// Every TOA of an enabled format, in header order.
     pub fn toas(&self, formats: &Formats) -> Toas<'_> {
-        let tcp = &self.buf()[self.tcp_offset..self.len];
-        let end = usize::from(tcp[tcp::DATA_OFFSET] >> 4) * 4;
-        Options::new(&tcp[tcp::OPTIONS..end], self.tcp_offset + tcp::OPTIONS).toas(formats)
+        self.tcp().into_options().toas(formats)
     }
 
     /// The pseudo-header sum for a TCP segment of `tcp_len` bytes.
