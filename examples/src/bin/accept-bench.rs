@@ -113,26 +113,23 @@ fn serve(variant: Variant, listener: TcpListener, stop: &AtomicBool, accepted: &
             runtime.block_on(async {
                 use tokio::io::AsyncWriteExt;
                 listener.set_nonblocking(true).expect("nonblocking");
+                let toa = (variant == Variant::ToaTokio).then(|| {
+                    let clone = listener.try_clone().expect("clone listener");
+                    let clone = tokio::net::TcpListener::from_std(clone).expect("tokio listener");
+                    toa_server_shim::tokio::ToaListener::from_tokio(clone, config()).expect("TCP_SAVE_SYN")
+                });
                 let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                if variant == Variant::PlainTokio {
-                    while !stop.load(Ordering::Relaxed) {
-                        if let Ok(mut conn) = listener.accept().await {
-                            let _ = conn.0.write_all(b"!").await;
-                            reset(&conn.0);
-                            std::hint::black_box(conn);
-                            accepted.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                } else {
-                    let listener = toa_server_shim::tokio::ToaListener::from_tokio(listener, config())
-                        .expect("TCP_SAVE_SYN");
-                    while !stop.load(Ordering::Relaxed) {
-                        if let Ok(mut conn) = listener.accept().await {
-                            let _ = conn.0.write_all(b"!").await;
-                            reset(&conn.0);
-                            std::hint::black_box(conn);
-                            accepted.fetch_add(1, Ordering::Relaxed);
-                        }
+                while !stop.load(Ordering::Relaxed) {
+                    // The same loop for both: only the accept call differs.
+                    let conn = match &toa {
+                        Some(toa) => toa.accept().await.map(|(stream, peer)| (stream, Some(peer))),
+                        None => listener.accept().await.map(|(stream, _)| (stream, None)),
+                    };
+                    if let Ok(mut conn) = conn {
+                        let _ = conn.0.write_all(b"!").await;
+                        reset(&conn.0);
+                        std::hint::black_box(conn);
+                        accepted.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             });
