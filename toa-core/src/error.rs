@@ -16,6 +16,8 @@ pub enum Layer {
     Ipv6Extension,
     /// The TCP header.
     Tcp,
+    /// The UDP header.
+    Udp,
 }
 
 impl fmt::Display for Layer {
@@ -25,6 +27,7 @@ impl fmt::Display for Layer {
             Layer::Ipv6 => "ipv6 header",
             Layer::Ipv6Extension => "ipv6 extension header",
             Layer::Tcp => "tcp header",
+            Layer::Udp => "udp header",
         })
     }
 }
@@ -80,6 +83,22 @@ pub enum Error {
         protocol: u8,
         /// Where that protocol's header would start.
         offset: usize,
+    },
+    /// The packet does not carry UDP (from [`UdpPacket`](crate::UdpPacket)).
+    NotUdp {
+        /// The upper-layer protocol number found.
+        protocol: u8,
+        /// Where that protocol's header would start.
+        offset: usize,
+    },
+    /// The UDP length field is below 8 or runs past the IP payload.
+    UdpLength {
+        /// Where the UDP header starts.
+        offset: usize,
+        /// The length the UDP header declares.
+        declared: usize,
+        /// Bytes of IP payload from `offset` on.
+        available: usize,
     },
     /// The TCP data offset is below 5 words or points past the segment.
     DataOffset {
@@ -178,6 +197,13 @@ impl fmt::Display for Error {
             Error::NotTcp { protocol, offset } => {
                 write!(f, "not tcp: protocol {protocol} at offset {offset}")
             }
+            Error::NotUdp { protocol, offset } => {
+                write!(f, "not udp: protocol {protocol} at offset {offset}")
+            }
+            Error::UdpLength { offset, declared, available } => write!(
+                f,
+                "udp length {declared} at offset {offset} is invalid: minimum 8, ip payload holds {available}"
+            ),
             Error::DataOffset { offset, data_offset, available } => write!(
                 f,
                 "tcp data offset {data_offset} words at offset {offset} is invalid: segment holds {available} bytes"
@@ -228,6 +254,8 @@ impl Error {
             Error::Truncated { offset, .. }
             | Error::Fragment { offset }
             | Error::NotTcp { offset, .. }
+            | Error::NotUdp { offset, .. }
+            | Error::UdpLength { offset, .. }
             | Error::DataOffset { offset, .. }
             | Error::OptionLength { offset, .. }
             | Error::OptionOverrun { offset, .. }

@@ -58,6 +58,7 @@ mod mss;
 mod nat;
 mod option;
 mod packet;
+mod udp;
 
 pub use edit::{Stripped, insert, strip};
 pub use error::{Error, Layer};
@@ -66,3 +67,4 @@ pub use mss::{MIN_MSS, MssClamp, clamp_mss};
 pub use nat::rewrite_endpoints;
 pub use option::{Options, RawOption, TencentMeta, Toa, ToaOption, Toas, kind};
 pub use packet::{IpVersion, TcpFlags, TcpHeader, TcpPacket};
+pub use udp::UdpPacket;

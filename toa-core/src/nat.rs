@@ -1,17 +1,20 @@
-//! Rewriting a TCP packet's endpoints, as a FULLNAT load balancer does.
+//! Rewriting a TCP or UDP packet's endpoints, as a FULLNAT load balancer does.
 
 use core::net::{IpAddr, SocketAddr};
 
 use crate::Error;
 use crate::checksum::{self, Accumulator};
-use crate::packet::field::{ipv4, ipv6, tcp};
+use crate::packet::field::{ipv4, ipv6, tcp, udp};
 use crate::packet::{IpVersion, TcpPacket, read_u16};
+use crate::udp::UdpPacket;
 
-/// Sets the source and destination of the TCP packet in `buf[..len]` to `src`
-/// and `dst` (addresses and ports), updating the IPv4 header checksum and the
-/// TCP checksum incrementally (RFC 1624). The addresses must be of the
-/// packet's IP version ([`Error::AddressFamily`] otherwise, with the buffer
-/// untouched).
+/// Sets the source and destination of the TCP or UDP packet in `buf[..len]`
+/// to `src` and `dst` (addresses and ports), updating the IPv4 header checksum
+/// and the TCP or UDP checksum incrementally (RFC 1624). The addresses must be
+/// of the packet's IP version ([`Error::AddressFamily`] otherwise, with the
+/// buffer untouched). An IPv4 UDP datagram sent without a checksum (0) stays
+/// without one; a UDP checksum that comes out as 0 is sent as 0xffff (RFC 768).
+/// Any other protocol is [`Error::NotTcp`].
 ///
 /// ```
 /// use toa_core::{rewrite_endpoints, TcpPacket};
@@ -29,8 +32,15 @@ use crate::packet::{IpVersion, TcpPacket, read_u16};
 /// ```
 pub fn rewrite_endpoints(buf: &mut [u8], len: usize, src: SocketAddr, dst: SocketAddr) -> Result<(), Error> {
     let packet = buf.get(..len).ok_or(Error::Capacity { need: len, capacity: buf.len() })?;
-    let packet = TcpPacket::new_checked(packet)?;
-    let (version, tcp_start) = (packet.version(), packet.tcp_offset());
+    let (version, l4_start, csum_field) = match TcpPacket::new_checked(packet) {
+        Ok(tcp) => (tcp.version(), tcp.tcp_offset(), tcp::CHECKSUM),
+        Err(Error::NotTcp { protocol: udp::PROTOCOL, .. }) => {
+            let udp = UdpPacket::new_checked(packet)?;
+            (udp.version(), udp.udp_offset(), udp::CHECKSUM)
+        }
+        Err(e) => return Err(e),
+    };
+    let is_udp = csum_field == udp::CHECKSUM;
     let fits = |a: &SocketAddr| {
         matches!((a.ip(), version), (IpAddr::V4(_), IpVersion::V4) | (IpAddr::V6(_), IpVersion::V6))
     };
@@ -57,15 +67,23 @@ pub fn rewrite_endpoints(buf: &mut [u8], len: usize, src: SocketAddr, dst: Socke
         added.add_bytes(&buf[range.clone()]);
         ip_added.add_bytes(&buf[range]);
     }
-    let ports = tcp_start + tcp::SRC_PORT.start..tcp_start + tcp::DST_PORT.end;
+    // TCP and UDP both start with the source and destination ports.
+    let ports = l4_start + tcp::SRC_PORT.start..l4_start + tcp::DST_PORT.end;
     removed.add_bytes(&buf[ports.clone()]);
     buf[ports.start..ports.start + 2].copy_from_slice(&src.port().to_be_bytes());
     buf[ports.start + 2..ports.end].copy_from_slice(&dst.port().to_be_bytes());
     added.add_bytes(&buf[ports]);
 
-    let csum = tcp_start + tcp::CHECKSUM.start..tcp_start + tcp::CHECKSUM.end;
-    let updated = checksum::update(read_u16(buf, csum.clone()), removed, added);
-    buf[csum].copy_from_slice(&updated.to_be_bytes());
+    let csum = l4_start + csum_field.start..l4_start + csum_field.end;
+    let old = read_u16(buf, csum.clone());
+    // 0 in an IPv4 UDP header means "no checksum": there is nothing to update.
+    if !(is_udp && old == 0) {
+        let mut updated = checksum::update(old, removed, added);
+        if is_udp && updated == 0 {
+            updated = 0xffff;
+        }
+        buf[csum].copy_from_slice(&updated.to_be_bytes());
+    }
     if version == IpVersion::V4 {
         let updated = checksum::update(read_u16(buf, ipv4::CHECKSUM), ip_removed, ip_added);
         buf[ipv4::CHECKSUM].copy_from_slice(&updated.to_be_bytes());

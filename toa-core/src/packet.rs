@@ -50,6 +50,15 @@ pub(crate) mod field {
         pub(crate) const MAX_HEADER_LEN: usize = 60;
         pub(crate) const PROTOCOL: u8 = 6;
     }
+    pub(crate) mod udp {
+        use core::ops::Range;
+        pub(crate) const SRC_PORT: Range<usize> = 0..2;
+        pub(crate) const DST_PORT: Range<usize> = 2..4;
+        pub(crate) const LENGTH: Range<usize> = 4..6;
+        pub(crate) const CHECKSUM: Range<usize> = 6..8;
+        pub(crate) const HEADER_LEN: usize = 8;
+        pub(crate) const PROTOCOL: u8 = 17;
+    }
 }
 
 use field::{ipv4, ipv6, tcp};
@@ -314,11 +323,10 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
             let (layer, need, available) = (Layer::Ipv4, ipv4::MIN_LEN, 0);
             return Err(Error::Truncated { layer, offset: 0, need, available });
         };
-        let (version, tcp_offset, len) = match first >> 4 {
-            4 => parse_ipv4(buf)?,
-            6 => parse_ipv6(buf)?,
-            version => return Err(Error::UnknownIpVersion { version }),
-        };
+        let (version, tcp_offset, len, protocol) = parse_ip(buf, first)?;
+        if protocol != tcp::PROTOCOL {
+            return Err(Error::NotTcp { protocol, offset: tcp_offset });
+        }
         TcpHeader::new_checked_at(&buf[tcp_offset..len], tcp_offset)?;
         Ok(Self { buffer, version, tcp_offset, len })
     }
@@ -374,15 +382,7 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     }
 
     fn addr(&self, v4: core::ops::Range<usize>, v6: core::ops::Range<usize>) -> IpAddr {
-        let buf = self.buf();
-        match self.version {
-            IpVersion::V4 => IpAddr::V4(Ipv4Addr::from_bits(read_u32(buf, v4))),
-            IpVersion::V6 => {
-                let mut octets = [0u8; 16];
-                octets.copy_from_slice(&buf[v6]);
-                IpAddr::V6(Ipv6Addr::from(octets))
-            }
-        }
+        ip_addr(self.buf(), self.version, v4, v6)
     }
 
     /// The first TOA of an enabled format (options after it are not
@@ -435,9 +435,37 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     }
 }
 
-/// Validates an IPv4 header; returns (version, TCP offset, packet length).
+/// The address at `v4` or `v6` of a checked IP header, by its version.
+pub(crate) fn ip_addr(
+    buf: &[u8],
+    version: IpVersion,
+    v4: core::ops::Range<usize>,
+    v6: core::ops::Range<usize>,
+) -> IpAddr {
+    match version {
+        IpVersion::V4 => IpAddr::V4(Ipv4Addr::from_bits(read_u32(buf, v4))),
+        IpVersion::V6 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&buf[v6]);
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+    }
+}
+
+/// Validates the IP header (and IPv6 extension headers) of `buf`, whose first
+/// byte is `first`; returns (version, upper-layer offset, packet length, protocol).
 #[inline]
-fn parse_ipv4(buf: &[u8]) -> Result<(IpVersion, usize, usize), Error> {
+pub(crate) fn parse_ip(buf: &[u8], first: u8) -> Result<(IpVersion, usize, usize, u8), Error> {
+    match first >> 4 {
+        4 => parse_ipv4(buf),
+        6 => parse_ipv6(buf),
+        version => Err(Error::UnknownIpVersion { version }),
+    }
+}
+
+/// Validates an IPv4 header; returns (version, upper-layer offset, packet length, protocol).
+#[inline]
+fn parse_ipv4(buf: &[u8]) -> Result<(IpVersion, usize, usize, u8), Error> {
     if buf.len() < ipv4::MIN_LEN {
         let (need, available) = (ipv4::MIN_LEN, buf.len());
         return Err(Error::Truncated { layer: Layer::Ipv4, offset: 0, need, available });
@@ -458,15 +486,12 @@ fn parse_ipv4(buf: &[u8]) -> Result<(IpVersion, usize, usize), Error> {
     if read_u16(buf, ipv4::FLAGS_FRAG) & ipv4::MF_OFFSET_MASK != 0 {
         return Err(Error::Fragment { offset: 0 });
     }
-    let protocol = buf[ipv4::PROTOCOL];
-    if protocol != tcp::PROTOCOL {
-        return Err(Error::NotTcp { protocol, offset: header_len });
-    }
-    Ok((IpVersion::V4, header_len, declared))
+    Ok((IpVersion::V4, header_len, declared, buf[ipv4::PROTOCOL]))
 }
 
-/// Validates an IPv6 header and its extension headers; returns (version, TCP offset, packet length).
-fn parse_ipv6(buf: &[u8]) -> Result<(IpVersion, usize, usize), Error> {
+/// Validates an IPv6 header and its extension headers; returns (version,
+/// upper-layer offset, packet length, protocol).
+fn parse_ipv6(buf: &[u8]) -> Result<(IpVersion, usize, usize, u8), Error> {
     if buf.len() < ipv6::LEN {
         let (need, available) = (ipv6::LEN, buf.len());
         return Err(Error::Truncated { layer: Layer::Ipv6, offset: 0, need, available });
@@ -484,7 +509,6 @@ fn parse_ipv6(buf: &[u8]) -> Result<(IpVersion, usize, usize), Error> {
     let mut offset = ipv6::LEN;
     loop {
         match next {
-            tcp::PROTOCOL => return Ok((IpVersion::V6, offset, len)),
             ipv6::FRAGMENT => return Err(Error::Fragment { offset }),
             ipv6::HOP_BY_HOP | ipv6::ROUTING | ipv6::DEST_OPTIONS => {
                 // Every one of these starts with next header and length in 8-byte units, minus one.
@@ -501,7 +525,7 @@ fn parse_ipv6(buf: &[u8]) -> Result<(IpVersion, usize, usize), Error> {
                 next = next_header;
                 offset += ext_len;
             }
-            protocol => return Err(Error::NotTcp { protocol, offset }),
+            protocol => return Ok((IpVersion::V6, offset, len, protocol)),
         }
     }
 }
