@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Connections per second and bulk throughput through toa-lb (TOA on and off)
-# against the kernel doing the same FULLNAT with nftables (dnat + snat, no
-# TOA), in one run on the testbed. Needs root. Prints the ratios.
+# Connections per second and bulk throughput through toa-lb against the
+# kernel doing the same FULLNAT with nftables (dnat + snat, no TOA), in one
+# run on the testbed: the pnet datapath (one frame per system call: the
+# "before") and the ring datapath (the default: the "after"), TOA on and off.
+# Needs root. Prints the ratios.
 # Usage: scripts/bench-lb.sh [SECONDS]   (default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +31,9 @@ measure() { # prints "conn/s MB/s"
     : "$port"
 }
 
-lb_run() {
+lb_run() { # MODE DATAPATH
     cat >"$work/lb.toml" <<TOML
+datapath = "$2"
 client_interface = "lb-c"
 backend_interface = "lb-br"
 snat = ["100.125.1.1", "100.125.1.2", "100.125.1.3", "100.125.1.4"]
@@ -77,12 +80,13 @@ NFT
 }
 
 read -r kc kb < <(kernel_run)
-read -r tc tb < <(lb_run toa)
-read -r oc ob < <(lb_run off)
-printf '%-28s %10s %10s\n' "path" "conn/s" "MB/s"
-printf '%-28s %10s %10s\n' "kernel nftables FULLNAT" "$kc" "$kb"
-printf '%-28s %10s %10s\n' "toa-lb, TOA on" "$tc" "$tb"
-printf '%-28s %10s %10s\n' "toa-lb, TOA off" "$oc" "$ob"
-awk -v a="$tc" -v b="$kc" -v c="$tb" -v d="$kb" -v e="$oc" -v f="$ob" 'BEGIN {
-  printf "ratio toa-lb/kernel, TOA on:  conn/s %.2f  throughput %.2f\n", a / b, c / d;
-  printf "ratio toa-lb/kernel, TOA off: conn/s %.2f  throughput %.2f\n", e / b, f / d }'
+read -r pc pb < <(lb_run toa pnet)
+read -r tc tb < <(lb_run toa ring)
+read -r oc ob < <(lb_run off ring)
+printf '%-34s %10s %10s %16s\n' "path" "conn/s" "MB/s" "ratio to kernel"
+row() { awk -v n="$1" -v c="$2" -v b="$3" -v kc="$kc" -v kb="$kb" \
+    'BEGIN { printf "%-34s %10s %10s    %5.2f  %5.2f\n", n, c, b, c / kc, b / kb }'; }
+row "kernel nftables FULLNAT (no TOA)" "$kc" "$kb"
+row "toa-lb pnet, TOA on (before)" "$pc" "$pb"
+row "toa-lb ring, TOA on (after)" "$tc" "$tb"
+row "toa-lb ring, TOA off" "$oc" "$ob"

@@ -1,33 +1,40 @@
 //! The LB engine fed arbitrary packet sequences: no panic, the flow table
-//! stays bounded, and every packet it forwards is a valid TCP packet.
+//! stays bounded, and every packet it forwards is a valid TCP or UDP packet.
 #![no_main]
 
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use toa_core::{Format, TcpPacket};
+use toa_core::{Format, TcpPacket, UdpPacket};
 use toa_lb_injector::{
-    Backend, Engine, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Scheduler, Timeouts, Verdict,
+    Backend, Engine, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Protocol, Scheduler, Shard, Timeouts,
+    Verdict,
 };
 
 fn engine() -> Engine {
-    let listener = |vip: &str, backend: &str| ListenerConfig {
+    let listener = |vip: &str, backend: &str, protocol| ListenerConfig {
         vip: vip.parse().expect("vip"),
+        protocol,
         backends: vec![Backend { addr: backend.parse().expect("backend"), weight: 1 }],
         scheduler: Scheduler::RoundRobin,
-        obtain_client_ip: ObtainClientIp::Toa(Format::Toa),
+        obtain_client_ip: match protocol {
+            Protocol::Tcp => ObtainClientIp::Toa(Format::Toa),
+            Protocol::Udp => ObtainClientIp::Off,
+        },
         placement: Placement { syn: true, handshake_ack: true, data: true },
     };
     Engine::new(EngineConfig {
         listeners: vec![
-            listener("198.51.100.10:80", "192.0.2.10:8080"),
-            listener("[2001:db8:f::10]:80", "[2001:db8:be::a]:80"),
+            listener("198.51.100.10:80", "192.0.2.10:8080", Protocol::Tcp),
+            listener("[2001:db8:f::10]:80", "[2001:db8:be::a]:80", Protocol::Tcp),
+            listener("198.51.100.10:80", "192.0.2.10:8080", Protocol::Udp),
         ],
         snat: vec!["100.125.0.1".parse().expect("ip"), "2001:db8:64::1".parse().expect("ip")],
         snat_ports: 1024..=1100,
         max_flows: 16,
         timeouts: Timeouts::default(),
         snat_seed: 0,
+        shard: Shard::default(),
     })
     .expect("valid config")
 }
@@ -46,7 +53,9 @@ fuzz_target!(|data: &[u8]| {
         buf.resize(packet.len() + 64, 0);
         match engine.handle_packet(now, &mut buf, packet.len()) {
             Verdict::ToBackend { len, .. } | Verdict::ToClient { len, .. } => {
-                assert!(TcpPacket::new_checked(&buf[..len]).is_ok(), "forwarded an invalid packet");
+                let out = &buf[..len];
+                let valid = TcpPacket::new_checked(out).is_ok() || UdpPacket::new_checked(out).is_ok();
+                assert!(valid, "forwarded an invalid packet");
             }
             Verdict::Drop(_) | Verdict::NotMine => {}
         }

@@ -50,6 +50,26 @@ pub enum Scheduler {
     ConsistentHash,
 }
 
+/// The transport protocol of a listener.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP: flows follow the handshake; TOA can be written.
+    #[default]
+    Tcp,
+    /// UDP: a flow per client address and port, kept while datagrams pass
+    /// (`Timeouts::udp`); `ObtainClientIp::Off` or `Transparent` only.
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
 /// A backend server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
@@ -64,6 +84,8 @@ pub struct Backend {
 pub struct ListenerConfig {
     /// The address and port clients connect to.
     pub vip: SocketAddr,
+    /// TCP or UDP; a TCP and a UDP listener may share a VIP and port.
+    pub protocol: Protocol,
     /// The backends.
     pub backends: Vec<Backend>,
     /// How a backend is picked.
@@ -83,6 +105,8 @@ pub struct Timeouts {
     pub established: Duration,
     /// After a FIN.
     pub closing: Duration,
+    /// A UDP flow without datagrams either way.
+    pub udp: Duration,
 }
 
 impl Default for Timeouts {
@@ -91,6 +115,7 @@ impl Default for Timeouts {
             syn: Duration::from_secs(5),
             established: Duration::from_secs(900),
             closing: Duration::from_secs(10),
+            udp: Duration::from_secs(60),
         }
     }
 }
@@ -104,7 +129,8 @@ pub struct EngineConfig {
     pub snat: Vec<IpAddr>,
     /// The SNAT ports used on each address.
     pub snat_ports: std::ops::RangeInclusive<u16>,
-    /// The most flows kept at once; a SYN flood evicts the oldest half-open flows.
+    /// The most flows kept at once, over all shards (each engine holds its
+    /// share); a SYN flood evicts the oldest half-open flows.
     pub max_flows: usize,
     /// Idle timeouts.
     pub timeouts: Timeouts,
@@ -112,6 +138,29 @@ pub struct EngineConfig {
     /// (the time, say): an LB restarted with the same SNAT ports would collide
     /// with the TIME_WAIT state its previous run left on the backends.
     pub snat_seed: u64,
+    /// Which share of the SNAT ports this engine allocates, when a datapath
+    /// runs one engine per worker (see [`Shard`]).
+    pub shard: Shard,
+}
+
+/// One engine's share of the SNAT ports: those with `port % count == index`.
+///
+/// A datapath with several workers gives each its own engine (nothing shared
+/// on the hot path) and steers a backend's reply to worker `dst_port % count`,
+/// which is then the engine that owns the flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// This engine's share.
+    pub index: u16,
+    /// How many engines share the ports.
+    pub count: u16,
+}
+
+impl Default for Shard {
+    /// The whole range.
+    fn default() -> Self {
+        Shard { index: 0, count: 1 }
+    }
 }
 
 /// A configuration the engine refuses, said so that it can be fixed.
@@ -121,9 +170,12 @@ pub enum ConfigError {
     /// A listener without backends.
     #[error("listener {0} has no backends")]
     NoBackends(SocketAddr),
-    /// Two listeners on the same VIP and port.
+    /// Two listeners on the same VIP, port and protocol.
     #[error("listeners overlap: {0} is configured twice")]
     Overlap(SocketAddr),
+    /// TOA asked of a UDP listener.
+    #[error("listener {0} is UDP: obtain_client_ip may be off or transparent (TOA is a TCP option)")]
+    ToaOnUdp(SocketAddr),
     /// A backend of weight 0.
     #[error("backend {backend} of listener {listener} has weight 0 (use at least 1, or remove it)")]
     ZeroWeight {
@@ -154,6 +206,11 @@ pub enum ConfigError {
 }
 
 impl EngineConfig {
+    /// The flows this engine may hold: its share of `max_flows`.
+    pub(crate) fn engine_bound(&self) -> usize {
+        self.max_flows.div_ceil(usize::from(self.shard.count.max(1)))
+    }
+
     /// Checks the configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_flows == 0 {
@@ -162,9 +219,23 @@ impl EngineConfig {
         if self.snat_ports.is_empty() {
             return Err(ConfigError::Limits("the SNAT port range is empty"));
         }
+        let Shard { index, count } = self.shard;
+        let ports = usize::from(*self.snat_ports.end() - *self.snat_ports.start()) + 1;
+        if count == 0 || index >= count || ports < usize::from(count) {
+            return Err(ConfigError::Limits(
+                "the shard is outside the SNAT port range (index < count <= ports)",
+            ));
+        }
         for (i, listener) in self.listeners.iter().enumerate() {
-            if self.listeners[..i].iter().any(|other| other.vip == listener.vip) {
+            let same =
+                |other: &ListenerConfig| other.vip == listener.vip && other.protocol == listener.protocol;
+            if self.listeners[..i].iter().any(same) {
                 return Err(ConfigError::Overlap(listener.vip));
+            }
+            if listener.protocol == Protocol::Udp
+                && matches!(listener.obtain_client_ip, ObtainClientIp::Toa(_))
+            {
+                return Err(ConfigError::ToaOnUdp(listener.vip));
             }
             if listener.backends.is_empty() {
                 return Err(ConfigError::NoBackends(listener.vip));

@@ -3,28 +3,34 @@
 //! One request per connection, one line each way and back:
 //! `listeners`, `backends`, `stats`, `set LISTENER obtain-client-ip
 //! off|toa|transparent`, `add-backend LISTENER ADDR [WEIGHT]`, `remove-backend
-//! LISTENER ADDR`, `drain|undrain LISTENER ADDR`, where LISTENER is the VIP
-//! (`203.0.113.10:80`) or its index. A switch applies to
-//! new flows; existing flows keep the mode they started with.
+//! LISTENER ADDR`, `drain|undrain LISTENER ADDR`, `reload`, where LISTENER is
+//! the VIP (`203.0.113.10:80`, `udp/203.0.113.10:53` for a UDP listener) or
+//! its index. A switch applies to new flows; existing flows keep the mode
+//! they started with.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use toa_core::Format;
 
-use crate::config::ObtainClientIp;
-use crate::engine::Engine;
+use crate::config::{ObtainClientIp, Protocol};
+use crate::shards::{Locked, Shards};
 
 /// The default socket path.
 pub const SOCKET: &str = "/run/toa-lb.sock";
 
+/// Re-reads the configuration file and applies it (the driver's job: it
+/// knows the file, the interfaces and the nftables rules). Returns what
+/// changed, or why the new configuration was rejected (the old one stays).
+pub type Reload = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
 /// Serves the control socket at `path` until `stop` is set.
-pub fn serve(path: &Path, engine: Arc<Mutex<Engine>>, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+pub fn serve(path: &Path, shards: Arc<Shards>, reload: Reload, stop: Arc<AtomicBool>) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path); // a stale socket from a crash
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -35,7 +41,7 @@ pub fn serve(path: &Path, engine: Arc<Mutex<Engine>>, stop: Arc<AtomicBool>) -> 
             match listener.accept() {
                 Ok((stream, _)) => {
                     let _ = stream.set_nonblocking(false);
-                    let _ = answer(stream, &engine);
+                    let _ = answer(stream, &shards, &reload);
                 }
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
             }
@@ -45,12 +51,13 @@ pub fn serve(path: &Path, engine: Arc<Mutex<Engine>>, stop: Arc<AtomicBool>) -> 
     Ok(())
 }
 
-fn answer(stream: UnixStream, engine: &Mutex<Engine>) -> std::io::Result<()> {
+fn answer(stream: UnixStream, shards: &Shards, reload: &Reload) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
-    let reply = match engine.lock() {
-        Ok(mut engine) => handle(&mut engine, line.trim()),
-        Err(_) => Err("engine unavailable".to_owned()),
+    let reply = match line.trim() {
+        // Not under the engines' locks: the reload takes them itself.
+        "reload" => reload(),
+        request => handle(&mut shards.lock(), request),
     };
     let mut stream = stream;
     match reply {
@@ -59,8 +66,8 @@ fn answer(stream: UnixStream, engine: &Mutex<Engine>) -> std::io::Result<()> {
     }
 }
 
-/// Runs one control request against the engine.
-pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
+/// Runs one control request against the engines.
+pub fn handle(engine: &mut Locked<'_>, request: &str) -> Result<String, String> {
     let words: Vec<&str> = request.split_whitespace().collect();
     match words.as_slice() {
         ["listeners"] => {
@@ -78,7 +85,7 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
                 let _ = writeln!(
                     out,
                     "{i} {} obtain-client-ip={} backends={}",
-                    l.vip,
+                    listener_name(l),
                     mode_name(l.obtain_client_ip),
                     backends.join(",")
                 );
@@ -91,8 +98,8 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
                 if let Some(c) = engine.counters(i) {
                     let _ = writeln!(
                         out,
-                        "{} flows={} injected={} no_room={} stripped={} evicted={} expired={} to_backend={} to_client={} dropped_malformed={} dropped_no_flow={} dropped_table_full={} dropped_no_snat={}",
-                        l.vip,
+                        "{} flows={} injected={} no_room={} stripped={} evicted={} expired={} to_backend={} to_client={} bytes_to_backend={} bytes_to_client={} dropped_malformed={} dropped_no_flow={} dropped_table_full={} dropped_no_snat={} dropped_no_backend={}",
+                        listener_name(l),
                         c.flows,
                         c.injected,
                         c.no_room,
@@ -101,12 +108,27 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
                         c.expired,
                         c.to_backend,
                         c.to_client,
+                        c.bytes_to_backend,
+                        c.bytes_to_client,
                         c.dropped_malformed,
                         c.dropped_no_flow,
                         c.dropped_table_full,
-                        c.dropped_no_snat
+                        c.dropped_no_snat,
+                        c.dropped_no_backend
                     );
                 }
+            }
+            for (((proto, vip), backend), c) in engine.backend_counters() {
+                let _ = writeln!(
+                    out,
+                    "{} backend {backend} flows={} to_backend={} to_client={} bytes_to_backend={} bytes_to_client={}",
+                    key_name(proto, vip),
+                    c.flows,
+                    c.to_backend,
+                    c.to_client,
+                    c.bytes_to_backend,
+                    c.bytes_to_client
+                );
             }
             Ok(out)
         }
@@ -119,7 +141,13 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
                         (Some(false), _) => "down",
                         _ => "up",
                     };
-                    let _ = writeln!(out, "{} {} weight={} {state}", l.vip, backend.addr, backend.weight);
+                    let _ = writeln!(
+                        out,
+                        "{} {} weight={} {state}",
+                        listener_name(l),
+                        backend.addr,
+                        backend.weight
+                    );
                 }
             }
             Ok(out)
@@ -133,20 +161,20 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
                 [w] => w.parse().map_err(|_| format!("weight {w:?} is not a number"))?,
                 _ => return Err("usage: add-backend LISTENER ADDR [WEIGHT]".into()),
             };
-            engine.add_backend(index, crate::config::Backend { addr, weight })?;
-            Ok(format!("{} + {addr}\n", engine.listeners()[index].vip))
+            engine.apply(|e| e.add_backend(index, crate::config::Backend { addr, weight }))?;
+            Ok(format!("{} + {addr}\n", listener_name(&engine.listeners()[index])))
         }
         ["remove-backend", listener, addr] => {
             let index = listener_index(engine, listener)?;
             let addr = addr.parse().map_err(|_| format!("{addr:?} is not an address:port"))?;
-            engine.remove_backend(index, addr)?;
-            Ok(format!("{} - {addr} (its connections go on)\n", engine.listeners()[index].vip))
+            engine.apply(|e| e.remove_backend(index, addr))?;
+            Ok(format!("{} - {addr} (its connections go on)\n", listener_name(&engine.listeners()[index])))
         }
         [verb @ ("drain" | "undrain"), listener, addr] => {
             let index = listener_index(engine, listener)?;
             let addr = addr.parse().map_err(|_| format!("{addr:?} is not an address:port"))?;
-            engine.drain_backend(index, addr, *verb == "drain")?;
-            Ok(format!("{} {addr} {verb}ed\n", engine.listeners()[index].vip))
+            engine.apply(|e| e.drain_backend(index, addr, *verb == "drain"))?;
+            Ok(format!("{} {addr} {verb}ed\n", listener_name(&engine.listeners()[index])))
         }
         ["set", listener, "obtain-client-ip", mode] => {
             let index = listener_index(engine, listener)?;
@@ -160,25 +188,38 @@ pub fn handle(engine: &mut Engine, request: &str) -> Result<String, String> {
                 }),
                 other => return Err(format!("unknown mode {other:?}: off, toa or transparent")),
             };
-            engine.set_obtain_client_ip(index, mode);
+            engine.apply(|e| e.set_obtain_client_ip(index, mode)).map_err(|e| e.to_string())?;
             Ok(format!(
                 "{} obtain-client-ip={} (new flows)\n",
-                engine.listeners()[index].vip,
+                listener_name(&engine.listeners()[index]),
                 mode_name(mode)
             ))
         }
         _ => Err(format!(
-            "unknown request {request:?}: listeners | backends | stats | set LISTENER obtain-client-ip off|toa|transparent | add-backend LISTENER ADDR [WEIGHT] | remove-backend LISTENER ADDR | drain|undrain LISTENER ADDR"
+            "unknown request {request:?}: listeners | backends | stats | set LISTENER obtain-client-ip off|toa|transparent | add-backend LISTENER ADDR [WEIGHT] | remove-backend LISTENER ADDR | drain|undrain LISTENER ADDR | reload"
         )),
     }
 }
 
-/// A listener by VIP (`203.0.113.10:80`) or index.
-fn listener_index(engine: &Engine, listener: &str) -> Result<usize, String> {
+/// How a listener is named: its VIP, with `udp/` before a UDP one.
+pub fn listener_name(l: &crate::config::ListenerConfig) -> String {
+    key_name(l.protocol, l.vip)
+}
+
+fn key_name(proto: Protocol, vip: std::net::SocketAddr) -> String {
+    match proto {
+        Protocol::Tcp => vip.to_string(),
+        Protocol::Udp => format!("udp/{vip}"),
+    }
+}
+
+/// A listener by name (`203.0.113.10:80`, `udp/203.0.113.10:53`, `tcp/...`) or index.
+fn listener_index(engine: &Locked<'_>, listener: &str) -> Result<usize, String> {
+    let name = listener.strip_prefix("tcp/").unwrap_or(listener);
     engine
         .listeners()
         .iter()
-        .position(|l| l.vip.to_string() == listener)
+        .position(|l| listener_name(l) == name)
         .or_else(|| listener.parse::<usize>().ok().filter(|i| *i < engine.listeners().len()))
         .ok_or_else(|| format!("no listener {listener}; see `toa-lb ctl listeners`"))
 }
@@ -194,15 +235,18 @@ fn mode_name(mode: ObtainClientIp) -> String {
 /// A counter series: name, help text, and how to read it from a listener's counters.
 type Series = (&'static str, &'static str, fn(&crate::engine::Counters) -> u64);
 
+/// The same for a backend's counters.
+type BackendSeries = (&'static str, &'static str, fn(&crate::engine::BackendCounters) -> u64);
+
 /// The counters in the Prometheus text format.
-pub fn metrics(engine: &Engine) -> String {
+pub fn metrics(engine: &Locked<'_>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "# HELP toa_lb_flows Flows in the table.\n# TYPE toa_lb_flows gauge\ntoa_lb_flows {}",
         engine.flow_count()
     );
-    let series: [Series; 10] = [
+    let series: [Series; 12] = [
         ("toa_lb_flows_created_total", "Flows created.", |c| c.flows),
         ("toa_lb_flows_evicted_total", "Half-open flows evicted under a SYN flood.", |c| c.evicted),
         ("toa_lb_flows_expired_total", "Flows that timed out.", |c| c.expired),
@@ -211,6 +255,8 @@ pub fn metrics(engine: &Engine) -> String {
         ("toa_lb_toa_stripped_total", "TOA options removed from what clients sent.", |c| c.stripped),
         ("toa_lb_packets_to_backend_total", "Packets forwarded to backends.", |c| c.to_backend),
         ("toa_lb_packets_to_client_total", "Packets forwarded to clients.", |c| c.to_client),
+        ("toa_lb_bytes_to_backend_total", "IP bytes forwarded to backends.", |c| c.bytes_to_backend),
+        ("toa_lb_bytes_to_client_total", "IP bytes forwarded to clients.", |c| c.bytes_to_client),
         ("toa_lb_mss_clamped_total", "SYN-ACKs whose MSS was lowered.", |c| c.mss_clamped),
         ("toa_lb_health_changes_total", "Backends that went down or came back.", |c| c.health_changes),
     ];
@@ -218,7 +264,7 @@ pub fn metrics(engine: &Engine) -> String {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for (i, l) in engine.listeners().iter().enumerate() {
             if let Some(c) = engine.counters(i) {
-                let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", l.vip, get(c));
+                let _ = writeln!(out, "{name}{{{}}} {}", labels(l), get(&c));
             }
         }
     }
@@ -227,11 +273,7 @@ pub fn metrics(engine: &Engine) -> String {
     for (i, l) in engine.listeners().iter().enumerate() {
         for (b, backend) in l.backends.iter().enumerate() {
             let up = u8::from(engine.backend_up(i, b) != Some(false));
-            let _ = writeln!(
-                out,
-                "toa_lb_backend_up{{listener=\"{}\",backend=\"{}\"}} {up}",
-                l.vip, backend.addr
-            );
+            let _ = writeln!(out, "toa_lb_backend_up{{{},backend=\"{}\"}} {up}", labels(l), backend.addr);
         }
     }
     let _ = writeln!(
@@ -247,18 +289,45 @@ pub fn metrics(engine: &Engine) -> String {
                 ("no_snat_port", c.dropped_no_snat),
                 ("no_backend", c.dropped_no_backend),
             ] {
-                let _ =
-                    writeln!(out, "toa_lb_dropped_total{{listener=\"{}\",reason=\"{reason}\"}} {n}", l.vip);
+                let _ = writeln!(out, "toa_lb_dropped_total{{{},reason=\"{reason}\"}} {n}", labels(l));
             }
         }
     }
+    let per_backend: [BackendSeries; 5] = [
+        ("toa_lb_backend_flows_total", "Flows given to the backend.", |c| c.flows),
+        ("toa_lb_backend_packets_to_backend_total", "Packets sent to the backend.", |c| c.to_backend),
+        ("toa_lb_backend_packets_to_client_total", "Packets from the backend.", |c| c.to_client),
+        ("toa_lb_backend_bytes_to_backend_total", "IP bytes sent to the backend.", |c| c.bytes_to_backend),
+        ("toa_lb_backend_bytes_to_client_total", "IP bytes from the backend.", |c| c.bytes_to_client),
+    ];
+    let backends = engine.backend_counters();
+    for (name, help, get) in per_backend {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (((proto, vip), backend), c) in &backends {
+            let _ = writeln!(
+                out,
+                "{name}{{listener=\"{vip}\",protocol=\"{proto}\",backend=\"{backend}\"}} {}",
+                get(c)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP toa_lb_unparsed_total Packets that were not valid IP.\n# TYPE toa_lb_unparsed_total counter\ntoa_lb_unparsed_total {}",
+        engine.unparsed()
+    );
     out
+}
+
+/// The labels naming a listener.
+fn labels(l: &crate::config::ListenerConfig) -> String {
+    format!("listener=\"{}\",protocol=\"{}\"", l.vip, l.protocol)
 }
 
 /// Serves `GET /metrics` (Prometheus text format) on `addr` until `stop` is set.
 pub fn serve_metrics(
     addr: std::net::SocketAddr,
-    engine: Arc<Mutex<Engine>>,
+    shards: Arc<Shards>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     let listener = std::net::TcpListener::bind(addr)?;
@@ -274,7 +343,7 @@ pub fn serve_metrics(
             let _ = BufReader::new(&stream).read_line(&mut request);
             let mut stream = stream;
             let (status, body) = if request.starts_with("GET /metrics ") {
-                ("200 OK", engine.lock().map(|e| metrics(&e)).unwrap_or_default())
+                ("200 OK", metrics(&shards.lock()))
             } else {
                 ("404 Not Found", "try /metrics\n".to_owned())
             };

@@ -1,5 +1,7 @@
-//! The pnet (AF_PACKET) driver around the engine: one thread per interface,
-//! ARP for the VIPs and SNAT addresses, MAC learning for the next hop.
+//! What every driver shares — ARP and NDP for the VIPs and SNAT addresses,
+//! MAC learning for the next hop, the frame handling around the engine — and
+//! the pnet (AF_PACKET, one frame per system call) fallback driver: one
+//! thread per interface. The default driver is [`crate::ring`].
 //!
 //! IPv6 next hops are found with NDP: neighbour solicitations for the VIPs and
 //! SNAT addresses are answered, and unknown next hops are solicited.
@@ -7,12 +9,13 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use pnet_datalink::{Channel, DataLinkReceiver, DataLinkSender, NetworkInterface};
 
 use crate::engine::{Engine, Verdict};
+use crate::shards::Shards;
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_IPV6: u16 = 0x86dd;
@@ -35,32 +38,101 @@ pub enum DatapathError {
     Open(String, std::io::Error),
 }
 
-struct Port {
-    name: String,
-    mac: [u8; 6],
+/// The set of addresses `toa-lb` answers ARP and NDP for (VIPs and SNAT
+/// addresses); a reload replaces it.
+pub type Owned = Arc<RwLock<HashSet<IpAddr>>>;
+
+/// One interface, as the frame logic needs it.
+#[derive(Debug)]
+pub(crate) struct PortInfo {
+    pub(crate) name: String,
+    pub(crate) index: u32,
+    pub(crate) mac: [u8; 6],
     /// An IPv4 address of the port, used as the sender of ARP requests.
-    ip: Option<Ipv4Addr>,
+    pub(crate) ip: Option<Ipv4Addr>,
     /// An IPv6 address of the port, used as the source of neighbour solicitations.
-    ip6: Option<Ipv6Addr>,
-    tx: Mutex<Box<dyn DataLinkSender>>,
+    pub(crate) ip6: Option<Ipv6Addr>,
 }
 
-impl Port {
-    fn send(&self, frame: &[u8]) {
-        if let Ok(mut tx) = self.tx.lock() {
-            let _ = tx.send_to(frame, None);
+impl PortInfo {
+    pub(crate) fn new(interface: &NetworkInterface) -> Result<Self, DatapathError> {
+        let mac = interface.mac.ok_or_else(|| DatapathError::NoMac(interface.name.clone()))?.octets();
+        let ip = interface.ips.iter().find_map(|n| match n.ip() {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        });
+        // A global address if there is one: the peers' on-link prefix.
+        let ip6 = interface
+            .ips
+            .iter()
+            .filter_map(|n| match n.ip() {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(_) => None,
+            })
+            .min_by_key(|ip| ip.is_unicast_link_local());
+        Ok(PortInfo { name: interface.name.clone(), index: interface.index, mac, ip, ip6 })
+    }
+}
+
+/// What every datapath thread shares: the two ports (0 faces clients, 1
+/// backends), the neighbour table, the owned addresses, the clock.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub(crate) ports: [PortInfo; 2],
+    neighbors: Mutex<HashMap<IpAddr, [u8; 6]>>,
+    owned: Owned,
+    pub(crate) start: Instant,
+}
+
+impl Link {
+    pub(crate) fn new(ports: [PortInfo; 2], owned: Owned) -> Self {
+        Link { ports, neighbors: Mutex::new(HashMap::new()), owned, start: Instant::now() }
+    }
+
+    fn owns(&self, ip: IpAddr) -> bool {
+        self.owned.read().is_ok_and(|owned| owned.contains(&ip))
+    }
+
+    fn learn(&self, ip: IpAddr, mac: [u8; 6]) {
+        if let Ok(mut n) = self.neighbors.lock() {
+            n.insert(ip, mac);
         }
     }
 }
 
-struct Shared {
-    engine: Arc<Mutex<Engine>>,
-    /// Next hops learnt from ARP and from received frames.
-    neighbors: Mutex<HashMap<IpAddr, [u8; 6]>>,
-    /// Addresses `toa-lb` answers ARP and NDP for: VIPs and SNAT addresses.
-    owned: HashSet<IpAddr>,
-    ports: [Port; 2],
-    start: Instant,
+/// Where the frame logic sends frames: port 0 or 1.
+pub(crate) trait Transmit {
+    fn transmit(&mut self, side: usize, frame: &[u8]);
+}
+
+/// A thread's view of the neighbour table: its own cache in front of the
+/// shared one, so that learning and looking up cost no lock per packet.
+pub(crate) struct Neighbors<'a> {
+    link: &'a Link,
+    cache: HashMap<IpAddr, [u8; 6]>,
+}
+
+impl<'a> Neighbors<'a> {
+    pub(crate) fn new(link: &'a Link) -> Self {
+        Neighbors { link, cache: HashMap::new() }
+    }
+
+    /// Records `ip` at `mac` (seen as a frame's source).
+    fn learn(&mut self, ip: IpAddr, mac: [u8; 6]) {
+        if self.cache.get(&ip) != Some(&mac) {
+            self.cache.insert(ip, mac);
+            self.link.learn(ip, mac);
+        }
+    }
+
+    fn lookup(&mut self, ip: IpAddr) -> Option<[u8; 6]> {
+        if let Some(mac) = self.cache.get(&ip) {
+            return Some(*mac);
+        }
+        let mac = self.link.neighbors.lock().ok()?.get(&ip).copied()?;
+        self.cache.insert(ip, mac);
+        Some(mac)
+    }
 }
 
 /// Finds an interface by name.
@@ -86,8 +158,21 @@ pub fn check_vips(client: &NetworkInterface, vips: &[IpAddr]) -> Result<(), Data
     Ok(())
 }
 
-fn open(interface: &NetworkInterface) -> Result<(Port, Box<dyn DataLinkReceiver>), DatapathError> {
-    let mac = interface.mac.ok_or_else(|| DatapathError::NoMac(interface.name.clone()))?.octets();
+/// A pnet channel: its two halves.
+type PnetChannel = (Box<dyn DataLinkSender>, Box<dyn DataLinkReceiver>);
+
+/// The pnet driver's sender for both ports.
+struct PnetTx<'a>(&'a [Mutex<Box<dyn DataLinkSender>>; 2]);
+
+impl Transmit for PnetTx<'_> {
+    fn transmit(&mut self, side: usize, frame: &[u8]) {
+        if let Ok(mut tx) = self.0[side].lock() {
+            let _ = tx.send_to(frame, None);
+        }
+    }
+}
+
+fn open(interface: &NetworkInterface) -> Result<PnetChannel, DatapathError> {
     // Not promiscuous: the frames toa-lb needs are addressed to this MAC (its ARP
     // answers make sure of that) or broadcast.
     let config = pnet_datalink::Config {
@@ -95,66 +180,51 @@ fn open(interface: &NetworkInterface) -> Result<(Port, Box<dyn DataLinkReceiver>
         promiscuous: false,
         ..Default::default()
     };
-    let (tx, rx) = match pnet_datalink::channel(interface, config) {
-        Ok(Channel::Ethernet(tx, rx)) => (tx, rx),
-        Ok(_) => {
-            return Err(DatapathError::Open(interface.name.clone(), std::io::Error::other("not Ethernet")));
-        }
-        Err(e) => return Err(DatapathError::Open(interface.name.clone(), e)),
-    };
-    let ip = interface.ips.iter().find_map(|n| match n.ip() {
-        IpAddr::V4(ip) => Some(ip),
-        IpAddr::V6(_) => None,
-    });
-    // A global address if there is one: the peers' on-link prefix.
-    let ip6 = interface
-        .ips
-        .iter()
-        .filter_map(|n| match n.ip() {
-            IpAddr::V6(ip) => Some(ip),
-            IpAddr::V4(_) => None,
-        })
-        .min_by_key(|ip| ip.is_unicast_link_local());
-    Ok((Port { name: interface.name.clone(), mac, ip, ip6, tx: Mutex::new(tx) }, rx))
+    match pnet_datalink::channel(interface, config) {
+        Ok(Channel::Ethernet(tx, rx)) => Ok((tx, rx)),
+        Ok(_) => Err(DatapathError::Open(interface.name.clone(), std::io::Error::other("not Ethernet"))),
+        Err(e) => Err(DatapathError::Open(interface.name.clone(), e)),
+    }
 }
 
-/// Runs the datapath until `stop` is set: the calling thread serves the
-/// client interface, a second thread the backend interface. `engine` is
-/// shared with the control socket.
+/// Runs the pnet (fallback) datapath until `stop` is set: one frame per
+/// system call, the calling thread serving the client interface and a second
+/// thread the backend interface, both on engine 0 of `shards`.
 pub fn run(
-    engine: Arc<Mutex<Engine>>,
+    shards: Arc<Shards>,
     client: &NetworkInterface,
     backend: &NetworkInterface,
-    owned: &[IpAddr],
+    owned: Owned,
     stop: Arc<AtomicBool>,
 ) -> Result<(), DatapathError> {
-    let (client_port, client_rx) = open(client)?;
-    let (backend_port, backend_rx) = open(backend)?;
-    let owned = owned.iter().copied().collect();
-    let shared = Arc::new(Shared {
-        engine,
-        neighbors: Mutex::new(HashMap::new()),
-        owned,
-        ports: [client_port, backend_port],
-        start: Instant::now(),
+    let link = Link::new([PortInfo::new(client)?, PortInfo::new(backend)?], owned);
+    let (client_tx, client_rx) = open(client)?;
+    let (backend_tx, backend_rx) = open(backend)?;
+    let txs = [Mutex::new(client_tx), Mutex::new(backend_tx)];
+    std::thread::scope(|scope| {
+        scope.spawn(|| serve(&link, &shards, &txs, 1, backend_rx, &stop));
+        serve(&link, &shards, &txs, 0, client_rx, &stop);
     });
-    let backend_thread = {
-        let (shared, stop) = (shared.clone(), stop.clone());
-        std::thread::spawn(move || serve(&shared, 1, backend_rx, &stop))
-    };
-    serve(&shared, 0, client_rx, &stop);
-    let _ = backend_thread.join();
     Ok(())
 }
 
 /// Serves port `side` (0 client, 1 backend).
-fn serve(shared: &Shared, side: usize, mut rx: Box<dyn DataLinkReceiver>, stop: &AtomicBool) {
+fn serve(
+    link: &Link,
+    shards: &Shards,
+    txs: &[Mutex<Box<dyn DataLinkSender>>; 2],
+    side: usize,
+    mut rx: Box<dyn DataLinkReceiver>,
+    stop: &AtomicBool,
+) {
     let mut buf = vec![0u8; 65_536 + 64];
+    let mut neighbors = Neighbors::new(link);
     let mut last_expiry = Instant::now();
+    let engine = shards.engine(0);
     while !stop.load(Ordering::Relaxed) {
         if side == 0 && last_expiry.elapsed() > Duration::from_secs(1) {
-            if let Ok(mut engine) = shared.engine.lock() {
-                engine.poll_expired(shared.start.elapsed());
+            if let Ok(mut engine) = engine.lock() {
+                engine.poll_expired(link.start.elapsed());
             }
             last_expiry = Instant::now();
         }
@@ -167,47 +237,57 @@ fn serve(shared: &Shared, side: usize, mut rx: Box<dyn DataLinkReceiver>, stop: 
         }
         let len = frame.len();
         buf[..len].copy_from_slice(frame);
-        handle_frame(shared, side, &mut buf, len);
+        let Ok(mut engine) = engine.lock() else { return };
+        handle_frame(link, &mut neighbors, &mut engine, side, &mut buf, len, &mut PnetTx(txs));
     }
 }
 
-fn handle_frame(shared: &Shared, side: usize, buf: &mut [u8], len: usize) {
-    let port = &shared.ports[side];
+/// Handles one Ethernet frame received on port `side` in `buf[..len]` (with
+/// 64 spare bytes): ARP and NDP for the owned addresses, IP through `engine`,
+/// out through `tx` with the next hop's MAC.
+pub(crate) fn handle_frame(
+    link: &Link,
+    neighbors: &mut Neighbors<'_>,
+    engine: &mut Engine,
+    side: usize,
+    buf: &mut [u8],
+    len: usize,
+    tx: &mut impl Transmit,
+) {
+    let port = &link.ports[side];
     let src_mac: [u8; 6] = buf[6..12].try_into().unwrap_or_default();
     if src_mac == port.mac {
         return; // our own frame, seen on its way out
     }
     let ethertype = u16::from_be_bytes([buf[12], buf[13]]);
     match ethertype {
-        ETHERTYPE_ARP => handle_arp(shared, port, &buf[14..len]),
-        ETHERTYPE_IPV6 if is_ndp(&buf[14..len]) => handle_ndp(shared, port, &buf[14..len], src_mac),
+        ETHERTYPE_ARP => handle_arp(link, side, &buf[14..len], tx),
+        ETHERTYPE_IPV6 if is_ndp(&buf[14..len]) => handle_ndp(link, side, &buf[14..len], src_mac, tx),
         ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => {
             if let Some(src) = ip_source(&buf[14..len]) {
-                if let Ok(mut n) = shared.neighbors.lock() {
-                    n.insert(src, src_mac);
-                }
+                neighbors.learn(src, src_mac);
             }
-            let verdict = match shared.engine.lock() {
-                Ok(mut engine) => engine.handle_packet(shared.start.elapsed(), &mut buf[14..], len - 14),
-                Err(_) => return,
-            };
-            tracing::trace!(port = %shared.ports[side].name, ?verdict, "packet");
+            let verdict = engine.handle_packet(link.start.elapsed(), &mut buf[14..], len - 14);
+            tracing::trace!(port = %port.name, ?verdict, "packet");
             let (out, ip_len, next_hop) = match verdict {
-                Verdict::ToBackend { len, next_hop } => (&shared.ports[1], len, next_hop),
-                Verdict::ToClient { len, next_hop } => (&shared.ports[0], len, next_hop),
+                Verdict::ToBackend { len, next_hop } => (1, len, next_hop),
+                Verdict::ToClient { len, next_hop } => (0, len, next_hop),
                 Verdict::Drop(_) | Verdict::NotMine => return,
             };
-            let mac = shared.neighbors.lock().ok().and_then(|n| n.get(&next_hop).copied());
-            match mac {
+            match neighbors.lookup(next_hop) {
                 Some(mac) => {
                     buf[0..6].copy_from_slice(&mac);
-                    buf[6..12].copy_from_slice(&out.mac);
-                    out.send(&buf[..14 + ip_len]);
+                    buf[6..12].copy_from_slice(&link.ports[out].mac);
+                    tx.transmit(out, &buf[..14 + ip_len]);
                 }
                 // Unknown next hop: ask, and let TCP retransmit.
                 None => match next_hop {
-                    IpAddr::V4(target) => arp_request(out, target),
-                    IpAddr::V6(target) => neighbor_solicit(out, target),
+                    IpAddr::V4(target) => tx.transmit(out, &arp_request(&link.ports[out], target)),
+                    IpAddr::V6(target) => {
+                        if let Some(frame) = neighbor_solicit(&link.ports[out], target) {
+                            tx.transmit(out, &frame);
+                        }
+                    }
                 },
             }
         }
@@ -226,7 +306,8 @@ fn ip_source(ip: &[u8]) -> Option<IpAddr> {
 }
 
 /// Answers ARP requests for owned addresses; learns every sender.
-fn handle_arp(shared: &Shared, port: &Port, arp: &[u8]) {
+fn handle_arp(link: &Link, side: usize, arp: &[u8], tx: &mut impl Transmit) {
+    let port = &link.ports[side];
     // Ethernet/IPv4 ARP: htype 1, ptype 0x0800, hlen 6, plen 4.
     if arp.len() < 28 || arp[0..6] != [0, 1, 8, 0, 6, 4] {
         return;
@@ -235,10 +316,8 @@ fn handle_arp(shared: &Shared, port: &Port, arp: &[u8]) {
     let sender_mac: [u8; 6] = arp[8..14].try_into().unwrap_or_default();
     let sender_ip = Ipv4Addr::new(arp[14], arp[15], arp[16], arp[17]);
     let target_ip = Ipv4Addr::new(arp[24], arp[25], arp[26], arp[27]);
-    if let Ok(mut n) = shared.neighbors.lock() {
-        n.insert(IpAddr::V4(sender_ip), sender_mac);
-    }
-    if op == 1 && shared.owned.contains(&IpAddr::V4(target_ip)) {
+    link.learn(IpAddr::V4(sender_ip), sender_mac);
+    if op == 1 && link.owns(IpAddr::V4(target_ip)) {
         let mut reply = Vec::with_capacity(42);
         reply.extend_from_slice(&sender_mac);
         reply.extend_from_slice(&port.mac);
@@ -248,11 +327,11 @@ fn handle_arp(shared: &Shared, port: &Port, arp: &[u8]) {
         reply.extend_from_slice(&target_ip.octets());
         reply.extend_from_slice(&sender_mac);
         reply.extend_from_slice(&sender_ip.octets());
-        port.send(&reply);
+        tx.transmit(side, &reply);
     }
 }
 
-fn arp_request(port: &Port, target: Ipv4Addr) {
+fn arp_request(port: &PortInfo, target: Ipv4Addr) -> Vec<u8> {
     let sender = port.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let mut request = Vec::with_capacity(42);
     request.extend_from_slice(&[0xff; 6]);
@@ -263,8 +342,7 @@ fn arp_request(port: &Port, target: Ipv4Addr) {
     request.extend_from_slice(&sender.octets());
     request.extend_from_slice(&[0; 6]);
     request.extend_from_slice(&target.octets());
-    port.send(&request);
-    let _ = &port.name;
+    request
 }
 
 const ICMPV6: u8 = 58;
@@ -285,21 +363,18 @@ fn v6(bytes: &[u8]) -> Ipv6Addr {
 
 /// Answers solicitations for owned addresses; learns the link-layer address
 /// of every sender (source link-layer option, or the frame's source MAC).
-fn handle_ndp(shared: &Shared, port: &Port, ip: &[u8], frame_src: [u8; 6]) {
+fn handle_ndp(link: &Link, side: usize, ip: &[u8], frame_src: [u8; 6], tx: &mut impl Transmit) {
+    let port = &link.ports[side];
     let src = v6(&ip[8..24]);
     let target = v6(&ip[48..64]);
     if ip[40] == NA {
-        if let Ok(mut n) = shared.neighbors.lock() {
-            n.insert(IpAddr::V6(target), frame_src);
-        }
+        link.learn(IpAddr::V6(target), frame_src);
         return;
     }
     if !src.is_unspecified() {
-        if let Ok(mut n) = shared.neighbors.lock() {
-            n.insert(IpAddr::V6(src), frame_src);
-        }
+        link.learn(IpAddr::V6(src), frame_src);
     }
-    if !shared.owned.contains(&IpAddr::V6(target)) || src.is_unspecified() {
+    if !link.owns(IpAddr::V6(target)) || src.is_unspecified() {
         return;
     }
     // Neighbour advertisement: solicited + override, target link-layer option.
@@ -307,12 +382,12 @@ fn handle_ndp(shared: &Shared, port: &Port, ip: &[u8], frame_src: [u8; 6]) {
     icmp.extend_from_slice(&target.octets());
     icmp.extend_from_slice(&[2, 1]);
     icmp.extend_from_slice(&port.mac);
-    port.send(&ndp_frame(frame_src, port.mac, target, src, icmp));
+    tx.transmit(side, &ndp_frame(frame_src, port.mac, target, src, icmp));
 }
 
 /// Solicits `target` from the port's IPv6 address, at its solicited-node multicast group.
-fn neighbor_solicit(port: &Port, target: Ipv6Addr) {
-    let Some(src) = port.ip6 else { return };
+fn neighbor_solicit(port: &PortInfo, target: Ipv6Addr) -> Option<Vec<u8>> {
+    let src = port.ip6?;
     let t = target.octets();
     let group =
         Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(t[13]), u16::from_be_bytes([t[14], t[15]]));
@@ -322,7 +397,7 @@ fn neighbor_solicit(port: &Port, target: Ipv6Addr) {
     icmp.extend_from_slice(&t);
     icmp.extend_from_slice(&[1, 1]);
     icmp.extend_from_slice(&port.mac);
-    port.send(&ndp_frame(mac, port.mac, src, group, icmp));
+    Some(ndp_frame(mac, port.mac, src, group, icmp))
 }
 
 /// An Ethernet frame with an IPv6 header (hop limit 255, as NDP requires)

@@ -3,9 +3,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use toa_core::{Format, Formats, TcpFlags, TcpPacket, Toa, clamp_mss, insert, rewrite_endpoints, strip};
+use std::collections::HashMap;
 
-use crate::config::{ConfigError, EngineConfig, ObtainClientIp};
+use toa_core::{
+    Format, Formats, TcpFlags, TcpPacket, Toa, UdpPacket, clamp_mss, insert, rewrite_endpoints, strip,
+};
+
+use crate::config::{ConfigError, EngineConfig, ObtainClientIp, Protocol};
 use crate::flow::{Flow, FlowTable, Full, State};
 use crate::schedule::Picker;
 
@@ -35,7 +39,7 @@ pub enum Verdict {
 /// Why a packet was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DropReason {
-    /// Not a valid IPv4/IPv6 TCP packet, or malformed TCP options.
+    /// Not a valid IPv4/IPv6 TCP or UDP packet, or malformed TCP options.
     Malformed,
     /// A client segment other than SYN for a connection the engine does not know.
     NoFlow,
@@ -68,6 +72,10 @@ pub struct Counters {
     pub to_backend: u64,
     /// Packets forwarded to clients.
     pub to_client: u64,
+    /// IP bytes forwarded to backends (as sent, TOAs included).
+    pub bytes_to_backend: u64,
+    /// IP bytes forwarded to clients.
+    pub bytes_to_client: u64,
     /// Drops: malformed packets.
     pub dropped_malformed: u64,
     /// Drops: segments without a flow.
@@ -81,6 +89,77 @@ pub struct Counters {
     /// Backends that went down or came back (health checks).
     pub health_changes: u64,
 }
+
+impl std::ops::AddAssign<&Counters> for Counters {
+    /// Field by field: the sum over several engines (one per datapath worker).
+    fn add_assign(&mut self, o: &Counters) {
+        let Counters {
+            flows,
+            evicted,
+            expired,
+            injected,
+            no_room,
+            stripped,
+            mss_clamped,
+            to_backend,
+            to_client,
+            bytes_to_backend,
+            bytes_to_client,
+            dropped_malformed,
+            dropped_no_flow,
+            dropped_table_full,
+            dropped_no_snat,
+            dropped_no_backend,
+            health_changes,
+        } = self;
+        *flows += o.flows;
+        *evicted += o.evicted;
+        *expired += o.expired;
+        *injected += o.injected;
+        *no_room += o.no_room;
+        *stripped += o.stripped;
+        *mss_clamped += o.mss_clamped;
+        *to_backend += o.to_backend;
+        *to_client += o.to_client;
+        *bytes_to_backend += o.bytes_to_backend;
+        *bytes_to_client += o.bytes_to_client;
+        *dropped_malformed += o.dropped_malformed;
+        *dropped_no_flow += o.dropped_no_flow;
+        *dropped_table_full += o.dropped_table_full;
+        *dropped_no_snat += o.dropped_no_snat;
+        *dropped_no_backend += o.dropped_no_backend;
+        *health_changes += o.health_changes;
+    }
+}
+
+/// Traffic of one backend of one listener, since the engine started (kept
+/// after the backend is removed, while its flows go on).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendCounters {
+    /// Flows given to it.
+    pub flows: u64,
+    /// Packets sent to it.
+    pub to_backend: u64,
+    /// Packets from it, sent on to clients.
+    pub to_client: u64,
+    /// IP bytes sent to it.
+    pub bytes_to_backend: u64,
+    /// IP bytes from it.
+    pub bytes_to_client: u64,
+}
+
+impl std::ops::AddAssign<&BackendCounters> for BackendCounters {
+    fn add_assign(&mut self, o: &BackendCounters) {
+        self.flows += o.flows;
+        self.to_backend += o.to_backend;
+        self.to_client += o.to_client;
+        self.bytes_to_backend += o.bytes_to_backend;
+        self.bytes_to_client += o.bytes_to_client;
+    }
+}
+
+/// A listener's identity across reloads: protocol and VIP.
+pub type ListenerKey = (Protocol, SocketAddr);
 
 impl Counters {
     fn drop(&mut self, reason: DropReason) -> Verdict {
@@ -108,6 +187,9 @@ pub struct Engine {
     draining: Vec<(usize, SocketAddr)>,
     /// Packets that could not be parsed at all (no listener to count them on).
     unparsed: u64,
+    /// Per (listener, backend) traffic; flows point into it.
+    backend_stats: Vec<(ListenerKey, SocketAddr, BackendCounters)>,
+    backend_index: HashMap<(ListenerKey, SocketAddr), usize>,
 }
 
 /// The TOA kinds written: the vendors' defaults.
@@ -122,11 +204,98 @@ impl Engine {
         let flows = FlowTable::new(
             config.snat.clone(),
             config.snat_ports.clone(),
-            config.max_flows,
+            config.shard,
+            config.engine_bound(),
             config.snat_seed,
         );
         let up = config.listeners.iter().map(|l| vec![true; l.backends.len()]).collect();
-        Ok(Engine { config, pickers, flows, counters, up, draining: Vec::new(), unparsed: 0 })
+        Ok(Engine {
+            config,
+            pickers,
+            flows,
+            counters,
+            up,
+            draining: Vec::new(),
+            unparsed: 0,
+            backend_stats: Vec::new(),
+            backend_index: HashMap::new(),
+        })
+    }
+
+    /// Takes a new configuration (a reload) with the guarantees of a live
+    /// switch: flows that exist keep their backend, SNAT address and mode;
+    /// new flows follow `config`. Listeners are matched by protocol and VIP:
+    /// one that stays keeps its counters, and its backends that stay keep
+    /// their health and drain state; the flows of a listener that is gone are
+    /// dropped. `snat_seed` and `shard` stay this engine's. On error nothing
+    /// changes.
+    pub fn reconfigure(&mut self, config: EngineConfig) -> Result<(), ConfigError> {
+        let config = EngineConfig { snat_seed: self.config.snat_seed, shard: self.config.shard, ..config };
+        config.validate()?;
+        let key = |l: &crate::config::ListenerConfig| (l.protocol, l.vip);
+        let old: Vec<ListenerKey> = self.config.listeners.iter().map(key).collect();
+        let map: Vec<Option<usize>> =
+            old.iter().map(|k| config.listeners.iter().position(|l| key(l) == *k)).collect();
+        let mut pickers = Vec::new();
+        let mut counters = Vec::new();
+        let mut up = Vec::new();
+        let mut draining = Vec::new();
+        for (new, listener) in config.listeners.iter().enumerate() {
+            let before = map.iter().position(|m| *m == Some(new));
+            let same_backends = before.is_some_and(|b| {
+                let was = &self.config.listeners[b];
+                was.backends == listener.backends && was.scheduler == listener.scheduler
+            });
+            pickers.push(match before {
+                Some(b) if same_backends => {
+                    std::mem::replace(&mut self.pickers[b], Picker::new(listener.scheduler, 0))
+                }
+                _ => Picker::new(listener.scheduler, listener.backends.len()),
+            });
+            counters.push(before.map(|b| self.counters[b]).unwrap_or_default());
+            up.push(
+                listener
+                    .backends
+                    .iter()
+                    .map(|backend| {
+                        let was = before.and_then(|b| {
+                            let i = self.config.listeners[b]
+                                .backends
+                                .iter()
+                                .position(|x| x.addr == backend.addr)?;
+                            Some(self.up[b][i])
+                        });
+                        was.unwrap_or(true)
+                    })
+                    .collect(),
+            );
+            if let Some(b) = before {
+                for (l, addr) in &self.draining {
+                    if *l == b && listener.backends.iter().any(|x| x.addr == *addr) {
+                        draining.push((new, *addr));
+                    }
+                }
+            }
+        }
+        self.flows.remap_listeners(&map);
+        self.flows.set_limits(config.snat.clone(), config.engine_bound());
+        self.pickers = pickers;
+        self.counters = counters;
+        self.up = up;
+        self.draining = draining;
+        self.config = config;
+        Ok(())
+    }
+
+    /// The SNAT addresses that flows use now (a reload must keep answering
+    /// ARP for them until those flows end).
+    pub fn snat_in_use(&self) -> std::collections::HashSet<IpAddr> {
+        self.flows.snat_in_use()
+    }
+
+    /// Per (listener, backend) traffic, including backends since removed.
+    pub fn backend_counters(&self) -> impl Iterator<Item = (ListenerKey, SocketAddr, &BackendCounters)> {
+        self.backend_stats.iter().map(|(l, b, c)| (*l, *b, c))
     }
 
     /// The counters of listener `index` (configuration order).
@@ -150,15 +319,14 @@ impl Engine {
     }
 
     /// Switches listener `index`'s mode. Flows that exist keep the mode they
-    /// started with; new flows use this one.
-    pub fn set_obtain_client_ip(&mut self, index: usize, mode: ObtainClientIp) -> bool {
-        match self.config.listeners.get_mut(index) {
-            Some(listener) => {
-                listener.obtain_client_ip = mode;
-                true
-            }
-            None => false,
+    /// started with; new flows use this one. A UDP listener cannot use TOA.
+    pub fn set_obtain_client_ip(&mut self, index: usize, mode: ObtainClientIp) -> Result<(), ConfigError> {
+        let listener = self.config.listeners.get_mut(index).ok_or(ConfigError::Limits("no such listener"))?;
+        if listener.protocol == Protocol::Udp && matches!(mode, ObtainClientIp::Toa(_)) {
+            return Err(ConfigError::ToaOnUdp(listener.vip));
         }
+        listener.obtain_client_ip = mode;
+        Ok(())
     }
 
     /// Marks the backend at `addr` of listener `listener` up or down. A
@@ -252,8 +420,29 @@ impl Engine {
     /// for a TOA) at time `now` (any monotonic clock, as a duration since its
     /// start), rewriting it in place.
     pub fn handle_packet(&mut self, now: Duration, buf: &mut [u8], len: usize) -> Verdict {
-        let packet = match TcpPacket::new_checked(&buf[..len.min(buf.len())]) {
-            Ok(packet) => packet,
+        let packet = &buf[..len.min(buf.len())];
+        let segment = match TcpPacket::new_checked(packet) {
+            Ok(packet) => Segment {
+                proto: Protocol::Tcp,
+                src: packet.src(),
+                dst: packet.dst(),
+                flags: packet.tcp().flags(),
+                // The edits below change headers only: the payload keeps this length.
+                payload: packet.tcp().payload().len(),
+            },
+            Err(toa_core::Error::NotTcp { protocol: 17, .. }) => match UdpPacket::new_checked(packet) {
+                Ok(packet) => Segment {
+                    proto: Protocol::Udp,
+                    src: packet.src(),
+                    dst: packet.dst(),
+                    flags: TcpFlags::default(),
+                    payload: packet.payload().len(),
+                },
+                Err(_) => {
+                    self.unparsed += 1;
+                    return Verdict::Drop(DropReason::Malformed);
+                }
+            },
             // Other protocols and fragments are someone else's business.
             Err(toa_core::Error::NotTcp { .. } | toa_core::Error::Fragment { .. }) => {
                 return Verdict::NotMine;
@@ -263,20 +452,77 @@ impl Engine {
                 return Verdict::Drop(DropReason::Malformed);
             }
         };
-        let segment = Segment {
-            src: packet.src(),
-            dst: packet.dst(),
-            flags: packet.tcp().flags(),
-            // The edits below change headers only: the payload keeps this length.
-            payload: packet.tcp().payload().len(),
+        let listener =
+            self.config.listeners.iter().position(|l| l.vip == segment.dst && l.protocol == segment.proto);
+        match (listener, segment.proto) {
+            (Some(listener), Protocol::Tcp) => self.handle_client(now, buf, len, listener, segment),
+            (Some(listener), Protocol::Udp) => self.handle_udp_client(now, buf, len, listener, segment),
+            (None, proto) => match self.flows.by_backend(proto, segment.src, segment.dst) {
+                Some(id) if proto == Protocol::Tcp => self.handle_backend(now, buf, len, id, segment),
+                Some(id) => self.handle_udp_backend(now, buf, len, id),
+                None => Verdict::NotMine,
+            },
+        }
+    }
+
+    /// A datagram from a client: find or make its flow, rewrite, count.
+    fn handle_udp_client(
+        &mut self,
+        now: Duration,
+        buf: &mut [u8],
+        len: usize,
+        listener: usize,
+        segment: Segment,
+    ) -> Verdict {
+        let (client, vip) = (segment.src, segment.dst);
+        let id = match self.flows.by_client(Protocol::Udp, client, vip) {
+            Some(id) => id,
+            None => match self.new_flow(now, listener, Protocol::Udp, client, vip) {
+                Ok(id) => id,
+                Err(reason) => return self.counters[listener].drop(reason),
+            },
         };
-        if let Some(listener) = self.config.listeners.iter().position(|l| l.vip == segment.dst) {
-            return self.handle_client(now, buf, len, listener, segment);
+        let Some(flow) = self.flows.get_mut(id) else {
+            return self.counters[listener].drop(DropReason::NoFlow);
+        };
+        flow.last_seen = now;
+        let (snat, backend, stats) = (flow.snat, flow.backend, flow.stats);
+        if rewrite_endpoints(buf, len, snat, backend).is_err() {
+            return self.counters[listener].drop(DropReason::Malformed);
         }
-        if let Some(id) = self.flows.by_backend(segment.src, segment.dst) {
-            return self.handle_backend(now, buf, len, id, segment);
+        self.count_to_backend(listener, stats, len);
+        Verdict::ToBackend { len, next_hop: backend.ip() }
+    }
+
+    /// A datagram from a backend: the flow has been answered; rewrite back.
+    fn handle_udp_backend(&mut self, now: Duration, buf: &mut [u8], len: usize, id: usize) -> Verdict {
+        let Some(flow) = self.flows.get_mut(id) else { return Verdict::NotMine };
+        flow.last_seen = now;
+        flow.state = State::Established;
+        let (vip, client, listener, stats) = (flow.vip, flow.client, flow.listener, flow.stats);
+        if rewrite_endpoints(buf, len, vip, client).is_err() {
+            return self.counters[listener].drop(DropReason::Malformed);
         }
-        Verdict::NotMine
+        self.count_to_client(listener, stats, len);
+        Verdict::ToClient { len, next_hop: client.ip() }
+    }
+
+    fn count_to_backend(&mut self, listener: usize, stats: usize, len: usize) {
+        let c = &mut self.counters[listener];
+        c.to_backend += 1;
+        c.bytes_to_backend += len as u64;
+        let b = &mut self.backend_stats[stats].2;
+        b.to_backend += 1;
+        b.bytes_to_backend += len as u64;
+    }
+
+    fn count_to_client(&mut self, listener: usize, stats: usize, len: usize) {
+        let c = &mut self.counters[listener];
+        c.to_client += 1;
+        c.bytes_to_client += len as u64;
+        let b = &mut self.backend_stats[stats].2;
+        b.to_client += 1;
+        b.bytes_to_client += len as u64;
     }
 
     fn handle_client(
@@ -287,7 +533,7 @@ impl Engine {
         listener: usize,
         segment: Segment,
     ) -> Verdict {
-        let Segment { src: client, dst: vip, flags, payload } = segment;
+        let Segment { src: client, dst: vip, flags, payload, .. } = segment;
         // A client may not speak for itself: strip forged TOAs in every mode.
         let len = match strip(buf, len, &Formats::ALL) {
             Ok(stripped) => {
@@ -299,14 +545,14 @@ impl Engine {
         let syn = flags.contains(TcpFlags::SYN) && !flags.contains(TcpFlags::ACK);
         // A SYN on a flow past its handshake is a new connection reusing the client
         // port (the old one is closing): it gets a flow, and the mode, of its own.
-        if let Some(old) = self.flows.by_client(client, vip) {
+        if let Some(old) = self.flows.by_client(Protocol::Tcp, client, vip) {
             if syn && self.flows.get(old).is_some_and(|f| f.state != State::SynSent) {
                 self.flows.remove(old);
             }
         }
-        let id = match self.flows.by_client(client, vip) {
+        let id = match self.flows.by_client(Protocol::Tcp, client, vip) {
             Some(id) => id,
-            None if syn => match self.new_flow(now, listener, client, vip) {
+            None if syn => match self.new_flow(now, listener, Protocol::Tcp, client, vip) {
                 Ok(id) => id,
                 Err(reason) => return self.counters[listener].drop(reason),
             },
@@ -330,7 +576,7 @@ impl Engine {
             ObtainClientIp::Toa(format) if wants_toa => Some(toa_for(format, client)),
             _ => None,
         };
-        let (snat, backend) = (flow.snat, flow.backend);
+        let (snat, backend, stats) = (flow.snat, flow.backend, flow.stats);
         if flags.contains(TcpFlags::RST) {
             self.flows.remove(id);
         }
@@ -349,7 +595,7 @@ impl Engine {
                 Err(_) => counters.no_room += 1,
             }
         }
-        counters.to_backend += 1;
+        self.count_to_backend(listener, stats, len);
         Verdict::ToBackend { len, next_hop: backend.ip() }
     }
 
@@ -357,10 +603,11 @@ impl Engine {
         &mut self,
         now: Duration,
         listener: usize,
+        proto: Protocol,
         client: SocketAddr,
         vip: SocketAddr,
     ) -> Result<usize, DropReason> {
-        if self.flows.len() >= self.config.max_flows {
+        if self.flows.len() >= self.config.engine_bound() {
             match self.flows.evict_half_open() {
                 Some(owner) => self.counters[owner].evicted += 1,
                 None => return Err(DropReason::TableFull),
@@ -377,12 +624,19 @@ impl Engine {
             return Err(DropReason::NoBackend);
         };
         let backend = config.backends[pick].addr;
+        let key = ((config.protocol, config.vip), backend);
+        let stats = *self.backend_index.entry(key).or_insert_with(|| {
+            self.backend_stats.push((key.0, key.1, BackendCounters::default()));
+            self.backend_stats.len() - 1
+        });
         let flow = Flow {
+            proto,
             client,
             vip,
             backend,
             snat: backend, // replaced by the table's SNAT allocation
             listener,
+            stats,
             mode: config.obtain_client_ip,
             placement: config.placement,
             state: State::SynSent,
@@ -395,6 +649,7 @@ impl Engine {
             Full::Snat => DropReason::NoSnatPort,
         })?;
         self.counters[listener].flows += 1;
+        self.backend_stats[stats].2.flows += 1;
         Ok(id)
     }
 
@@ -418,7 +673,7 @@ impl Engine {
         if flags.contains(TcpFlags::FIN) {
             flow.state = State::Closing;
         }
-        let (vip, client, mode) = (flow.vip, flow.client, flow.mode);
+        let (vip, client, mode, stats) = (flow.vip, flow.client, flow.mode, flow.stats);
         if flags.contains(TcpFlags::RST) {
             self.flows.remove(id);
         }
@@ -435,7 +690,7 @@ impl Engine {
         if rewrite_endpoints(buf, len, vip, client).is_err() {
             return counters.drop(DropReason::Malformed);
         }
-        counters.to_client += 1;
+        self.count_to_client(listener, stats, len);
         Verdict::ToClient { len, next_hop: client.ip() }
     }
 }
@@ -443,6 +698,7 @@ impl Engine {
 /// What the engine reads of a packet once, before editing it.
 #[derive(Clone, Copy)]
 struct Segment {
+    proto: Protocol,
     src: SocketAddr,
     dst: SocketAddr,
     flags: TcpFlags,

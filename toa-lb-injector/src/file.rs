@@ -7,10 +7,13 @@
 //! max_flows = 100000
 //! metrics = "127.0.0.1:9947"      # Prometheus text at /metrics (loopback only)
 //! health = { interval_ms = 2000, timeout_ms = 1000, rise = 2, fall = 3 }   # the defaults; enabled = false turns it off
+//! timeouts = { syn_s = 5, established_s = 900, closing_s = 10, udp_s = 60 }  # idle timeouts (the defaults)
+//! datapath = "ring"                # PACKET_MMAP rings (default) or "pnet" (a syscall per frame; fallback)
+//! workers = 2                      # ring datapath workers; default one per CPU
 //!
 //! [[listener]]
 //! vip = "203.0.113.10:80"
-//! protocol = "tcp"
+//! protocol = "tcp"                 # or "udp" (obtain_client_ip off or transparent)
 //! scheduler = "round-robin"        # or weighted-round-robin, consistent-hash
 //! obtain_client_ip = "toa"         # or "off", or "transparent" (DNAT only; backends route via the LB)
 //! toa_format = "toa"               # toa, toa6, ali-v6, tencent
@@ -27,7 +30,9 @@ use std::path::Path;
 use serde::Deserialize;
 use toa_core::Format;
 
-use crate::config::{Backend, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Scheduler, Timeouts};
+use crate::config::{
+    Backend, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Protocol, Scheduler, Shard, Timeouts,
+};
 
 /// A configuration file that cannot be used, with what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +61,35 @@ struct RawFile {
     metrics: Option<SocketAddr>,
     #[serde(default)]
     health: Option<RawHealth>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    datapath: Datapath,
+    #[serde(default)]
+    workers: Option<usize>,
     #[serde(rename = "listener", default)]
     listeners: Vec<RawListener>,
+}
+
+/// Which driver moves the frames.
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Datapath {
+    /// PACKET_MMAP (TPACKET_V2) rings, one worker per CPU, frames steered to
+    /// workers by port (see [`crate::ring`]).
+    #[default]
+    Ring,
+    /// One frame per system call with pnet, two threads: the fallback.
+    Pnet,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    syn_s: Option<u64>,
+    established_s: Option<u64>,
+    closing_s: Option<u64>,
+    udp_s: Option<u64>,
 }
 
 fn default_snat() -> Vec<IpAddr> {
@@ -169,6 +201,10 @@ pub struct LbConfig {
     pub metrics: Option<SocketAddr>,
     /// Health checks (on by default).
     pub health: Option<crate::health::HealthCheck>,
+    /// The driver.
+    pub datapath: Datapath,
+    /// Ring datapath workers (each with its own engine).
+    pub workers: usize,
 }
 
 impl LbConfig {
@@ -194,12 +230,13 @@ impl LbConfig {
         }
         let mut listeners = Vec::new();
         for l in raw.listeners {
-            if l.protocol != "tcp" {
-                return Err(invalid(format!(
-                    "listener {}: protocol {:?} is not supported (tcp)",
-                    l.vip, l.protocol
-                )));
-            }
+            let protocol = match l.protocol.as_str() {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                other => {
+                    return Err(invalid(format!("listener {}: protocol {other:?} is not tcp or udp", l.vip)));
+                }
+            };
             let format: Format = l
                 .toa_format
                 .parse()
@@ -209,6 +246,7 @@ impl LbConfig {
             }
             listeners.push(ListenerConfig {
                 vip: l.vip,
+                protocol,
                 backends: l.backends.iter().map(|b| Backend { addr: b.address, weight: b.weight }).collect(),
                 scheduler: match l.scheduler {
                     RawScheduler::RoundRobin => Scheduler::RoundRobin,
@@ -227,14 +265,33 @@ impl LbConfig {
                 },
             });
         }
+        let t = Timeouts::default();
+        let secs = |v: Option<u64>, d: std::time::Duration| v.map_or(d, std::time::Duration::from_secs);
+        let timeouts = Timeouts {
+            syn: secs(raw.timeouts.syn_s, t.syn),
+            established: secs(raw.timeouts.established_s, t.established),
+            closing: secs(raw.timeouts.closing_s, t.closing),
+            udp: secs(raw.timeouts.udp_s, t.udp),
+        };
+        if [timeouts.syn, timeouts.established, timeouts.closing, timeouts.udp].iter().any(|d| d.is_zero()) {
+            return Err(invalid("timeouts must be at least 1 s".into()));
+        }
+        let workers = match raw.workers {
+            Some(0) => return Err(invalid("workers must be at least 1".into())),
+            Some(n) if n > 64 => return Err(invalid("workers must be at most 64".into())),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
+        };
         let engine = EngineConfig {
             listeners,
             snat: raw.snat,
             snat_ports: 1024..=65535,
             max_flows: raw.max_flows,
-            timeouts: Timeouts::default(),
+            timeouts,
             // Set by the driver at start (see EngineConfig::snat_seed).
             snat_seed: 0,
+            // Set by the driver per worker.
+            shard: Shard::default(),
         };
         engine.validate().map_err(|e| invalid(e.to_string()))?;
         if raw.client_interface == raw.backend_interface {
@@ -277,6 +334,8 @@ impl LbConfig {
             engine,
             metrics: raw.metrics,
             health,
+            datapath: raw.datapath,
+            workers,
         })
     }
 }

@@ -4,11 +4,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::config::{ObtainClientIp, Placement, Timeouts};
+use crate::config::{ObtainClientIp, Placement, Protocol, Shard, Timeouts};
 
 pub(crate) type FlowId = usize;
 
-/// Where a connection is.
+/// Where a connection is. A UDP flow is `SynSent` until the backend first
+/// answers (and evictable under a flood until then), `Established` after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum State {
     /// The client's SYN went to the backend.
@@ -24,11 +25,14 @@ pub(crate) enum State {
 /// One connection: client <-> VIP on the client side, SNAT <-> backend on the other.
 #[derive(Clone, Debug)]
 pub(crate) struct Flow {
+    pub(crate) proto: Protocol,
     pub(crate) client: SocketAddr,
     pub(crate) vip: SocketAddr,
     pub(crate) backend: SocketAddr,
     pub(crate) snat: SocketAddr,
     pub(crate) listener: usize,
+    /// Its backend's entry in the engine's per-backend statistics.
+    pub(crate) stats: usize,
     /// The mode in force when the flow started: a later switch does not change it.
     pub(crate) mode: ObtainClientIp,
     pub(crate) placement: Placement,
@@ -45,18 +49,22 @@ impl Flow {
     }
 }
 
+/// A lookup key: protocol, then the two endpoints of one side.
+type Key = (Protocol, SocketAddr, SocketAddr);
+
 /// A bounded table of flows, looked up from either side.
 #[derive(Debug)]
 pub(crate) struct FlowTable {
     slots: Vec<Option<Flow>>,
     free: Vec<FlowId>,
-    by_client: HashMap<(SocketAddr, SocketAddr), FlowId>,
-    by_backend: HashMap<(SocketAddr, SocketAddr), FlowId>,
+    by_client: HashMap<Key, FlowId>,
+    by_backend: HashMap<Key, FlowId>,
     /// Half-open flows in creation order (entries may be stale): evicted first under a SYN flood.
     half_open: VecDeque<(FlowId, Duration)>,
-    snat_used: HashSet<SocketAddr>,
+    snat_used: HashSet<(Protocol, SocketAddr)>,
     snat: Vec<IpAddr>,
     ports: std::ops::RangeInclusive<u16>,
+    shard: Shard,
     cursor: u64,
     max: usize,
     len: usize,
@@ -75,6 +83,7 @@ impl FlowTable {
     pub(crate) fn new(
         snat: Vec<IpAddr>,
         ports: std::ops::RangeInclusive<u16>,
+        shard: Shard,
         max: usize,
         seed: u64,
     ) -> Self {
@@ -87,6 +96,7 @@ impl FlowTable {
             snat_used: HashSet::new(),
             snat,
             ports,
+            shard,
             cursor: seed,
             max,
             len: 0,
@@ -105,12 +115,42 @@ impl FlowTable {
         self.slots.get_mut(id).and_then(Option::as_mut)
     }
 
-    pub(crate) fn by_client(&self, client: SocketAddr, vip: SocketAddr) -> Option<FlowId> {
-        self.by_client.get(&(client, vip)).copied()
+    pub(crate) fn by_client(&self, proto: Protocol, client: SocketAddr, vip: SocketAddr) -> Option<FlowId> {
+        self.by_client.get(&(proto, client, vip)).copied()
     }
 
-    pub(crate) fn by_backend(&self, backend: SocketAddr, snat: SocketAddr) -> Option<FlowId> {
-        self.by_backend.get(&(backend, snat)).copied()
+    pub(crate) fn by_backend(
+        &self,
+        proto: Protocol,
+        backend: SocketAddr,
+        snat: SocketAddr,
+    ) -> Option<FlowId> {
+        self.by_backend.get(&(proto, backend, snat)).copied()
+    }
+
+    /// Takes a new SNAT pool and bound (a reload); flows that exist keep their addresses.
+    pub(crate) fn set_limits(&mut self, snat: Vec<IpAddr>, max: usize) {
+        self.snat = snat;
+        self.max = max;
+    }
+
+    /// The SNAT addresses flows use now.
+    pub(crate) fn snat_in_use(&self) -> HashSet<IpAddr> {
+        self.snat_used.iter().map(|(_, a)| a.ip()).collect()
+    }
+
+    /// Gives every flow its listener's new index (a reload), removing the
+    /// flows whose listener is gone; returns how many were removed, by old listener.
+    pub(crate) fn remap_listeners(&mut self, map: &[Option<usize>]) -> Vec<usize> {
+        let mut gone = Vec::new();
+        for id in 0..self.slots.len() {
+            let Some(flow) = self.slots[id].as_mut() else { continue };
+            match map.get(flow.listener).copied().flatten() {
+                Some(new) => flow.listener = new,
+                None => gone.push(id),
+            }
+        }
+        gone.into_iter().filter_map(|id| self.remove(id).map(|f| f.listener)).collect()
     }
 
     /// Evicts the oldest half-open flow, if any; returns its listener.
@@ -132,7 +172,7 @@ impl FlowTable {
             return Err(Full::Table);
         }
         flow.snat = if flow.snat_allocated() {
-            self.allocate_snat(flow.backend.is_ipv4()).ok_or(Full::Snat)?
+            self.allocate_snat(flow.proto, flow.backend.is_ipv4()).ok_or(Full::Snat)?
         } else {
             // Transparent: the backend sees, and answers, the client itself.
             flow.client
@@ -144,27 +184,37 @@ impl FlowTable {
                 self.slots.len() - 1
             }
         };
-        self.by_client.insert((flow.client, flow.vip), id);
-        self.by_backend.insert((flow.backend, flow.snat), id);
+        self.by_client.insert((flow.proto, flow.client, flow.vip), id);
+        self.by_backend.insert((flow.proto, flow.backend, flow.snat), id);
         self.half_open.push_back((id, flow.created));
         self.slots[id] = Some(flow);
         self.len += 1;
         Ok(id)
     }
 
-    /// The next free SNAT address and port of the family.
-    fn allocate_snat(&mut self, v4: bool) -> Option<SocketAddr> {
+    /// The next free SNAT address and port of the family, among this shard's
+    /// ports (`port % count == index`).
+    fn allocate_snat(&mut self, proto: Protocol, v4: bool) -> Option<SocketAddr> {
         let addrs: Vec<IpAddr> = self.snat.iter().copied().filter(|a| a.is_ipv4() == v4).collect();
-        let ports = u64::from(*self.ports.end()) - u64::from(*self.ports.start()) + 1;
+        if addrs.is_empty() {
+            return None;
+        }
+        let (start, end) = (u64::from(*self.ports.start()), u64::from(*self.ports.end()));
+        let (index, count) = (u64::from(self.shard.index), u64::from(self.shard.count));
+        let first = start + (index + count - start % count) % count;
+        if first > end {
+            return None;
+        }
+        let ports = (end - first) / count + 1;
         let space = ports * addrs.len() as u64;
         for _ in 0..space.min(1 << 20) {
             let n = self.cursor % space;
             self.cursor = self.cursor.wrapping_add(1);
             // Spread consecutive flows over the addresses first, then the ports.
             let addr = addrs[(n % addrs.len() as u64) as usize];
-            let port = *self.ports.start() + (n / addrs.len() as u64) as u16;
-            let candidate = SocketAddr::new(addr, port);
-            if self.snat_used.insert(candidate) {
+            let port = first + (n / addrs.len() as u64) * count;
+            let candidate = SocketAddr::new(addr, port as u16);
+            if self.snat_used.insert((proto, candidate)) {
                 return Some(candidate);
             }
         }
@@ -173,10 +223,10 @@ impl FlowTable {
 
     pub(crate) fn remove(&mut self, id: FlowId) -> Option<Flow> {
         let flow = self.slots.get_mut(id)?.take()?;
-        self.by_client.remove(&(flow.client, flow.vip));
-        self.by_backend.remove(&(flow.backend, flow.snat));
+        self.by_client.remove(&(flow.proto, flow.client, flow.vip));
+        self.by_backend.remove(&(flow.proto, flow.backend, flow.snat));
         if flow.snat_allocated() {
-            self.snat_used.remove(&flow.snat);
+            self.snat_used.remove(&(flow.proto, flow.snat));
         }
         self.free.push(id);
         self.len -= 1;
@@ -191,10 +241,11 @@ impl FlowTable {
             .enumerate()
             .filter_map(|(id, f)| {
                 let f = f.as_ref()?;
-                let limit = match f.state {
-                    State::SynSent | State::SynReceived => timeouts.syn,
-                    State::Established => timeouts.established,
-                    State::Closing => timeouts.closing,
+                let limit = match (f.proto, f.state) {
+                    (Protocol::Udp, _) => timeouts.udp,
+                    (Protocol::Tcp, State::SynSent | State::SynReceived) => timeouts.syn,
+                    (Protocol::Tcp, State::Established) => timeouts.established,
+                    (Protocol::Tcp, State::Closing) => timeouts.closing,
                 };
                 (now.saturating_sub(f.last_seen) > limit).then_some(id)
             })

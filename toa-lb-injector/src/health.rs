@@ -3,7 +3,8 @@
 //! A backend is marked down after `fall` failed probes in a row (so within
 //! `fall x interval`) and gets no new flow; its existing flows are kept. It
 //! is marked up again after `rise` successes. Changes are logged and counted
-//! (`health_changes`).
+//! (`health_changes`). UDP listeners are not probed (a connect probe says
+//! nothing about a UDP service): their backends stay up.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
@@ -11,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::engine::Engine;
+use crate::config::Protocol;
+use crate::shards::Shards;
 
 /// Probe settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,43 +34,66 @@ impl Default for HealthCheck {
     }
 }
 
-/// Probes every backend of every listener, once per interval, until `stop`
-/// is set. The list is read from the engine each round, so backends added or
-/// removed with `toa-lb ctl` are followed.
-pub fn spawn(engine: Arc<Mutex<Engine>>, check: HealthCheck, stop: Arc<AtomicBool>) {
+/// Probes every backend of every TCP listener, once per interval, until
+/// `stop` is set. The list and the settings are read each round, so backends
+/// added or removed with `toa-lb ctl` and a reload are followed (`None`:
+/// checks off, every backend up).
+pub fn spawn(shards: Arc<Shards>, settings: Arc<Mutex<Option<HealthCheck>>>, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
-        // (listener, backend) -> (up, probes in a row that disagree with `up`)
-        let mut state: HashMap<(usize, SocketAddr), (bool, u32)> = HashMap::new();
+        // (VIP, backend) -> (up, probes in a row that disagree with `up`); keyed
+        // by VIP, not index, since a reload may reorder the listeners.
+        let mut state: HashMap<(SocketAddr, SocketAddr), (bool, u32)> = HashMap::new();
         while !stop.load(Ordering::Relaxed) {
-            let targets: Vec<(usize, SocketAddr, SocketAddr)> = match engine.lock() {
-                Ok(e) => e
-                    .listeners()
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(l, listener)| {
-                        listener.backends.iter().map(move |b| (l, listener.vip, b.addr))
-                    })
-                    .collect(),
-                Err(_) => return,
+            let Some(check) = *settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) else {
+                // Off: whatever the checks said before no longer holds.
+                if !state.is_empty() {
+                    state.clear();
+                    let mut engines = shards.lock();
+                    let all: Vec<(usize, SocketAddr)> = engines
+                        .listeners()
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(l, listener)| listener.backends.iter().map(move |b| (l, b.addr)))
+                        .collect();
+                    engines.for_each(|e| {
+                        for (listener, addr) in &all {
+                            e.set_backend_up(*listener, *addr, true);
+                        }
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
             };
-            state.retain(|key, _| targets.iter().any(|t| (t.0, t.2) == *key));
+            let targets: Vec<(SocketAddr, SocketAddr)> = shards
+                .lock()
+                .listeners()
+                .iter()
+                .filter(|listener| listener.protocol == Protocol::Tcp)
+                .flat_map(|listener| listener.backends.iter().map(move |b| (listener.vip, b.addr)))
+                .collect();
+            state.retain(|key, _| targets.contains(key));
             // One probe thread per backend, so a slow one does not delay the others.
             let results: Vec<bool> = std::thread::scope(|scope| {
                 let probes: Vec<_> = targets
                     .iter()
-                    .map(|t| scope.spawn(move || TcpStream::connect_timeout(&t.2, check.timeout).is_ok()))
+                    .map(|t| scope.spawn(move || TcpStream::connect_timeout(&t.1, check.timeout).is_ok()))
                     .collect();
                 probes.into_iter().map(|p| p.join().unwrap_or(false)).collect()
             });
-            for ((listener, vip, addr), ok) in targets.into_iter().zip(results) {
-                let (up, streak) = state.entry((listener, addr)).or_insert((true, 0));
+            for ((vip, addr), ok) in targets.into_iter().zip(results) {
+                let (up, streak) = state.entry((vip, addr)).or_insert((true, 0));
                 *streak = if ok != *up { *streak + 1 } else { 0 };
                 let needed = if *up { check.fall } else { check.rise };
                 if *streak >= needed {
                     *up = ok;
                     *streak = 0;
-                    if let Ok(mut e) = engine.lock() {
-                        e.set_backend_up(listener, addr, ok);
+                    // By VIP again: a reload may have moved the listener meanwhile.
+                    let mut engines = shards.lock();
+                    let tcp = |l: &crate::config::ListenerConfig| l.vip == vip && l.protocol == Protocol::Tcp;
+                    if let Some(listener) = engines.listeners().iter().position(tcp) {
+                        engines.for_each(|e| {
+                            e.set_backend_up(listener, addr, ok);
+                        });
                     }
                     if ok {
                         tracing::info!(%vip, backend = %addr, "backend up");

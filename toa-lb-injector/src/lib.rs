@@ -12,7 +12,8 @@
 //! SNAT -> backend, and insert the TOA where the listener's [`Placement`]
 //! says. From a backend: rewrite back, and lower the MSS of the SYN-ACK by the
 //! option's size so that clients never send segments that stop fitting.
-#![forbid(unsafe_code)]
+// Unsafe code only in `sys` (the AF_PACKET ring and batch system calls).
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 mod config;
@@ -23,9 +24,13 @@ pub mod file;
 mod flow;
 pub mod health;
 pub mod nft;
+pub mod ring;
 mod schedule;
+pub mod shards;
+mod sys;
 
 pub use config::{
-    Backend, ConfigError, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Scheduler, Timeouts,
+    Backend, ConfigError, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Protocol, Scheduler,
+    Shard, Timeouts,
 };
-pub use engine::{Counters, DropReason, Engine, Verdict};
+pub use engine::{BackendCounters, Counters, DropReason, Engine, ListenerKey, Verdict};

@@ -30,15 +30,17 @@ pub fn present() -> bool {
     Command::new("nft").args(["list", "table", "inet", TABLE]).output().is_ok_and(|o| o.status.success())
 }
 
-/// Installs the table, after removing a stale one.
+/// Installs the table, replacing one that exists (a stale one, or the
+/// previous set of a reload) in the same nftables transaction: there is no
+/// moment without rules.
 pub fn install(owned: &[IpAddr]) -> Result<(), String> {
-    remove()?;
     let (v4, v6): (Vec<String>, Vec<String>) = {
         let v4 = owned.iter().filter(|a| a.is_ipv4()).map(ToString::to_string).collect();
         let v6 = owned.iter().filter(|a| a.is_ipv6()).map(ToString::to_string).collect();
         (v4, v6)
     };
-    let mut script = format!("table inet {TABLE} {{\n");
+    // Create (if absent) and delete first, so the new table replaces any old one.
+    let mut script = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
     for hook in ["input", "forward"] {
         script += &format!("  chain {hook} {{\n    type filter hook {hook} priority -10; policy accept;\n");
         if !v4.is_empty() {

@@ -5,10 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use toa_core::{Format, Formats, TcpFlags, TcpPacket};
+use toa_core::{Format, Formats, TcpFlags, TcpPacket, UdpPacket};
 use toa_lb_injector::{
-    Backend, DropReason, Engine, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Scheduler,
-    Timeouts, Verdict,
+    Backend, ConfigError, DropReason, Engine, EngineConfig, ListenerConfig, ObtainClientIp, Placement,
+    Protocol, Scheduler, Shard, Timeouts, Verdict,
 };
 
 const CLIENT: &str = "203.0.113.7:40000";
@@ -27,6 +27,7 @@ fn config(mode: ObtainClientIp, placement: Placement, backends: &[&str]) -> Engi
         listeners: vec![
             ListenerConfig {
                 vip: sock(VIP),
+                protocol: Protocol::Tcp,
                 backends,
                 scheduler: Scheduler::RoundRobin,
                 obtain_client_ip: mode,
@@ -34,6 +35,7 @@ fn config(mode: ObtainClientIp, placement: Placement, backends: &[&str]) -> Engi
             },
             ListenerConfig {
                 vip: sock(VIP6),
+                protocol: Protocol::Tcp,
                 backends: backends6,
                 scheduler: Scheduler::RoundRobin,
                 obtain_client_ip: mode,
@@ -49,6 +51,7 @@ fn config(mode: ObtainClientIp, placement: Placement, backends: &[&str]) -> Engi
         max_flows: 1000,
         timeouts: Timeouts::default(),
         snat_seed: 0,
+        shard: Shard::default(),
     }
 }
 
@@ -290,7 +293,7 @@ fn round_robin_spreads_flows_and_mode_switches_apply_to_new_flows() {
 
     // An existing flow keeps TOA after the listener is switched off; a new one does not get it.
     let old = sock("203.0.113.7:2000");
-    assert!(e.set_obtain_client_ip(0, ObtainClientIp::Off));
+    e.set_obtain_client_ip(0, ObtainClientIp::Off).unwrap();
     let (_, retrans) = handle(&mut e, 0, &segment(old, vip, TcpFlags::SYN, &[], &[]));
     assert_eq!(inspect(&retrans).2, Some(old));
     let (_, fresh) = handle(&mut e, 0, &segment(sock("203.0.113.9:1"), vip, TcpFlags::SYN, &[], &[]));
@@ -369,7 +372,7 @@ fn a_reused_client_port_starts_a_new_flow_with_the_current_mode() {
     handle(&mut e, 0, &segment(backend, snat, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]));
     handle(&mut e, 0, &segment(client, vip, TcpFlags::ACK, &[], &[]));
     handle(&mut e, 0, &segment(backend, snat, TcpFlags::FIN.union(TcpFlags::ACK), &[], &[]));
-    e.set_obtain_client_ip(0, ObtainClientIp::Off);
+    e.set_obtain_client_ip(0, ObtainClientIp::Off).unwrap();
     // The same client port connects again while the old flow is closing.
     let (_, again) = handle(&mut e, 1, &segment(client, vip, TcpFlags::SYN, &[], &[]));
     assert_eq!(inspect(&again).2, None, "the new connection follows the new mode");
@@ -404,4 +407,149 @@ fn garbage_is_dropped_not_panicked_on() {
     let bad = segment(sock(CLIENT), sock(VIP), TcpFlags::SYN, &[254, 0, 0, 0], &[]);
     assert_eq!(handle(&mut e, 0, &bad).0, Verdict::Drop(DropReason::Malformed));
     assert_eq!(e.counters(0).unwrap().dropped_malformed, 1);
+}
+
+/// A UDP datagram built by etherparse.
+fn datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let builder = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    };
+    let mut out = Vec::new();
+    builder.udp(src.port(), dst.port()).write(&mut out, payload).unwrap();
+    out
+}
+
+/// Checks an emitted datagram with etherparse; returns (src, dst, payload).
+fn inspect_udp(packet: &[u8]) -> (SocketAddr, SocketAddr, Vec<u8>) {
+    let sliced = SlicedPacket::from_ip(packet).expect("etherparse parses the output");
+    let Some(TransportSlice::Udp(udp)) = sliced.transport else { panic!("udp") };
+    let expected = match sliced.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum(), "ipv4 checksum");
+            udp.to_header().calc_checksum_ipv4_raw(h.source(), h.destination(), udp.payload()).unwrap()
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header();
+            udp.to_header().calc_checksum_ipv6_raw(h.source(), h.destination(), udp.payload()).unwrap()
+        }
+        None => panic!("ip"),
+    };
+    assert_eq!(udp.checksum(), expected, "udp checksum");
+    let view = UdpPacket::new_checked(packet).unwrap();
+    (view.src(), view.dst(), view.payload().to_vec())
+}
+
+fn udp_config(mode: ObtainClientIp) -> EngineConfig {
+    let mut c = config(ObtainClientIp::Toa(Format::Toa), Placement::default(), &["192.0.2.10:8080"]);
+    c.listeners.push(ListenerConfig {
+        vip: sock("198.51.100.10:53"),
+        protocol: Protocol::Udp,
+        backends: vec![Backend { addr: sock("192.0.2.10:5353"), weight: 1 }],
+        scheduler: Scheduler::RoundRobin,
+        obtain_client_ip: mode,
+        placement: Placement::default(),
+    });
+    c
+}
+
+#[test]
+fn udp_flows_in_off_and_transparent_modes() {
+    for mode in [ObtainClientIp::Off, ObtainClientIp::Transparent] {
+        let mut e = Engine::new(udp_config(mode)).unwrap();
+        let (client, vip) = (sock(CLIENT), sock("198.51.100.10:53"));
+        // Of any size up to an Ethernet MTU, unchanged.
+        let payload: Vec<u8> = (0..1472u32).map(|i| i as u8).collect();
+        let (v, out) = handle(&mut e, 0, &datagram(client, vip, &payload));
+        let (src, dst, body) = inspect_udp(&out);
+        assert!(matches!(v, Verdict::ToBackend { .. }), "{v:?}");
+        assert_eq!(dst, sock("192.0.2.10:5353"));
+        assert_eq!(body, payload);
+        match mode {
+            ObtainClientIp::Transparent => assert_eq!(src, client, "the client's own address is kept"),
+            _ => assert!(src.ip().to_string().starts_with("100.125.0."), "FULLNAT: {src}"),
+        }
+        // The reply goes back from the VIP; a second datagram keeps the flow.
+        let (v, back) = handle(&mut e, 1, &datagram(dst, src, b"answer"));
+        assert!(matches!(v, Verdict::ToClient { next_hop, .. } if next_hop == client.ip()), "{v:?}");
+        assert_eq!(inspect_udp(&back), (vip, client, b"answer".to_vec()));
+        let (_, again) = handle(&mut e, 2, &datagram(client, vip, b"more"));
+        assert_eq!(inspect_udp(&again).0, src, "same flow, same SNAT address");
+        assert_eq!(e.flow_count(), 1);
+        // A TCP segment to the UDP port is not this listener's.
+        let (v, _) = handle(&mut e, 2, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+        assert_eq!(v, Verdict::NotMine);
+        // Idle past the UDP timeout: gone.
+        e.poll_expired(Duration::from_secs(2 + 61));
+        assert_eq!(e.flow_count(), 0);
+        let c = e.counters(2).unwrap();
+        assert_eq!((c.flows, c.to_backend, c.to_client, c.expired), (1, 2, 1, 1));
+        assert_eq!(c.bytes_to_client, back.len() as u64);
+    }
+}
+
+#[test]
+fn udp_listeners_refuse_toa() {
+    let err = Engine::new(udp_config(ObtainClientIp::Toa(Format::Toa))).unwrap_err();
+    assert_eq!(err, ConfigError::ToaOnUdp(sock("198.51.100.10:53")));
+    let mut e = Engine::new(udp_config(ObtainClientIp::Off)).unwrap();
+    assert!(e.set_obtain_client_ip(2, ObtainClientIp::Toa(Format::Toa)).is_err());
+    assert_eq!(e.listeners()[2].obtain_client_ip, ObtainClientIp::Off);
+}
+
+#[test]
+fn shards_allocate_disjoint_snat_ports() {
+    for index in 0..3u16 {
+        let mut c = config(ObtainClientIp::Off, Placement::default(), &["192.0.2.10:8080"]);
+        c.shard = Shard { index, count: 3 };
+        c.snat_seed = 12345;
+        let mut e = Engine::new(c).unwrap();
+        for port in 0..200u16 {
+            let client = SocketAddr::from(([203, 0, 113, 7], 1000 + port));
+            let (_, syn) = handle(&mut e, 0, &segment(client, sock(VIP), TcpFlags::SYN, &[], &[]));
+            let snat = inspect(&syn).0;
+            assert_eq!(snat.port() % 3, index, "engine {index} of 3 used SNAT port {}", snat.port());
+        }
+    }
+    let mut bad = config(ObtainClientIp::Off, Placement::default(), &["192.0.2.10:8080"]);
+    bad.shard = Shard { index: 3, count: 3 };
+    assert!(Engine::new(bad).is_err());
+}
+
+#[test]
+fn reconfigure_keeps_flows_and_their_mode() {
+    let mut e = engine(ObtainClientIp::Toa(Format::Toa));
+    let (client, vip) = (sock(CLIENT), sock(VIP));
+    let (_, syn) = handle(&mut e, 0, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    let (snat, backend, _) = inspect(&syn);
+    let gone_client = sock(CLIENT6);
+    handle(&mut e, 0, &segment(gone_client, sock(VIP6), TcpFlags::SYN, &[], &[]));
+    assert_eq!(e.flow_count(), 2);
+
+    // The new file: TOA off, another backend, and the IPv6 listener removed.
+    let mut new = config(ObtainClientIp::Off, Placement::default(), &["192.0.2.11:8080"]);
+    new.listeners.remove(1);
+    // A bad one first: nothing changes.
+    let mut bad = new.clone();
+    bad.listeners[0].backends.clear();
+    assert_eq!(e.reconfigure(bad), Err(ConfigError::NoBackends(vip)));
+    assert_eq!(e.listeners().len(), 2);
+    assert_eq!(e.flow_count(), 2);
+
+    e.reconfigure(new).unwrap();
+    assert_eq!(e.listeners().len(), 1);
+    assert_eq!(e.flow_count(), 1, "the removed listener's flow is gone");
+    assert_eq!(e.counters(0).unwrap().flows, 1, "counters follow the listener");
+    // The old flow keeps its backend, SNAT address and TOA.
+    let (_, synack) =
+        handle(&mut e, 1, &segment(backend, snat, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]));
+    assert_eq!(inspect(&synack).1, client);
+    let (_, ack) = handle(&mut e, 1, &segment(client, vip, TcpFlags::ACK, &[], &[]));
+    assert_eq!(inspect(&ack), (snat, backend, Some(client)));
+    // A new flow follows the new configuration.
+    let (_, fresh) = handle(&mut e, 2, &segment(sock("203.0.113.9:1"), vip, TcpFlags::SYN, &[], &[]));
+    let (_, to, toa) = inspect(&fresh);
+    assert_eq!((to, toa), (sock("192.0.2.11:8080"), None));
 }

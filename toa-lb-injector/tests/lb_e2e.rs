@@ -207,10 +207,9 @@ fn toa_lb_end_to_end() {
     assert!(ctl("stats").contains("203.0.113.10:80 flows="));
     // Backends changed live: drained, removed, added back; the dead one shows down.
     assert!(ctl("backends").contains("203.0.113.10:80 100.125.2.1:9999 weight=1 down"));
-    assert!(
-        metrics_text(&bed)
-            .contains("toa_lb_backend_up{listener=\"203.0.113.10:80\",backend=\"100.125.2.1:9999\"} 0")
-    );
+    assert!(metrics_text(&bed).contains(
+        "toa_lb_backend_up{listener=\"203.0.113.10:80\",protocol=\"tcp\",backend=\"100.125.2.1:9999\"} 0"
+    ));
     let all_on = |bed: &Testbed, prefix: &str| (0..6).all(|_| ask(bed).1.starts_with(prefix));
     ctl("drain 203.0.113.10:80 100.125.2.1:8080");
     assert!(all_on(&bed, "be2 "), "a drained backend gets no new flow");
@@ -230,12 +229,19 @@ fn toa_lb_end_to_end() {
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     let injected = metrics
         .lines()
-        .find(|l| l.starts_with("toa_lb_toa_injected_total{listener=\"203.0.113.10:80\"}"))
+        .find(|l| l.starts_with("toa_lb_toa_injected_total{listener=\"203.0.113.10:80\",protocol=\"tcp\"}"))
         .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .expect("injected counter");
     assert!(injected >= 4, "{metrics}");
-    assert!(metrics.contains("toa_lb_dropped_total{listener=\"203.0.113.10:80\",reason=\"no_flow\"}"));
-    assert!(metrics.contains("toa_lb_health_changes_total{listener=\"203.0.113.10:80\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "toa_lb_dropped_total{listener=\"203.0.113.10:80\",protocol=\"tcp\",reason=\"no_flow\"}"
+        )
+    );
+    assert!(
+        metrics.contains("toa_lb_health_changes_total{listener=\"203.0.113.10:80\",protocol=\"tcp\"} 1"),
+        "{metrics}"
+    );
     let bad = ctl_output(&dir, "set 203.0.113.99:80 obtain-client-ip off");
     assert!(
         !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("no listener 203.0.113.99:80")

@@ -1,14 +1,20 @@
 //! `toa-lb`: a FULLNAT L4 load balancer that writes the client's address
 //! into a TOA option ("Obtain Client IP Address").
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use clap::{Parser, Subcommand};
-use toa_lb_injector::file::LbConfig;
-use toa_lb_injector::{Engine, datapath, nft};
+use nix::sys::signal::{SigSet, Signal};
+use toa_lb_injector::datapath::{self, Owned};
+use toa_lb_injector::file::{Datapath, LbConfig};
+use toa_lb_injector::health::HealthCheck;
+use toa_lb_injector::shards::Shards;
+use toa_lb_injector::{ctl, nft};
 
 #[derive(Parser)]
 #[command(name = "toa-lb", version, about = "FULLNAT L4 load balancer with TOA (Obtain Client IP Address)")]
@@ -19,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the load balancer (root).
+    /// Run the load balancer (root). SIGHUP re-reads the configuration; a bad
+    /// one is logged and the running one stays.
     Run {
         /// The TOML configuration.
         #[arg(long)]
@@ -36,7 +43,7 @@ enum Command {
     },
     /// Talk to a running toa-lb: listeners | backends | stats | set LISTENER obtain-client-ip
     /// off|toa|transparent | add-backend LISTENER ADDR [WEIGHT] | remove-backend LISTENER ADDR |
-    /// drain|undrain LISTENER ADDR.
+    /// drain|undrain LISTENER ADDR | reload (re-read the file, as SIGHUP does, and say why not).
     Ctl {
         /// The control socket.
         #[arg(long, default_value = toa_lb_injector::ctl::SOCKET)]
@@ -87,6 +94,61 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// What a reload needs: the file, the current configuration, and the parts
+/// of the running LB it updates.
+struct Running {
+    path: PathBuf,
+    current: Mutex<LbConfig>,
+    shards: Arc<Shards>,
+    owned: Owned,
+    health: Arc<Mutex<Option<HealthCheck>>>,
+}
+
+impl Running {
+    /// Re-reads the file and applies it, with the guarantees of a live switch
+    /// (flows keep their backend and mode). A configuration that does not
+    /// load, or changes what only a restart can, is rejected and the running
+    /// one stays.
+    fn reload(&self) -> Result<String, String> {
+        let new = LbConfig::load(&self.path).map_err(|e| e.to_string())?;
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let restart = |what: &str| Err(format!("{what} changed: that needs a restart; nothing was reloaded"));
+        if (&new.client_interface, &new.backend_interface)
+            != (&current.client_interface, &current.backend_interface)
+        {
+            return restart("client_interface or backend_interface");
+        }
+        if new.metrics != current.metrics {
+            return restart("metrics");
+        }
+        if (new.datapath, new.workers) != (current.datapath, current.workers) {
+            return restart("datapath or workers");
+        }
+        let client = datapath::interface(&new.client_interface).map_err(|e| e.to_string())?;
+        let vips: Vec<_> = new.engine.listeners.iter().map(|l| l.vip.ip()).collect();
+        datapath::check_vips(&client, &vips).map_err(|e| e.to_string())?;
+        let mut engines = self.shards.lock();
+        // Answer for the new VIPs and SNAT addresses, and for the SNAT addresses
+        // flows still use; nftables first, so a failure there changes nothing.
+        let mut owned: HashSet<IpAddr> = vips.iter().chain(&new.engine.snat).copied().collect();
+        owned.extend(engines.snat_in_use());
+        let list: Vec<IpAddr> = owned.iter().copied().collect();
+        nft::install(&list)?;
+        engines.apply(|e| e.reconfigure(new.engine.clone())).map_err(|e| e.to_string())?;
+        drop(engines);
+        *self.owned.write().unwrap_or_else(PoisonError::into_inner) = owned;
+        *self.health.lock().unwrap_or_else(PoisonError::into_inner) = new.health;
+        let summary = format!(
+            "reloaded {}: {} listeners ({})\n",
+            self.path.display(),
+            new.engine.listeners.len(),
+            new.engine.listeners.iter().map(ctl::listener_name).collect::<Vec<_>>().join(", ")
+        );
+        *current = new;
+        Ok(summary)
+    }
+}
+
 fn run(path: &std::path::Path, socket: &std::path::Path) -> ExitCode {
     let config = match LbConfig::load(path) {
         Ok(c) => c,
@@ -94,6 +156,18 @@ fn run(path: &std::path::Path, socket: &std::path::Path) -> ExitCode {
     };
     if !nix::unistd::Uid::effective().is_root() {
         return fail("toa-lb needs root (raw sockets, nftables)");
+    }
+    // Block the signals before any thread starts, so that only the signal
+    // thread (started below) takes them.
+    let signals = {
+        let mut set = SigSet::empty();
+        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            set.add(signal);
+        }
+        set
+    };
+    if let Err(e) = signals.thread_block() {
+        return fail(format!("cannot block SIGINT/SIGTERM/SIGHUP: {e}"));
     }
     let client = match datapath::interface(&config.client_interface) {
         Ok(i) => i,
@@ -107,9 +181,8 @@ fn run(path: &std::path::Path, socket: &std::path::Path) -> ExitCode {
     if let Err(e) = datapath::check_vips(&client, &vips) {
         return fail(e);
     }
-    let mut owned = vips.clone();
-    owned.extend(config.engine.snat.iter().copied());
-    if let Err(e) = nft::install(&owned) {
+    let owned: HashSet<IpAddr> = vips.iter().chain(&config.engine.snat).copied().collect();
+    if let Err(e) = nft::install(&owned.iter().copied().collect::<Vec<_>>()) {
         return fail(e);
     }
     let mut engine_config = config.engine.clone();
@@ -117,40 +190,74 @@ fn run(path: &std::path::Path, socket: &std::path::Path) -> ExitCode {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64 ^ u64::from(std::process::id()))
         .unwrap_or(0);
-    let engine = match Engine::new(engine_config) {
-        Ok(e) => Arc::new(std::sync::Mutex::new(e)),
-        Err(e) => return fail(e),
+    let workers = match config.datapath {
+        Datapath::Ring => config.workers,
+        Datapath::Pnet => 1,
+    };
+    let shards = match Shards::new(&engine_config, workers) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            let _ = nft::remove();
+            return fail(e);
+        }
     };
     let stop = Arc::new(AtomicBool::new(false));
-    // A signal only sets the flag; the datapath threads notice within 200 ms.
-    if let Err(e) = stop_on_signals(stop.clone()) {
-        let _ = nft::remove();
-        return fail(format!("cannot handle SIGINT/SIGTERM: {e}"));
+    let running = Arc::new(Running {
+        path: path.to_owned(),
+        current: Mutex::new(config.clone()),
+        shards: shards.clone(),
+        owned: Arc::new(RwLock::new(owned)),
+        health: Arc::new(Mutex::new(config.health)),
+    });
+    // A signal only sets the flag (the datapath notices within 200 ms) or reloads.
+    {
+        let (stop, running) = (stop.clone(), running.clone());
+        std::thread::spawn(move || {
+            while let Ok(signal) = signals.wait() {
+                if signal != Signal::SIGHUP {
+                    stop.store(true, Ordering::Relaxed);
+                    return;
+                }
+                match running.reload() {
+                    Ok(summary) => tracing::info!("SIGHUP: {}", summary.trim_end()),
+                    Err(e) => {
+                        tracing::error!("SIGHUP: reload rejected, the running configuration stays: {e}")
+                    }
+                }
+            }
+        });
     }
-    if let Err(e) = toa_lb_injector::ctl::serve(socket, engine.clone(), stop.clone()) {
+    let reload: ctl::Reload = {
+        let running = running.clone();
+        Arc::new(move || running.reload())
+    };
+    if let Err(e) = ctl::serve(socket, shards.clone(), reload, stop.clone()) {
         let _ = nft::remove();
         return fail(format!("control socket {}: {e}", socket.display()));
     }
     if let Some(addr) = config.metrics {
-        if let Err(e) = toa_lb_injector::ctl::serve_metrics(addr, engine.clone(), stop.clone()) {
+        if let Err(e) = ctl::serve_metrics(addr, shards.clone(), stop.clone()) {
             let _ = nft::remove();
             return fail(format!("metrics on {addr}: {e}"));
         }
     }
-    if let Some(check) = config.health {
-        toa_lb_injector::health::spawn(engine.clone(), check, stop.clone());
-    }
+    toa_lb_injector::health::spawn(shards.clone(), running.health.clone(), stop.clone());
     for l in &config.engine.listeners {
         let backends: Vec<String> = l.backends.iter().map(|b| b.addr.to_string()).collect();
         eprintln!(
             "toa-lb: listener {} -> {} (obtain_client_ip {:?})",
-            l.vip,
+            ctl::listener_name(l),
             backends.join(", "),
             l.obtain_client_ip
         );
     }
-    tracing::info!(clients = %client.name, backends = %backend.name, "running on the interfaces");
-    let result = datapath::run(engine, &client, &backend, &owned, stop.clone());
+    tracing::info!(clients = %client.name, backends = %backend.name, datapath = ?config.datapath, "running on the interfaces");
+    let owned = running.owned.clone();
+    let result = match config.datapath {
+        Datapath::Ring => toa_lb_injector::ring::run(shards, &client, &backend, owned, stop.clone()),
+        Datapath::Pnet => datapath::run(shards, &client, &backend, owned, stop.clone()),
+    };
+    stop.store(true, Ordering::Relaxed);
     let cleanup = nft::remove();
     if let Err(e) = result {
         return fail(e);
@@ -160,19 +267,4 @@ fn run(path: &std::path::Path, socket: &std::path::Path) -> ExitCode {
     }
     tracing::info!("stopped, nftables rules removed");
     ExitCode::SUCCESS
-}
-
-/// Sets `flag` on SIGINT or SIGTERM: both are blocked in this thread (and so
-/// in every thread started later) and a thread waits for them with sigwait.
-fn stop_on_signals(flag: Arc<AtomicBool>) -> nix::Result<()> {
-    let mut set = nix::sys::signal::SigSet::empty();
-    set.add(nix::sys::signal::SIGINT);
-    set.add(nix::sys::signal::SIGTERM);
-    set.thread_block()?;
-    std::thread::spawn(move || {
-        if set.wait().is_ok() {
-            flag.store(true, Ordering::Relaxed);
-        }
-    });
-    Ok(())
 }

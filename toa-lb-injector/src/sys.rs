@@ -1,0 +1,331 @@
+//! The AF_PACKET system calls the ring datapath needs and no safe crate
+//! wraps: a PACKET_MMAP (TPACKET_V2) receive ring, fanout groups with a
+//! classic BPF steering program, and batched sends with `sendmmsg`.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The ring's frame header (`struct tpacket2_hdr`).
+#[repr(C)]
+struct Tpacket2Hdr {
+    status: u32,
+    len: u32,
+    snaplen: u32,
+    mac: u16,
+    net: u16,
+    sec: u32,
+    nsec: u32,
+    vlan_tci: u16,
+    vlan_tpid: u16,
+    padding: [u8; 4],
+}
+
+/// `enum tpacket_versions { TPACKET_V1, TPACKET_V2, TPACKET_V3 }`.
+const TPACKET_V2: libc::c_int = 1;
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+/// `setsockopt(fd, SOL_PACKET, name, value)`.
+fn set_packet_option<T>(fd: &OwnedFd, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `fd` is an open socket; `value` is a live T and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    check(rc).map(drop)
+}
+
+/// An AF_PACKET raw socket for `protocol` (host order; converted here).
+/// Protocol 0 receives nothing: a send-only socket. It is bound later
+/// ([`bind`]), once the ring options are set.
+fn packet_socket(protocol: u16) -> io::Result<OwnedFd> {
+    let protocol = libc::c_int::from(protocol.to_be());
+    // SAFETY: plain socket(2); the result is checked before it is owned.
+    let fd = check(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) })?;
+    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Binds a packet socket to interface `ifindex` for `protocol` (host order).
+fn bind(fd: &OwnedFd, ifindex: u32, protocol: u16) -> io::Result<()> {
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol.to_be();
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: `addr` is a live sockaddr_ll and its exact size is passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    check(rc).map(drop)
+}
+
+/// A TPACKET_V2 receive ring on one interface: the kernel copies each frame
+/// into the next free slot and flips its status; reading costs no system
+/// call while frames are waiting.
+pub(crate) struct RxRing {
+    fd: OwnedFd,
+    map: NonNull<u8>,
+    map_len: usize,
+    frame_size: usize,
+    frames: usize,
+    next: usize,
+}
+
+// SAFETY: the mapping belongs to this value alone (no aliases are handed out
+// beyond a `&mut self` borrow), so moving it to another thread is sound.
+unsafe impl Send for RxRing {}
+
+/// A frame taken from an [`RxRing`].
+pub(crate) enum RxFrame<'a> {
+    /// The whole frame.
+    Frame(&'a [u8]),
+    /// Cut short: longer than a ring slot (a GSO super-packet: offloads on).
+    Truncated(usize),
+    /// Carried a VLAN tag, which toa-lb does not handle.
+    Vlan,
+}
+
+impl RxRing {
+    /// A ring of `frames` slots of `frame_size` bytes (a power of two, at
+    /// least 2048) receiving every frame of `ifindex`, outgoing ones excepted.
+    pub(crate) fn open(ifindex: u32, frame_size: usize, frames: usize) -> io::Result<RxRing> {
+        let all = libc::ETH_P_ALL as u16;
+        let fd = packet_socket(all)?;
+        set_packet_option(&fd, libc::PACKET_VERSION, &TPACKET_V2)?;
+        // Our own transmissions would come back to every tap on the interface.
+        set_packet_option(&fd, libc::PACKET_IGNORE_OUTGOING, &(1 as libc::c_int))?;
+        let block_size = frame_size.max(1 << 16);
+        let blocks = (frames * frame_size).div_ceil(block_size);
+        let frames = blocks * (block_size / frame_size);
+        let req = libc::tpacket_req {
+            tp_block_size: block_size as u32,
+            tp_block_nr: blocks as u32,
+            tp_frame_size: frame_size as u32,
+            tp_frame_nr: frames as u32,
+        };
+        set_packet_option(&fd, libc::PACKET_RX_RING, &req)?;
+        let map_len = block_size * blocks;
+        // SAFETY: maps the ring the kernel just allocated for `fd`, at its exact
+        // size; the result is checked before use.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = NonNull::new(map.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let ring = RxRing { fd, map, map_len, frame_size, frames, next: 0 };
+        bind(&ring.fd, ifindex, all)?;
+        Ok(ring)
+    }
+
+    /// The socket, for `poll`.
+    pub(crate) fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn header(&self, slot: usize) -> *mut Tpacket2Hdr {
+        // SAFETY: slot < frames, so the offset stays inside the mapping;
+        // frames never straddle blocks since block_size is a multiple of frame_size.
+        unsafe { self.map.as_ptr().add(slot * self.frame_size).cast() }
+    }
+
+    fn status(&self, slot: usize) -> &AtomicU32 {
+        // SAFETY: the status word is the first, 4-aligned field of a slot
+        // header inside the mapping; the kernel writes it concurrently, which
+        // is what the atomic is for. The mapping outlives the borrow of self.
+        unsafe { AtomicU32::from_ptr(self.header(slot).cast::<u32>()) }
+    }
+
+    /// Hands the next waiting frame to `f`, then gives its slot back to the
+    /// kernel. Returns false when no frame is waiting.
+    pub(crate) fn next_frame(&mut self, f: impl FnOnce(RxFrame<'_>)) -> bool {
+        let slot = self.next;
+        let status = self.status(slot).load(Ordering::Acquire);
+        if status & libc::TP_STATUS_USER == 0 {
+            return false;
+        }
+        let header = self.header(slot);
+        // SAFETY: the slot is ours until its status goes back to KERNEL (the
+        // Acquire load above orders these reads after the kernel's writes);
+        // mac + snaplen lies inside the slot, as the kernel wrote it.
+        let (frame, len) = unsafe {
+            let (mac, snaplen, len) =
+                (usize::from((*header).mac), (*header).snaplen as usize, (*header).len as usize);
+            let end = (mac + snaplen).min(self.frame_size);
+            let start = mac.min(end);
+            (std::slice::from_raw_parts(header.cast::<u8>().add(start), end - start), len)
+        };
+        if status & libc::TP_STATUS_VLAN_VALID != 0 {
+            f(RxFrame::Vlan);
+        } else if frame.len() < len {
+            f(RxFrame::Truncated(len));
+        } else {
+            f(RxFrame::Frame(frame));
+        }
+        self.status(slot).store(libc::TP_STATUS_KERNEL, Ordering::Release);
+        self.next = (slot + 1) % self.frames;
+        true
+    }
+
+    /// Joins fanout group `id` (0: ask the kernel for a free one) as the next
+    /// member; the group's steering program is set with [`RxRing::set_steering`].
+    /// Returns the group id.
+    pub(crate) fn join_fanout(&self, id: u16) -> io::Result<u16> {
+        let mut mode = libc::PACKET_FANOUT_CBPF;
+        if id == 0 {
+            mode |= libc::PACKET_FANOUT_FLAG_UNIQUEID;
+        }
+        let arg: u32 = u32::from(id) | (mode << 16);
+        set_packet_option(&self.fd, libc::PACKET_FANOUT, &arg)?;
+        let mut value: u32 = 0;
+        let mut len = size_of::<u32>() as libc::socklen_t;
+        // SAFETY: `value` is a live u32 and `len` says so; the kernel writes at most that.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_FANOUT,
+                (&mut value as *mut u32).cast(),
+                &mut len,
+            )
+        };
+        check(rc)?;
+        Ok(value as u16)
+    }
+
+    /// Sets the fanout group's classic BPF program: its return value, modulo
+    /// the members, picks the socket a frame goes to.
+    pub(crate) fn set_steering(&self, program: &[libc::sock_filter]) -> io::Result<()> {
+        let prog = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr().cast_mut() };
+        set_packet_option(&self.fd, libc::PACKET_FANOUT_DATA, &prog)
+    }
+}
+
+impl Drop for RxRing {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `open`; no borrow of it
+        // outlives `&mut self`.
+        unsafe {
+            libc::munmap(self.map.as_ptr().cast(), self.map_len);
+        }
+    }
+}
+
+/// A send-only AF_PACKET socket that sends frames in batches, one
+/// `sendmmsg` per batch (the kernel copies each frame: no buffer is pinned).
+pub(crate) struct TxBatch {
+    fd: OwnedFd,
+    slot: usize,
+    buf: Vec<u8>,
+    lens: Vec<usize>,
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+    /// Frames the kernel refused (queue full): counted, not retried.
+    pub(crate) dropped: u64,
+}
+
+// SAFETY: the iovec/mmsghdr pointers are rebuilt from `buf` on every flush and
+// never used outside it, so the value can move between threads.
+unsafe impl Send for TxBatch {}
+
+impl TxBatch {
+    /// A batch of up to `capacity` frames of at most `slot` bytes on `ifindex`.
+    pub(crate) fn open(ifindex: u32, slot: usize, capacity: usize) -> io::Result<TxBatch> {
+        let fd = packet_socket(0)?;
+        // Straight to the driver: no qdisc between toa-lb and the wire.
+        set_packet_option(&fd, libc::PACKET_QDISC_BYPASS, &(1 as libc::c_int))?;
+        bind(&fd, ifindex, 0)?;
+        Ok(TxBatch {
+            fd,
+            slot,
+            buf: vec![0; slot * capacity],
+            lens: Vec::with_capacity(capacity),
+            // SAFETY (for the zeroed values): iovec and mmsghdr are plain C
+            // structs for which all-zero (null pointers, zero lengths) is valid.
+            iov: vec![unsafe { std::mem::zeroed() }; capacity],
+            msgs: vec![unsafe { std::mem::zeroed() }; capacity],
+            dropped: 0,
+        })
+    }
+
+    /// Queues a copy of `frame` (longer than a slot: dropped); sends the
+    /// batch first if it is full.
+    pub(crate) fn push(&mut self, frame: &[u8]) {
+        if frame.len() > self.slot {
+            self.dropped += 1;
+            return;
+        }
+        if self.lens.len() == self.msgs.len() {
+            self.flush();
+        }
+        let at = self.lens.len() * self.slot;
+        self.buf[at..at + frame.len()].copy_from_slice(frame);
+        self.lens.push(frame.len());
+    }
+
+    /// Sends what is queued.
+    pub(crate) fn flush(&mut self) {
+        let mut sent = 0;
+        while sent < self.lens.len() {
+            let n = self.lens.len() - sent;
+            for i in 0..n {
+                let k = sent + i;
+                self.iov[i] = libc::iovec {
+                    iov_base: self.buf[k * self.slot..].as_mut_ptr().cast(),
+                    iov_len: self.lens[k],
+                };
+                // SAFETY: all-zero is a valid msghdr (no name, no control).
+                let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+                hdr.msg_iov = &mut self.iov[i];
+                hdr.msg_iovlen = 1;
+                self.msgs[i] = libc::mmsghdr { msg_hdr: hdr, msg_len: 0 };
+            }
+            // SAFETY: `msgs[..n]` point at `iov[..n]`, which point into `buf`;
+            // all of them stay alive and unmoved for the call.
+            let rc = unsafe {
+                libc::sendmmsg(self.fd.as_raw_fd(), self.msgs.as_mut_ptr(), n as u32, libc::MSG_DONTWAIT)
+            };
+            if rc <= 0 {
+                // The device queue is full (or gone): drop this frame, go on.
+                self.dropped += 1;
+                sent += 1;
+            } else {
+                sent += rc as usize;
+            }
+        }
+        self.lens.clear();
+    }
+}
+
+/// Waits until one of `fds` is readable or `timeout_ms` passes.
+pub(crate) fn poll_readable(fds: &[&OwnedFd], timeout_ms: i32) {
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    // SAFETY: `pfds` is a live array of `pfds.len()` pollfd structs.
+    unsafe {
+        libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms);
+    }
+}
