@@ -34,6 +34,7 @@ measure() { # prints "conn/s MB/s"
 lb_run() { # MODE DATAPATH
     cat >"$work/lb.toml" <<TOML
 datapath = "$2"
+${BENCH_LB_EXTRA:-}
 client_interface = "lb-c"
 backend_interface = "lb-br"
 snat = ["100.125.1.1", "100.125.1.2", "100.125.1.3", "100.125.1.4"]

@@ -10,6 +10,7 @@
 //! timeouts = { syn_s = 5, established_s = 900, closing_s = 10, udp_s = 60 }  # idle timeouts (the defaults)
 //! datapath = "ring"                # PACKET_MMAP rings (default) or "pnet" (a syscall per frame; fallback)
 //! workers = 2                      # ring datapath workers; default one per CPU
+//! busy_poll_us = 50                # an idle ring worker spins this long before it sleeps
 //!
 //! [[listener]]
 //! vip = "203.0.113.10:80"
@@ -67,6 +68,8 @@ struct RawFile {
     datapath: Datapath,
     #[serde(default)]
     workers: Option<usize>,
+    #[serde(default = "default_busy_poll")]
+    busy_poll_us: u64,
     #[serde(rename = "listener", default)]
     listeners: Vec<RawListener>,
 }
@@ -94,6 +97,10 @@ struct RawTimeouts {
 
 fn default_snat() -> Vec<IpAddr> {
     vec![IpAddr::from([100, 125, 1, 1])]
+}
+
+fn default_busy_poll() -> u64 {
+    50
 }
 
 fn default_max_flows() -> usize {
@@ -205,6 +212,8 @@ pub struct LbConfig {
     pub datapath: Datapath,
     /// Ring datapath workers (each with its own engine).
     pub workers: usize,
+    /// How long an idle ring worker spins before it sleeps in `poll`.
+    pub busy_poll: std::time::Duration,
 }
 
 impl LbConfig {
@@ -336,6 +345,7 @@ impl LbConfig {
             health,
             datapath: raw.datapath,
             workers,
+            busy_poll: std::time::Duration::from_micros(raw.busy_poll_us),
         })
     }
 }

@@ -159,6 +159,11 @@ impl RxRing {
         unsafe { AtomicU32::from_ptr(self.header(slot).cast::<u32>()) }
     }
 
+    /// Whether a frame is waiting.
+    pub(crate) fn ready(&self) -> bool {
+        self.status(self.next).load(Ordering::Acquire) & libc::TP_STATUS_USER != 0
+    }
+
     /// Hands the next waiting frame to `f`, then gives its slot back to the
     /// kernel. Returns false when no frame is waiting.
     pub(crate) fn next_frame(&mut self, f: impl FnOnce(RxFrame<'_>)) -> bool {

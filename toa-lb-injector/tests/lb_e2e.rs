@@ -2,7 +2,7 @@
 //! binary, backends using `ToaListener`.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,8 +48,8 @@ impl Drop for Testbed {
     }
 }
 
-/// A `toa-lb` process, killed on drop.
-struct Lb(Child);
+/// A `toa-lb` process, killed on drop, and what it has logged.
+struct Lb(Child, Arc<Mutex<String>>);
 
 impl Drop for Lb {
     fn drop(&mut self) {
@@ -62,24 +62,34 @@ fn start_lb(bed: &Testbed, mode: &str, dir: &std::path::Path) -> Lb {
     start_lb_with(bed, mode, dir, "")
 }
 
+/// The test configuration; `extra` goes at the top (e.g. `max_flows = 500`).
+/// TCP listeners use `mode`; the UDP echo listeners start `off`.
+fn config_text(mode: &str, extra: &str) -> String {
+    format!(
+        "{extra}client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\nmetrics = \"127.0.0.1:9947\"\n\
+         health = {{ interval_ms = {HEALTH_INTERVAL_MS}, timeout_ms = 100, rise = 2, fall = {HEALTH_FALL} }}\n\
+         snat = [\"100.125.1.1\", \"100.125.1.2\", \"2001:db8:64::1:1\"]\n\n\
+         [[listener]]\nvip = \"{VIP}\"\nobtain_client_ip = \"{mode}\"\n\n\
+         [[listener.backend]]\naddress = \"100.125.2.1:8080\"\n\n[[listener.backend]]\naddress = \"100.125.2.2:8080\"\n\n\
+         [[listener.backend]]\naddress = \"100.125.2.1:9999\"\n\n\
+         [[listener]]\nvip = \"203.0.113.10:81\"\nobtain_client_ip = \"{mode}\"\n\n[[listener.backend]]\naddress = \"100.125.2.1:8081\"\n\n\
+         [[listener]]\nvip = \"[2001:db8:c::10]:80\"\nobtain_client_ip = \"{mode}\"\n\n\
+         [[listener.backend]]\naddress = \"[2001:db8:64::2:1]:8082\"\n\n\
+         [[listener]]\nvip = \"{UDP_VIP}\"\nprotocol = \"udp\"\n\n[[listener.backend]]\naddress = \"100.125.2.1:5353\"\n\n\
+         [[listener]]\nvip = \"{UDP_VIP6}\"\nprotocol = \"udp\"\n\n[[listener.backend]]\naddress = \"[2001:db8:64::2:1]:5353\"\n"
+    )
+}
+
+/// Health checks in the test configuration: every 100 ms, out after 2 failures.
+const HEALTH_INTERVAL_MS: u64 = 100;
+const HEALTH_FALL: u64 = 2;
+const UDP_VIP: &str = "203.0.113.10:53";
+const UDP_VIP6: &str = "[2001:db8:c::10]:53";
+
 /// Starts toa-lb with the test configuration; `extra` goes at the top (e.g. `max_flows = 500`).
 fn start_lb_with(bed: &Testbed, mode: &str, dir: &std::path::Path, extra: &str) -> Lb {
     let config = dir.join(format!("lb-{mode}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "{extra}client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\nmetrics = \"127.0.0.1:9947\"\n\
-             health = {{ interval_ms = 100, timeout_ms = 100, rise = 2, fall = 2 }}\n\
-             snat = [\"100.125.1.1\", \"100.125.1.2\", \"2001:db8:64::1:1\"]\n\n\
-             [[listener]]\nvip = \"{VIP}\"\nobtain_client_ip = \"{mode}\"\n\n\
-             [[listener.backend]]\naddress = \"100.125.2.1:8080\"\n\n[[listener.backend]]\naddress = \"100.125.2.2:8080\"\n\n\
-             [[listener.backend]]\naddress = \"100.125.2.1:9999\"\n\n\
-             [[listener]]\nvip = \"203.0.113.10:81\"\nobtain_client_ip = \"{mode}\"\n\n[[listener.backend]]\naddress = \"100.125.2.1:8081\"\n\n\
-             [[listener]]\nvip = \"[2001:db8:c::10]:80\"\nobtain_client_ip = \"{mode}\"\n\n\
-             [[listener.backend]]\naddress = \"[2001:db8:64::2:1]:8082\"\n"
-        ),
-    )
-    .expect("write config");
+    std::fs::write(&config, config_text(mode, extra)).expect("write config");
     let mut child = Command::new("ip")
         .args(["netns", "exec", &bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
         .arg(&config)
@@ -88,7 +98,7 @@ fn start_lb_with(bed: &Testbed, mode: &str, dir: &std::path::Path, extra: &str) 
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn toa-lb");
-    // Wait for "running on the interfaces".
+    // Wait for "running on the interfaces"; then keep the log, for a test to read.
     let mut err = child.stderr.take().expect("piped");
     let mut seen = String::new();
     let mut byte = [0u8; 1];
@@ -98,7 +108,16 @@ fn start_lb_with(bed: &Testbed, mode: &str, dir: &std::path::Path, extra: &str) 
             _ => panic!("toa-lb did not start: {seen}"),
         }
     }
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let log = Arc::new(Mutex::new(seen));
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = err.read(&mut buf) {
+                log.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
     // The third backend of :80 listens nowhere: wait until health checks take it out.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -109,23 +128,36 @@ fn start_lb_with(bed: &Testbed, mode: &str, dir: &std::path::Path, extra: &str) 
         assert!(std::time::Instant::now() < deadline, "the dead backend was never marked down");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Lb(child)
+    Lb(child, log)
 }
 
-/// Backends: `beN` answers "beN client=... lb=... source=..." on :8080; be1 echoes on :8081.
-fn start_backends(bed: &Testbed, stop: &Arc<AtomicBool>) {
+/// The backends' switches: setting one closes that backend's :8080 listener
+/// (be1, be2), as a crashed server would.
+struct Backends {
+    kill: [Arc<AtomicBool>; 2],
+    /// The sources the UDP echo servers saw, in order.
+    udp_peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+/// Backends: `beN` answers "beN client=... lb=... source=..." on :8080; be1
+/// echoes on :8081 (TCP) and :5353 (UDP, IPv4 and IPv6).
+fn start_backends(bed: &Testbed, stop: &Arc<AtomicBool>) -> Backends {
     let policy = || TrustPolicy::new("100.125.0.0/16".parse().unwrap()).unwrap();
+    let kill: [Arc<AtomicBool>; 2] = Default::default();
     for i in 1..=2 {
         let listener = run_in(&bed.ns(&format!("be{i}")), || TcpListener::bind("0.0.0.0:8080")).unwrap();
+        // Non-blocking, so that the loop can close it when told to.
+        listener.set_nonblocking(true).unwrap();
         let listener = listener.with_toa(Config::new(policy())).unwrap();
-        let stop = stop.clone();
+        let (stop, kill) = (stop.clone(), kill[i - 1].clone());
         std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Ok((mut stream, peer)) = conn {
-                    let _ = writeln!(stream, "be{i} {peer}");
+            while !stop.load(Ordering::Relaxed) && !kill.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, peer)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = writeln!(stream, "be{i} {peer}");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
             }
         });
@@ -148,6 +180,19 @@ fn start_backends(bed: &Testbed, stop: &Arc<AtomicBool>) {
             });
         }
     });
+    let udp_peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+    for addr in ["0.0.0.0:5353", "[2001:db8:64::2:1]:5353"] {
+        let socket = run_in(&bed.ns("be1"), || UdpSocket::bind(addr)).unwrap();
+        let peers = udp_peers.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                peers.lock().unwrap().push(peer);
+                let _ = socket.send_to(&buf[..n], peer);
+            }
+        });
+    }
+    Backends { kill, udp_peers }
 }
 
 /// Connects from the client namespace and returns the backend's line.
@@ -390,23 +435,18 @@ fn mac_of(ns: &str, iface: &str) -> [u8; 6] {
 /// One connection of the steady load: when it started, and its local address and answer.
 type Attempt = (Duration, Result<(SocketAddr, String), String>);
 
-/// Obtain Client IP switched ten times under steady load: no connection fails,
-/// and each one's backend line matches the mode in force when it started.
-#[test]
-fn live_switch_under_load() {
-    require_root!();
-    let bed = Testbed::up("s");
-    let dir = std::env::temp_dir().join(format!("toa-lb-switch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    start_backends(&bed, &stop);
-    let _lb = start_lb(&bed, "toa", &dir);
-    let start = std::time::Instant::now();
-    let load_done = Arc::new(AtomicBool::new(false));
-    // (started at, client local address, line); a few hundred connections per second.
+/// A steady load from the client namespace until `done`: four loops, each
+/// connecting to the VIP, reading the backend's line, pausing 5 ms (a few
+/// hundred connections per second). Every attempt is recorded with its start
+/// time (since `start`).
+fn steady_load(
+    bed: &Testbed,
+    start: std::time::Instant,
+    done: Arc<AtomicBool>,
+) -> (std::thread::JoinHandle<()>, Arc<Mutex<Vec<Attempt>>>) {
     let results: Arc<Mutex<Vec<Attempt>>> = Arc::default();
     let load = {
-        let (results, done, client_ns) = (results.clone(), load_done.clone(), bed.ns("client"));
+        let (results, client_ns) = (results.clone(), bed.ns("client"));
         std::thread::spawn(move || {
             run_in(&client_ns, || {
                 std::thread::scope(|scope| {
@@ -421,6 +461,11 @@ fn live_switch_under_load() {
                                             s.set_read_timeout(Some(Duration::from_secs(5)))?;
                                             let mut line = String::new();
                                             s.read_to_string(&mut line)?;
+                                            if line.is_empty() {
+                                                return Err(std::io::Error::other(
+                                                    "closed without an answer",
+                                                ));
+                                            }
                                             Ok((s.local_addr()?, line.trim_end().to_owned()))
                                         })
                                         .map_err(|e| e.to_string());
@@ -433,6 +478,23 @@ fn live_switch_under_load() {
             })
         })
     };
+    (load, results)
+}
+
+/// Obtain Client IP switched ten times under steady load: no connection fails,
+/// and each one's backend line matches the mode in force when it started.
+#[test]
+fn live_switch_under_load() {
+    require_root!();
+    let bed = Testbed::up("s");
+    let dir = std::env::temp_dir().join(format!("toa-lb-switch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    start_backends(&bed, &stop);
+    let _lb = start_lb(&bed, "toa", &dir);
+    let start = std::time::Instant::now();
+    let load_done = Arc::new(AtomicBool::new(false));
+    let (load, results) = steady_load(&bed, start, load_done.clone());
     let mut switches = Vec::new();
     for i in 0..10 {
         std::thread::sleep(Duration::from_millis(300));
@@ -547,6 +609,189 @@ fn syn_flood_is_bounded() {
     // TOA in the handshake ACK is there for the kernel helper.)
     let (_, line) = ask(&bed);
     assert!(line.starts_with("be1 ") || line.starts_with("be2 "), "{line}");
+    drop(lb);
+    stop.store(true, Ordering::Relaxed);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A backend killed under steady load: out of rotation within fall x interval
+/// (plus one interval, for where the kill falls in the probe cycle, and the
+/// probe timeout), and no new connection fails after that.
+#[test]
+fn backend_killed_under_load() {
+    require_root!();
+    let bed = Testbed::up("k");
+    let dir = std::env::temp_dir().join(format!("toa-lb-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let backends = start_backends(&bed, &stop);
+    let _lb = start_lb(&bed, "toa", &dir);
+    let start = std::time::Instant::now();
+    let done = Arc::new(AtomicBool::new(false));
+    let (load, results) = steady_load(&bed, start, done.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    // be2 crashes: its listener closes, connections to it are refused.
+    let killed_at = start.elapsed();
+    backends.kill[1].store(true, Ordering::Relaxed);
+    let down_at = loop {
+        let out = String::from_utf8(ctl_output(&dir, "backends").stdout).unwrap();
+        if out.contains("100.125.2.2:8080 weight=1 down") {
+            break start.elapsed();
+        }
+        assert!(start.elapsed() < killed_at + Duration::from_secs(5), "be2 never marked down: {out}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    done.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+
+    let bound = Duration::from_millis(HEALTH_INTERVAL_MS * (HEALTH_FALL + 1) + 100);
+    assert!(down_at - killed_at <= bound, "out after {:?} (bound {bound:?})", down_at - killed_at);
+    let results = results.lock().unwrap();
+    let after: Vec<&Attempt> = results.iter().filter(|(at, _)| *at > down_at).collect();
+    assert!(after.len() >= 100, "steady load after the kill: {} connections", after.len());
+    for (at, result) in &after {
+        let (_, line) =
+            result.as_ref().unwrap_or_else(|e| panic!("a connection started at {at:?} failed: {e}"));
+        assert!(line.starts_with("be1 "), "only be1 is left: {line}");
+    }
+    let before = results.iter().filter(|(at, r)| *at < killed_at && r.is_ok()).count();
+    assert!(before >= 50, "the load ran before the kill: {before}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// UDP through the LB, IPv4 and IPv6, in `off` (FULLNAT: the backend sees an
+/// SNAT address) and `transparent` (the client's own address) modes:
+/// datagrams of 1 byte to a full MTU come back unchanged; TOA is refused.
+#[test]
+fn udp_echo_off_and_transparent() {
+    require_root!();
+    let bed = Testbed::up("u");
+    let dir = std::env::temp_dir().join(format!("toa-lb-udp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let backends = start_backends(&bed, &stop);
+    let _lb = start_lb(&bed, "toa", &dir);
+    let echo = |vip: &str, size: usize| -> SocketAddr {
+        run_in(&bed.ns("client"), || {
+            let vip: SocketAddr = vip.parse().unwrap();
+            let socket = UdpSocket::bind(if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+            socket.connect(vip).unwrap();
+            socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            let payload: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
+            let mut buf = [0u8; 2048];
+            // UDP may lose the first datagram while the LB resolves a neighbour: retry.
+            for _ in 0..10 {
+                socket.send(&payload).unwrap();
+                if let Ok(n) = socket.recv(&mut buf) {
+                    assert_eq!(&buf[..n], &payload[..], "{size} bytes through {vip} came back changed");
+                    return socket.local_addr().unwrap();
+                }
+            }
+            panic!("no echo of {size} bytes through {vip}");
+        })
+    };
+    let ctl = |request: &str| {
+        let out = ctl_output(&dir, request);
+        assert!(out.status.success(), "ctl {request}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    for mode in ["off", "transparent"] {
+        ctl(&format!("set udp/{UDP_VIP} obtain-client-ip {mode}"));
+        ctl(&format!("set udp/{UDP_VIP6} obtain-client-ip {mode}"));
+        // 1472 and 1452 bytes fill a 1500-byte MTU over IPv4 and IPv6.
+        for (vip, sizes) in [(UDP_VIP, [1, 512, 1472]), (UDP_VIP6, [1, 512, 1452])] {
+            for size in sizes {
+                let local = echo(vip, size);
+                let seen = *backends.udp_peers.lock().unwrap().last().unwrap();
+                match mode {
+                    "transparent" => assert_eq!(seen, local, "transparent: the backend sees the client"),
+                    _ => {
+                        assert_ne!(seen.ip(), local.ip(), "off: the backend sees an SNAT address");
+                        let pool = ["100.125.1.1", "100.125.1.2", "2001:db8:64::1:1"];
+                        assert!(pool.contains(&seen.ip().to_string().as_str()), "{seen}");
+                    }
+                }
+            }
+        }
+    }
+    let toa = ctl_output(&dir, &format!("set udp/{UDP_VIP} obtain-client-ip toa"));
+    assert!(!toa.status.success(), "TOA on a UDP listener must be refused");
+    assert!(String::from_utf8_lossy(&toa.stderr).contains("TOA is a TCP option"));
+    let stats = String::from_utf8(ctl_output(&dir, "stats").stdout).unwrap();
+    let udp = stats.lines().find(|l| l.starts_with(&format!("udp/{UDP_VIP} "))).expect("udp stats");
+    assert!(udp.contains(" flows=") && !udp.contains(" to_client=0 "), "{udp}");
+    stop.store(true, Ordering::Relaxed);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reload on SIGHUP (and `ctl reload`): a bad file is rejected with its error
+/// and the running configuration stays; a good one applies to new flows while
+/// an open connection goes on, and the nftables rules follow the new VIPs.
+#[test]
+fn reload_rejects_bad_config_and_applies_good() {
+    require_root!();
+    let bed = Testbed::up("r");
+    let dir = std::env::temp_dir().join(format!("toa-lb-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    start_backends(&bed, &stop);
+    let lb = start_lb(&bed, "toa", &dir);
+    let path = dir.join("lb-toa.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let sighup = || {
+        Command::new("kill").args(["-HUP", &lb.0.id().to_string()]).status().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    // An open connection through the echo listener, to carry on across reloads.
+    let mut open = run_in(&bed.ns("client"), || {
+        TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10)).unwrap()
+    });
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut echo = |text: &[u8]| {
+        open.write_all(text).unwrap();
+        let mut buf = vec![0u8; text.len()];
+        open.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, text);
+    };
+    echo(b"before");
+
+    // Bad: a listener without backends. SIGHUP logs the error; ctl reload returns it.
+    let bad = good.replace("[[listener.backend]]\naddress = \"100.125.2.1:8081\"\n", "");
+    assert_ne!(bad, good);
+    std::fs::write(&path, &bad).unwrap();
+    sighup();
+    assert!(lb.1.lock().unwrap().contains("reload rejected"), "{}", lb.1.lock().unwrap());
+    let out = ctl_output(&dir, "reload");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("listener 203.0.113.10:81 has no backends"), "{err}");
+    let (local, line) = ask(&bed);
+    assert!(line.contains(&format!(" client={local} ")), "the old configuration (toa) still runs: {line}");
+    echo(b"after a bad reload");
+    // A syntax error is named by line too, and changes nothing either.
+    std::fs::write(&path, good.replace("obtain_client_ip = \"toa\"", "obtain_client_ip = toa")).unwrap();
+    let err = String::from_utf8(ctl_output(&dir, "reload").stderr).unwrap();
+    assert!(err.contains("line "), "{err}");
+
+    // Good: TOA off on every TCP listener, and a new listener on another VIP.
+    let new = good.replace("obtain_client_ip = \"toa\"", "obtain_client_ip = \"off\"")
+        + "\n[[listener]]\nvip = \"203.0.113.11:80\"\n\n[[listener.backend]]\naddress = \"100.125.2.2:8080\"\n";
+    std::fs::write(&path, &new).unwrap();
+    sighup();
+    assert!(lb.1.lock().unwrap().contains("SIGHUP: reloaded"), "{}", lb.1.lock().unwrap());
+    let (local, line) = ask(&bed);
+    assert!(line.contains("client=100.125.1.") && !line.contains(&local.to_string()), "now off: {line}");
+    let (_, line) = ask_vip(&bed, "203.0.113.11:80");
+    assert!(line.starts_with("be2 "), "the new listener: {line}");
+    echo(b"after a good reload");
+    let rules = Command::new("ip")
+        .args(["netns", "exec", &bed.ns("lb"), "nft", "list", "table", "inet", "toa_lb"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rules.stdout).contains("203.0.113.11"), "nft follows the new VIP");
+    let listeners = String::from_utf8(ctl_output(&dir, "listeners").stdout).unwrap();
+    assert!(listeners.contains("203.0.113.11:80 obtain-client-ip=off"), "{listeners}");
     drop(lb);
     stop.store(true, Ordering::Relaxed);
     let _ = std::fs::remove_dir_all(&dir);

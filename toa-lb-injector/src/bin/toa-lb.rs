@@ -121,8 +121,10 @@ impl Running {
         if new.metrics != current.metrics {
             return restart("metrics");
         }
-        if (new.datapath, new.workers) != (current.datapath, current.workers) {
-            return restart("datapath or workers");
+        if (new.datapath, new.workers, new.busy_poll)
+            != (current.datapath, current.workers, current.busy_poll)
+        {
+            return restart("datapath, workers or busy_poll_us");
         }
         let client = datapath::interface(&new.client_interface).map_err(|e| e.to_string())?;
         let vips: Vec<_> = new.engine.listeners.iter().map(|l| l.vip.ip()).collect();
@@ -254,7 +256,9 @@ fn run(path: &std::path::Path, socket: &std::path::Path) -> ExitCode {
     tracing::info!(clients = %client.name, backends = %backend.name, datapath = ?config.datapath, "running on the interfaces");
     let owned = running.owned.clone();
     let result = match config.datapath {
-        Datapath::Ring => toa_lb_injector::ring::run(shards, &client, &backend, owned, stop.clone()),
+        Datapath::Ring => {
+            toa_lb_injector::ring::run(shards, &client, &backend, owned, config.busy_poll, stop.clone())
+        }
         Datapath::Pnet => datapath::run(shards, &client, &backend, owned, stop.clone()),
     };
     stop.store(true, Ordering::Relaxed);
