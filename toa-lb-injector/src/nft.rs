@@ -1,57 +1,93 @@
 //! The nftables rules that keep the LB host's kernel out of the flows
-//! `toa-lb` handles: packets to VIPs and SNAT addresses are dropped if the
-//! kernel would forward or take them in. The AF_PACKET taps have seen them by
-//! then. (Not in prerouting: with br_netfilter, a bridge runs prerouting
-//! before it hands a frame to its own device, and the tap would miss it.)
+//! `toa-lb` handles: packets to VIPs and SNAT addresses are dropped before
+//! the kernel's IP layer sees them. The AF_PACKET taps have copied them by
+//! then.
+//!
+//! Two tables, both named `toa_lb`, installed and removed together:
+//! - `netdev toa_lb`: an ingress chain per interface. The ingress hook runs
+//!   after the packet taps and before IP, so the kernel spends nothing on
+//!   these packets (no routing lookup, no bridge netfilter on the way up).
+//! - `inet toa_lb`: the same drops in input and forward, in case a packet
+//!   reaches IP another way. (Not in prerouting: with br_netfilter, a bridge
+//!   runs prerouting before it hands a frame to its own device, and the tap
+//!   would miss it.)
 
 use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
-/// The table `toa-lb` owns; removing it removes every rule.
+/// The tables `toa-lb` owns; removing them removes every rule.
 pub const TABLE: &str = "toa_lb";
 
-/// Removes the table (left by a crash, or at exit). Absent is fine.
+/// The families of the tables.
+const FAMILIES: [&str; 2] = ["inet", "netdev"];
+
+/// Removes the tables (left by a crash, or at exit). Absent is fine.
 pub fn remove() -> Result<(), String> {
-    let out = Command::new("nft")
-        .args(["delete", "table", "inet", TABLE])
-        .output()
-        .map_err(|e| format!("cannot run nft ({e}): install nftables"))?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() || err.contains("No such file") {
-        Ok(())
-    } else {
-        Err(format!("nft delete table inet {TABLE}: {}", err.trim()))
+    for family in FAMILIES {
+        let out = Command::new("nft")
+            .args(["delete", "table", family, TABLE])
+            .output()
+            .map_err(|e| format!("cannot run nft ({e}): install nftables"))?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !err.contains("No such file") {
+            return Err(format!("nft delete table {family} {TABLE}: {}", err.trim()));
+        }
     }
+    Ok(())
 }
 
-/// Whether the table exists.
+/// Whether the tables exist.
 pub fn present() -> bool {
     Command::new("nft").args(["list", "table", "inet", TABLE]).output().is_ok_and(|o| o.status.success())
 }
 
-/// Installs the table, replacing one that exists (a stale one, or the
-/// previous set of a reload) in the same nftables transaction: there is no
-/// moment without rules.
-pub fn install(owned: &[IpAddr]) -> Result<(), String> {
-    let (v4, v6): (Vec<String>, Vec<String>) = {
-        let v4 = owned.iter().filter(|a| a.is_ipv4()).map(ToString::to_string).collect();
-        let v6 = owned.iter().filter(|a| a.is_ipv6()).map(ToString::to_string).collect();
-        (v4, v6)
-    };
-    // Create (if absent) and delete first, so the new table replaces any old one.
-    let mut script = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+/// The drop rules for `owned`, one line per family present.
+fn drops(owned: &[IpAddr]) -> String {
+    let v4: Vec<String> = owned.iter().filter(|a| a.is_ipv4()).map(ToString::to_string).collect();
+    let v6: Vec<String> = owned.iter().filter(|a| a.is_ipv6()).map(ToString::to_string).collect();
+    let mut rules = String::new();
+    if !v4.is_empty() {
+        rules += &format!("    ip daddr {{ {} }} drop\n", v4.join(", "));
+    }
+    if !v6.is_empty() {
+        rules += &format!("    ip6 daddr {{ {} }} drop\n", v6.join(", "));
+    }
+    rules
+}
+
+/// The nft script for `owned` on `interfaces`: it replaces tables that exist
+/// (a stale one, or the previous set of a reload) in one transaction, so
+/// there is no moment without rules.
+fn script(owned: &[IpAddr], interfaces: &[&str]) -> String {
+    let drops = drops(owned);
+    let mut script = String::new();
+    // Create (if absent) and delete first, so the new tables replace any old ones.
+    for family in FAMILIES {
+        script += &format!("table {family} {TABLE}\ndelete table {family} {TABLE}\n");
+    }
+    script += &format!("table inet {TABLE} {{\n");
     for hook in ["input", "forward"] {
         script += &format!("  chain {hook} {{\n    type filter hook {hook} priority -10; policy accept;\n");
-        if !v4.is_empty() {
-            script += &format!("    ip daddr {{ {} }} drop\n", v4.join(", "));
-        }
-        if !v6.is_empty() {
-            script += &format!("    ip6 daddr {{ {} }} drop\n", v6.join(", "));
-        }
+        script += &drops;
         script += "  }\n";
     }
     script += "}\n";
+    script += &format!("table netdev {TABLE} {{\n");
+    for (i, interface) in interfaces.iter().enumerate() {
+        script += &format!(
+            "  chain ingress{i} {{\n    type filter hook ingress device \"{interface}\" priority -500; policy accept;\n"
+        );
+        script += &drops;
+        script += "  }\n";
+    }
+    script += "}\n";
+    script
+}
+
+/// Installs the tables for `owned` addresses on `interfaces`, replacing old ones.
+pub fn install(owned: &[IpAddr], interfaces: &[&str]) -> Result<(), String> {
+    let script = script(owned, interfaces);
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -64,5 +100,20 @@ pub fn install(owned: &[IpAddr]) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_transaction_replaces_both_tables() {
+        let owned: Vec<IpAddr> = vec!["203.0.113.10".parse().unwrap(), "2001:db8:c::10".parse().unwrap()];
+        let s = script(&owned, &["lb-c", "lb-br"]);
+        assert!(s.starts_with("table inet toa_lb\ndelete table inet toa_lb\ntable netdev toa_lb\n"), "{s}");
+        assert_eq!(s.matches("ip daddr { 203.0.113.10 } drop").count(), 4, "{s}");
+        assert_eq!(s.matches("ip6 daddr { 2001:db8:c::10 } drop").count(), 4, "{s}");
+        assert!(s.contains("hook ingress device \"lb-br\" priority -500"), "{s}");
     }
 }

@@ -135,7 +135,7 @@ impl Running {
         let mut owned: HashSet<IpAddr> = vips.iter().chain(&new.engine.snat).copied().collect();
         owned.extend(engines.snat_in_use());
         let list: Vec<IpAddr> = owned.iter().copied().collect();
-        nft::install(&list)?;
+        nft::install(&list, &[&new.client_interface, &new.backend_interface])?;
         engines.apply(|e| e.reconfigure(new.engine.clone())).map_err(|e| e.to_string())?;
         drop(engines);
         *self.owned.write().unwrap_or_else(PoisonError::into_inner) = owned;
@@ -184,7 +184,8 @@ fn run(path: &std::path::Path, socket: &std::path::Path) -> ExitCode {
         return fail(e);
     }
     let owned: HashSet<IpAddr> = vips.iter().chain(&config.engine.snat).copied().collect();
-    if let Err(e) = nft::install(&owned.iter().copied().collect::<Vec<_>>()) {
+    let interfaces = [config.client_interface.as_str(), config.backend_interface.as_str()];
+    if let Err(e) = nft::install(&owned.iter().copied().collect::<Vec<_>>(), &interfaces) {
         return fail(e);
     }
     let mut engine_config = config.engine.clone();
