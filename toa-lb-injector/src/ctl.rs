@@ -118,6 +118,8 @@ pub fn handle(engine: &mut Locked<'_>, request: &str) -> Result<String, String> 
                     );
                 }
             }
+            let drops = datapath_drops(engine).map(|(reason, n)| format!("{reason}={n}")).join(" ");
+            let _ = writeln!(out, "datapath dropped {drops}");
             for (((proto, vip), backend), c) in engine.backend_counters() {
                 let _ = writeln!(
                     out,
@@ -313,10 +315,27 @@ pub fn metrics(engine: &Locked<'_>) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP toa_lb_datapath_dropped_total Frames the datapath dropped, by reason.\n# TYPE toa_lb_datapath_dropped_total counter"
+    );
+    for (reason, n) in datapath_drops(engine) {
+        let _ = writeln!(out, "toa_lb_datapath_dropped_total{{reason=\"{reason}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
         "# HELP toa_lb_unparsed_total Packets that were not valid IP.\n# TYPE toa_lb_unparsed_total counter\ntoa_lb_unparsed_total {}",
         engine.unparsed()
     );
     out
+}
+
+/// The datapath's own drops, by reason.
+fn datapath_drops(engine: &Locked<'_>) -> [(&'static str, u64); 3] {
+    let d = engine.datapath();
+    [
+        ("truncated", d.truncated.load(Ordering::Relaxed)),
+        ("vlan", d.vlan.load(Ordering::Relaxed)),
+        ("tx_full", d.tx_dropped.load(Ordering::Relaxed)),
+    ]
 }
 
 /// The labels naming a listener.

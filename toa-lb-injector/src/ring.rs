@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 use pnet_datalink::NetworkInterface;
 
 use crate::datapath::{DatapathError, Link, Neighbors, Owned, PortInfo, Transmit, handle_frame};
-use crate::engine::Engine;
 use crate::shards::Shards;
 use crate::sys::{RxFrame, RxRing, TxBatch, poll_readable};
 
@@ -146,7 +145,7 @@ pub fn run(
             let (link, shards, stop) = (&link, &shards, &stop);
             std::thread::Builder::new()
                 .name(format!("toa-lb-worker-{i}"))
-                .spawn_scoped(scope, move || worker(link, shards.engine(i), sockets, slot, spin, stop))
+                .spawn_scoped(scope, move || worker(link, shards, i, sockets, slot, spin, stop))
                 .map(drop)
                 .unwrap_or_else(|e| {
                     tracing::error!("cannot start worker {i}: {e}");
@@ -161,12 +160,14 @@ static TRUNCATED_WARNED: AtomicBool = AtomicBool::new(false);
 
 fn worker(
     link: &Link,
-    engine: &std::sync::Mutex<Engine>,
+    shards: &Shards,
+    index: usize,
     mut sockets: Sockets,
     slot: usize,
     spin: Duration,
     stop: &AtomicBool,
 ) {
+    let (engine, counters) = (shards.engine(index), &shards.datapath);
     let mut neighbors = Neighbors::new(link);
     let mut buf = vec![0u8; slot + 64];
     let mut last_expiry = Instant::now();
@@ -190,8 +191,12 @@ fn worker(
                                 &mut sockets.tx,
                             );
                         }
-                        RxFrame::Frame(_) | RxFrame::Vlan => {}
+                        RxFrame::Frame(_) => {}
+                        RxFrame::Vlan => {
+                            counters.vlan.fetch_add(1, Ordering::Relaxed);
+                        }
                         RxFrame::Truncated(len) => {
+                            counters.truncated.fetch_add(1, Ordering::Relaxed);
                             if !TRUNCATED_WARNED.swap(true, Ordering::Relaxed) {
                                 tracing::warn!(
                                     interface = %link.ports[side].name,
@@ -215,7 +220,10 @@ fn worker(
             }
         }
         for batch in &mut sockets.tx.0 {
-            batch.flush();
+            let dropped = batch.flush();
+            if dropped > 0 {
+                counters.tx_dropped.fetch_add(dropped, Ordering::Relaxed);
+            }
         }
         if handled == 0 {
             // Idle: spin a little first, since under load the next frame comes

@@ -8,15 +8,30 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::config::{ConfigError, EngineConfig, ListenerConfig, Shard};
 use crate::engine::{BackendCounters, Counters, Engine, ListenerKey};
 
-/// The engines of one `toa-lb`.
+/// The engines of one `toa-lb`, and the datapath's own counters.
 #[derive(Debug)]
 pub struct Shards {
     engines: Vec<Mutex<Engine>>,
+    /// Frames the datapath dropped before or after the engines.
+    pub datapath: DatapathCounters,
+}
+
+/// Frames a driver dropped on its own (the engines count the rest). Workers
+/// add to these only when they drop something: no sharing on the hot path.
+#[derive(Debug, Default)]
+pub struct DatapathCounters {
+    /// Received frames longer than a ring slot (GSO/GRO super-packets: offloads on).
+    pub truncated: AtomicU64,
+    /// Received frames with a VLAN tag (not handled).
+    pub vlan: AtomicU64,
+    /// Frames the kernel would not take for sending (device queue full).
+    pub tx_dropped: AtomicU64,
 }
 
 impl Shards {
@@ -36,7 +51,7 @@ impl Shards {
                 Engine::new(config).map(Mutex::new)
             })
             .collect::<Result<_, _>>()?;
-        Ok(Shards { engines })
+        Ok(Shards { engines, datapath: DatapathCounters::default() })
     }
 
     /// How many engines.
@@ -58,6 +73,7 @@ impl Shards {
     pub fn lock(&self) -> Locked<'_> {
         Locked {
             guards: self.engines.iter().map(|e| e.lock().unwrap_or_else(PoisonError::into_inner)).collect(),
+            datapath: &self.datapath,
         }
     }
 }
@@ -65,9 +81,15 @@ impl Shards {
 /// All engines locked: one view for the control plane.
 pub struct Locked<'a> {
     guards: Vec<MutexGuard<'a, Engine>>,
+    datapath: &'a DatapathCounters,
 }
 
 impl Locked<'_> {
+    /// The datapath's own drops.
+    pub fn datapath(&self) -> &DatapathCounters {
+        self.datapath
+    }
+
     fn first(&self) -> &Engine {
         &self.guards[0]
     }

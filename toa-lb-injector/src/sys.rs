@@ -248,8 +248,8 @@ pub(crate) struct TxBatch {
     lens: Vec<usize>,
     iov: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
-    /// Frames the kernel refused (queue full): counted, not retried.
-    pub(crate) dropped: u64,
+    /// Frames dropped since the last flush (too long, or refused by the kernel).
+    dropped: u64,
 }
 
 // SAFETY: the iovec/mmsghdr pointers are rebuilt from `buf` on every flush and
@@ -284,15 +284,18 @@ impl TxBatch {
             return;
         }
         if self.lens.len() == self.msgs.len() {
-            self.flush();
+            // The count stays for the caller's next flush.
+            let dropped = self.flush();
+            self.dropped += dropped;
         }
         let at = self.lens.len() * self.slot;
         self.buf[at..at + frame.len()].copy_from_slice(frame);
         self.lens.push(frame.len());
     }
 
-    /// Sends what is queued.
-    pub(crate) fn flush(&mut self) {
+    /// Sends what is queued; returns how many frames were dropped since the
+    /// last flush (longer than a slot, or refused: the device queue is full).
+    pub(crate) fn flush(&mut self) -> u64 {
         let mut sent = 0;
         while sent < self.lens.len() {
             let n = self.lens.len() - sent;
@@ -322,6 +325,7 @@ impl TxBatch {
             }
         }
         self.lens.clear();
+        std::mem::take(&mut self.dropped)
     }
 }
 

@@ -278,6 +278,19 @@ fn toa_lb_end_to_end() {
         .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .expect("injected counter");
     assert!(injected >= 4, "{metrics}");
+    let value = |prefix: &str| -> u64 {
+        let line =
+            metrics.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}: {metrics}"));
+        line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
+    };
+    // Per backend: be1 and be2 each got flows and bytes both ways.
+    for be in ["100.125.2.1:8080", "100.125.2.2:8080"] {
+        let labels = format!("{{listener=\"203.0.113.10:80\",protocol=\"tcp\",backend=\"{be}\"}}");
+        assert!(value(&format!("toa_lb_backend_flows_total{labels}")) >= 1, "{metrics}");
+        assert!(value(&format!("toa_lb_backend_bytes_to_client_total{labels}")) > 0, "{metrics}");
+    }
+    assert!(value("toa_lb_bytes_to_backend_total{listener=\"203.0.113.10:80\",protocol=\"tcp\"}") > 0);
+    assert_eq!(value("toa_lb_datapath_dropped_total{reason=\"truncated\"}"), 0, "offloads are off");
     assert!(
         metrics.contains(
             "toa_lb_dropped_total{listener=\"203.0.113.10:80\",protocol=\"tcp\",reason=\"no_flow\"}"
