@@ -3,11 +3,14 @@
 # kernel doing the same FULLNAT with nftables (dnat + snat, no TOA), in one
 # run on the testbed: the pnet datapath (one frame per system call: the
 # "before") and the ring datapath (the default: the "after"), TOA on and off.
-# Needs root. Prints the ratios.
-# Usage: scripts/bench-lb.sh [SECONDS]   (default 3)
+# Needs root. The four paths run ROUNDS times, in a rotated order each
+# round (so that none always runs first or last on this noisy shared
+# machine); prints each round and the means, with ratios to the kernel.
+# Usage: scripts/bench-lb.sh [SECONDS] [ROUNDS]   (defaults 3, 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-3}
+rounds=${2:-3}
 [ "$(id -u)" = 0 ] || { echo "bench-lb.sh: needs root" >&2; exit 1; }
 cargo build --release -q -p toa-lb-injector --bin toa-lb -p toa-examples --bin accept-bench --bin bulk-bench
 bin=./target/release
@@ -18,7 +21,6 @@ lbns="$prefix-lb"; be="$prefix-be1"; client="$prefix-client"
 ip netns exec "$be" "$bin/bulk-bench" --serve 0.0.0.0:8081 & pids+=($!)
 
 measure() { # prints "conn/s MB/s"
-    local port=$((18000 + RANDOM % 1000))
     ip netns exec "$client" "$bin/accept-bench" --load 203.0.113.10:80 --seconds $((seconds + 3)) &
     local load=$!
     # The backend server listens on 8080 (what the VIP's port 80 maps to).
@@ -28,7 +30,6 @@ measure() { # prints "conn/s MB/s"
     local mbs
     mbs=$(ip netns exec "$client" "$bin/bulk-bench" --send 203.0.113.10:81 --seconds "$seconds")
     echo "$rate $mbs"
-    : "$port"
 }
 
 lb_run() { # MODE DATAPATH
@@ -80,14 +81,26 @@ NFT
     for i in 1 2 3 4; do ip netns exec "$lbns" ip addr del "100.125.1.$i/32" dev lb-br; done
 }
 
-read -r kc kb < <(kernel_run)
-read -r pc pb < <(lb_run toa pnet)
-read -r tc tb < <(lb_run toa ring)
-read -r oc ob < <(lb_run off ring)
-printf '%-34s %10s %10s %16s\n' "path" "conn/s" "MB/s" "ratio to kernel"
-row() { awk -v n="$1" -v c="$2" -v b="$3" -v kc="$kc" -v kb="$kb" \
-    'BEGIN { printf "%-34s %10s %10s    %5.2f  %5.2f\n", n, c, b, c / kc, b / kb }'; }
-row "kernel nftables FULLNAT (no TOA)" "$kc" "$kb"
-row "toa-lb pnet, TOA on (before)" "$pc" "$pb"
-row "toa-lb ring, TOA on (after)" "$tc" "$tb"
-row "toa-lb ring, TOA off" "$oc" "$ob"
+paths=("kernel nftables FULLNAT (no TOA)" "toa-lb pnet, TOA on (before)" "toa-lb ring, TOA on (after)" "toa-lb ring, TOA off")
+run_path() {
+    case "$1" in
+        0) kernel_run ;;
+        1) lb_run toa pnet ;;
+        2) lb_run toa ring ;;
+        3) lb_run off ring ;;
+    esac
+}
+declare -a conn=(0 0 0 0) mbs=(0 0 0 0)
+for round in $(seq "$rounds"); do
+    for k in 0 1 2 3; do
+        i=$(( (k + round - 1) % 4 ))
+        read -r c b < <(run_path "$i")
+        echo "round $round: ${paths[$i]}: $c conn/s, $b MB/s" >&2
+        conn[$i]=$((conn[i] + c)); mbs[$i]=$((mbs[i] + b))
+    done
+done
+printf '%-34s %10s %10s %16s\n' "path (mean of $rounds rounds)" "conn/s" "MB/s" "ratio to kernel"
+for i in 0 1 2 3; do
+    awk -v n="${paths[$i]}" -v c="${conn[$i]}" -v b="${mbs[$i]}" -v kc="${conn[0]}" -v kb="${mbs[0]}" -v r="$rounds" \
+        'BEGIN { printf "%-34s %10.0f %10.0f    %5.2f  %5.2f\n", n, c / r, b / r, c / kc, b / kb }'
+done

@@ -131,6 +131,33 @@ fn start_lb_with(bed: &Testbed, mode: &str, dir: &std::path::Path, extra: &str) 
     Lb(child, log)
 }
 
+/// One test's world: the testbed, a scratch directory, the backends; all
+/// stopped and removed when it drops, on success and on failure.
+struct Case {
+    bed: Testbed,
+    dir: PathBuf,
+    stop: Arc<AtomicBool>,
+    backends: Backends,
+}
+
+impl Case {
+    fn new(tag: &str) -> Case {
+        let bed = Testbed::up(tag);
+        let dir = std::env::temp_dir().join(format!("toa-lb-e2e-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let backends = start_backends(&bed, &stop);
+        Case { bed, dir, stop, backends }
+    }
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The backends' switches: setting one closes that backend's :8080 listener
 /// (be1, be2), as a crashed server would.
 struct Backends {
@@ -214,11 +241,8 @@ fn ask_vip(bed: &Testbed, vip: &str) -> (SocketAddr, String) {
 #[test]
 fn toa_lb_end_to_end() {
     require_root!();
-    let bed = Testbed::up("a");
-    let dir = std::env::temp_dir().join(format!("toa-lb-e2e-a-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    start_backends(&bed, &stop);
+    let case = Case::new("a");
+    let (bed, dir) = (&case.bed, &case.dir);
 
     // Obtain Client IP on: the backends name the client.
     let lb = start_lb(&bed, "toa", &dir);
@@ -403,8 +427,6 @@ fn toa_lb_end_to_end() {
     let status = lb.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!nft_present(&bed), "rules left after a clean exit");
-    stop.store(true, Ordering::Relaxed);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs `toa-lb ctl REQUEST` against the instance whose socket is in `dir`.
@@ -499,11 +521,8 @@ fn steady_load(
 #[test]
 fn live_switch_under_load() {
     require_root!();
-    let bed = Testbed::up("s");
-    let dir = std::env::temp_dir().join(format!("toa-lb-switch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    start_backends(&bed, &stop);
+    let case = Case::new("s");
+    let (bed, dir, stop) = (&case.bed, &case.dir, &case.stop);
     let _lb = start_lb(&bed, "toa", &dir);
     let start = std::time::Instant::now();
     let load_done = Arc::new(AtomicBool::new(false));
@@ -544,7 +563,6 @@ fn live_switch_under_load() {
         "most connections are away from a switch: {checked} of {}",
         results.len()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A SYN flood from the client namespace (bounded: 20000 SYNs): the flow table
@@ -552,11 +570,8 @@ fn live_switch_under_load() {
 #[test]
 fn syn_flood_is_bounded() {
     require_root!();
-    let bed = Testbed::up("f");
-    let dir = std::env::temp_dir().join(format!("toa-lb-flood-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    start_backends(&bed, &stop);
+    let case = Case::new("f");
+    let (bed, dir) = (&case.bed, &case.dir);
     // start_lb's configuration, with room for only 500 flows.
     let lb = start_lb_with(&bed, "toa", &dir, "max_flows = 500\n");
     let rss = |pid: u32| -> u64 {
@@ -623,8 +638,6 @@ fn syn_flood_is_bounded() {
     let (_, line) = ask(&bed);
     assert!(line.starts_with("be1 ") || line.starts_with("be2 "), "{line}");
     drop(lb);
-    stop.store(true, Ordering::Relaxed);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A backend killed under steady load: out of rotation within fall x interval
@@ -633,11 +646,9 @@ fn syn_flood_is_bounded() {
 #[test]
 fn backend_killed_under_load() {
     require_root!();
-    let bed = Testbed::up("k");
-    let dir = std::env::temp_dir().join(format!("toa-lb-kill-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let backends = start_backends(&bed, &stop);
+    let case = Case::new("k");
+    let (bed, dir, stop) = (&case.bed, &case.dir, &case.stop);
+    let backends = &case.backends;
     let _lb = start_lb(&bed, "toa", &dir);
     let start = std::time::Instant::now();
     let done = Arc::new(AtomicBool::new(false));
@@ -671,7 +682,6 @@ fn backend_killed_under_load() {
     }
     let before = results.iter().filter(|(at, r)| *at < killed_at && r.is_ok()).count();
     assert!(before >= 50, "the load ran before the kill: {before}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// UDP through the LB, IPv4 and IPv6, in `off` (FULLNAT: the backend sees an
@@ -680,11 +690,9 @@ fn backend_killed_under_load() {
 #[test]
 fn udp_echo_off_and_transparent() {
     require_root!();
-    let bed = Testbed::up("u");
-    let dir = std::env::temp_dir().join(format!("toa-lb-udp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let backends = start_backends(&bed, &stop);
+    let case = Case::new("u");
+    let (bed, dir) = (&case.bed, &case.dir);
+    let backends = &case.backends;
     let _lb = start_lb(&bed, "toa", &dir);
     let echo = |vip: &str, size: usize| -> SocketAddr {
         run_in(&bed.ns("client"), || {
@@ -734,8 +742,6 @@ fn udp_echo_off_and_transparent() {
     let stats = String::from_utf8(ctl_output(&dir, "stats").stdout).unwrap();
     let udp = stats.lines().find(|l| l.starts_with(&format!("udp/{UDP_VIP} "))).expect("udp stats");
     assert!(udp.contains(" flows=") && !udp.contains(" to_client=0 "), "{udp}");
-    stop.store(true, Ordering::Relaxed);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Reload on SIGHUP (and `ctl reload`): a bad file is rejected with its error
@@ -744,11 +750,8 @@ fn udp_echo_off_and_transparent() {
 #[test]
 fn reload_rejects_bad_config_and_applies_good() {
     require_root!();
-    let bed = Testbed::up("r");
-    let dir = std::env::temp_dir().join(format!("toa-lb-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    start_backends(&bed, &stop);
+    let case = Case::new("r");
+    let (bed, dir) = (&case.bed, &case.dir);
     let lb = start_lb(&bed, "toa", &dir);
     let path = dir.join("lb-toa.toml");
     let good = std::fs::read_to_string(&path).unwrap();
@@ -806,6 +809,4 @@ fn reload_rejects_bad_config_and_applies_good() {
     let listeners = String::from_utf8(ctl_output(&dir, "listeners").stdout).unwrap();
     assert!(listeners.contains("203.0.113.11:80 obtain-client-ip=off"), "{listeners}");
     drop(lb);
-    stop.store(true, Ordering::Relaxed);
-    let _ = std::fs::remove_dir_all(&dir);
 }
