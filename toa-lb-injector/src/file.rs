@@ -397,4 +397,27 @@ weight = 3
         let err = LbConfig::parse("lb.toml", &twice).unwrap_err().to_string();
         assert!(err.contains("configured twice"), "{err}");
     }
+
+    #[test]
+    fn udp_listeners_timeouts_and_the_datapath() {
+        let udp = format!(
+            "datapath = \"pnet\"\nworkers = 3\nbusy_poll_us = 0\ntimeouts = {{ udp_s = 30 }}\n{GOOD}\n[[listener]]\nvip = \"203.0.113.10:80\"\nprotocol = \"udp\"\nobtain_client_ip = \"transparent\"\n[[listener.backend]]\naddress = \"100.125.2.1:53\"\n"
+        );
+        let c = LbConfig::parse("lb.toml", &udp).unwrap();
+        assert_eq!((c.datapath, c.workers, c.busy_poll), (Datapath::Pnet, 3, std::time::Duration::ZERO));
+        assert_eq!(c.engine.timeouts.udp, std::time::Duration::from_secs(30));
+        assert_eq!(c.engine.timeouts.syn, Timeouts::default().syn);
+        let l = &c.engine.listeners[1];
+        assert_eq!((l.protocol, l.obtain_client_ip), (Protocol::Udp, ObtainClientIp::Transparent));
+        let toa = udp.replace("obtain_client_ip = \"transparent\"", "obtain_client_ip = \"toa\"");
+        let err = LbConfig::parse("lb.toml", &toa).unwrap_err().to_string();
+        assert!(err.contains("203.0.113.10:80 is UDP") && err.contains("TOA is a TCP option"), "{err}");
+        let sctp = udp.replace("protocol = \"udp\"", "protocol = \"sctp\"");
+        let err = LbConfig::parse("lb.toml", &sctp).unwrap_err().to_string();
+        assert!(err.contains("protocol \"sctp\" is not tcp or udp"), "{err}");
+        let zero = udp.replace("workers = 3", "workers = 0");
+        assert!(
+            LbConfig::parse("lb.toml", &zero).unwrap_err().to_string().contains("workers must be at least 1")
+        );
+    }
 }

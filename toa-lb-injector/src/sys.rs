@@ -199,7 +199,9 @@ impl RxRing {
     /// member; the group's steering program is set with [`RxRing::set_steering`].
     /// Returns the group id.
     pub(crate) fn join_fanout(&self, id: u16) -> io::Result<u16> {
-        let mut mode = libc::PACKET_FANOUT_CBPF;
+        // The group's hook replaces the member's own, so the member's
+        // PACKET_IGNORE_OUTGOING must be said again for the group.
+        let mut mode = libc::PACKET_FANOUT_CBPF | libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
         if id == 0 {
             mode |= libc::PACKET_FANOUT_FLAG_UNIQUEID;
         }

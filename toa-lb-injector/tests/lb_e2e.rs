@@ -245,17 +245,17 @@ fn toa_lb_end_to_end() {
     let (bed, dir) = (&case.bed, &case.dir);
 
     // Obtain Client IP on: the backends name the client.
-    let lb = start_lb(&bed, "toa", &dir);
-    let (local, line) = ask(&bed);
+    let lb = start_lb(bed, "toa", dir);
+    let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} lb=100.125.1.")), "{line}");
     assert!(line.ends_with("source=saved-syn"), "{line}");
     // IPv6: the client as toa6, from the IPv6 SNAT address.
-    let (local, line) = ask_vip(&bed, "[2001:db8:c::10]:80");
+    let (local, line) = ask_vip(bed, "[2001:db8:c::10]:80");
     assert!(line.contains(&format!(" client={local} lb=[2001:db8:64::1:1]:")), "{line}");
 
     // Switched live over the control socket: new connections follow, and back.
     let ctl = |request: &str| -> String {
-        let out = ctl_output(&dir, request);
+        let out = ctl_output(dir, request);
         assert!(out.status.success(), "ctl {request}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
@@ -265,36 +265,36 @@ fn toa_lb_end_to_end() {
         ctl("set 203.0.113.10:80 obtain-client-ip off"),
         "203.0.113.10:80 obtain-client-ip=off (new flows)\n"
     );
-    let (local, line) = ask(&bed);
+    let (local, line) = ask(bed);
     assert!(
         line.contains(" client=100.125.1.") && !line.contains(&local.to_string()),
         "switched off: {line}"
     );
     ctl("set 0 obtain-client-ip toa");
-    let (local, line) = ask(&bed);
+    let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} ")), "switched back on: {line}");
     assert!(ctl("stats").contains("203.0.113.10:80 flows="));
     // Backends changed live: drained, removed, added back; the dead one shows down.
     assert!(ctl("backends").contains("203.0.113.10:80 100.125.2.1:9999 weight=1 down"));
-    assert!(metrics_text(&bed).contains(
+    assert!(metrics_text(bed).contains(
         "toa_lb_backend_up{listener=\"203.0.113.10:80\",protocol=\"tcp\",backend=\"100.125.2.1:9999\"} 0"
     ));
     let all_on = |bed: &Testbed, prefix: &str| (0..6).all(|_| ask(bed).1.starts_with(prefix));
     ctl("drain 203.0.113.10:80 100.125.2.1:8080");
-    assert!(all_on(&bed, "be2 "), "a drained backend gets no new flow");
+    assert!(all_on(bed, "be2 "), "a drained backend gets no new flow");
     ctl("undrain 203.0.113.10:80 100.125.2.1:8080");
     ctl("remove-backend 203.0.113.10:80 100.125.2.2:8080");
-    assert!(all_on(&bed, "be1 "), "a removed backend gets no new flow");
+    assert!(all_on(bed, "be1 "), "a removed backend gets no new flow");
     ctl("add-backend 203.0.113.10:80 100.125.2.2:8080 1");
-    assert!((0..6).any(|_| ask(&bed).1.starts_with("be2 ")), "an added backend gets flows");
+    assert!((0..6).any(|_| ask(bed).1.starts_with("be2 ")), "an added backend gets flows");
 
     // Transparent: DNAT only, the backend sees the client as its peer.
     ctl("set 203.0.113.10:80 obtain-client-ip transparent");
-    let (local, line) = ask(&bed);
+    let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} lb={local} source=none")), "transparent: {line}");
     ctl("set 203.0.113.10:80 obtain-client-ip toa");
     // Prometheus metrics on the LB host's loopback.
-    let metrics = metrics_text(&bed);
+    let metrics = metrics_text(bed);
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     let injected = metrics
         .lines()
@@ -324,7 +324,7 @@ fn toa_lb_end_to_end() {
         metrics.contains("toa_lb_health_changes_total{listener=\"203.0.113.10:80\",protocol=\"tcp\"} 1"),
         "{metrics}"
     );
-    let bad = ctl_output(&dir, "set 203.0.113.99:80 obtain-client-ip off");
+    let bad = ctl_output(dir, "set 203.0.113.99:80 obtain-client-ip off");
     assert!(
         !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("no listener 203.0.113.99:80")
     );
@@ -408,15 +408,15 @@ fn toa_lb_end_to_end() {
     drop(lb);
 
     // SIGKILL leaves the nftables rules; the next start cleans them up.
-    let mut lb = start_lb(&bed, "off", &dir);
-    assert!(nft_present(&bed));
+    let mut lb = start_lb(bed, "off", dir);
+    assert!(nft_present(bed));
     lb.0.kill().unwrap();
     lb.0.wait().unwrap();
-    assert!(nft_present(&bed), "SIGKILL cannot clean up");
-    let lb = start_lb(&bed, "off", &dir);
-    let (local, line) = ask(&bed);
+    assert!(nft_present(bed), "SIGKILL cannot clean up");
+    let lb = start_lb(bed, "off", dir);
+    let (local, line) = ask(bed);
     assert!(line.contains("client=100.125.1.") && !line.contains(&local.to_string()), "toa off: {line}");
-    let (local, line) = ask_vip(&bed, "[2001:db8:c::10]:80");
+    let (local, line) = ask_vip(bed, "[2001:db8:c::10]:80");
     assert!(
         line.contains(" client=[2001:db8:64::1:1]:") && !line.contains(&local.to_string()),
         "toa off, v6: {line}"
@@ -426,7 +426,7 @@ fn toa_lb_end_to_end() {
     let mut lb = lb;
     let status = lb.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(!nft_present(&bed), "rules left after a clean exit");
+    assert!(!nft_present(bed), "rules left after a clean exit");
 }
 
 /// Runs `toa-lb ctl REQUEST` against the instance whose socket is in `dir`.
@@ -523,16 +523,16 @@ fn live_switch_under_load() {
     require_root!();
     let case = Case::new("s");
     let (bed, dir, stop) = (&case.bed, &case.dir, &case.stop);
-    let _lb = start_lb(&bed, "toa", &dir);
+    let _lb = start_lb(bed, "toa", dir);
     let start = std::time::Instant::now();
     let load_done = Arc::new(AtomicBool::new(false));
-    let (load, results) = steady_load(&bed, start, load_done.clone());
+    let (load, results) = steady_load(bed, start, load_done.clone());
     let mut switches = Vec::new();
     for i in 0..10 {
         std::thread::sleep(Duration::from_millis(300));
         let mode = if i % 2 == 0 { "off" } else { "toa" };
         let before = start.elapsed();
-        let out = ctl_output(&dir, &format!("set 0 obtain-client-ip {mode}"));
+        let out = ctl_output(dir, &format!("set 0 obtain-client-ip {mode}"));
         assert!(out.status.success());
         // The switch takes effect somewhere between `before` and now.
         switches.push((before, start.elapsed(), mode == "toa"));
@@ -573,7 +573,7 @@ fn syn_flood_is_bounded() {
     let case = Case::new("f");
     let (bed, dir) = (&case.bed, &case.dir);
     // start_lb's configuration, with room for only 500 flows.
-    let lb = start_lb_with(&bed, "toa", &dir, "max_flows = 500\n");
+    let lb = start_lb_with(bed, "toa", dir, "max_flows = 500\n");
     let rss = |pid: u32| -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         status
@@ -615,7 +615,7 @@ fn syn_flood_is_bounded() {
     flood(15000);
     std::thread::sleep(Duration::from_millis(500));
     let after_all = rss(pid);
-    let stats = ctl_output(&dir, "stats");
+    let stats = ctl_output(dir, "stats");
     let stats = String::from_utf8(stats.stdout).unwrap();
     let flows: usize =
         stats.lines().next().and_then(|l| l.strip_prefix("flows ")?.parse().ok()).expect("flows line");
@@ -635,7 +635,7 @@ fn syn_flood_is_bounded() {
     // A real client is still served. (Its address may not reach the backend: the flood went
     // through to the backends, whose SYN cookies then keep no SYN for the saved-SYN reader; the
     // TOA in the handshake ACK is there for the kernel helper.)
-    let (_, line) = ask(&bed);
+    let (_, line) = ask(bed);
     assert!(line.starts_with("be1 ") || line.starts_with("be2 "), "{line}");
     drop(lb);
 }
@@ -649,16 +649,16 @@ fn backend_killed_under_load() {
     let case = Case::new("k");
     let (bed, dir, stop) = (&case.bed, &case.dir, &case.stop);
     let backends = &case.backends;
-    let _lb = start_lb(&bed, "toa", &dir);
+    let _lb = start_lb(bed, "toa", dir);
     let start = std::time::Instant::now();
     let done = Arc::new(AtomicBool::new(false));
-    let (load, results) = steady_load(&bed, start, done.clone());
+    let (load, results) = steady_load(bed, start, done.clone());
     std::thread::sleep(Duration::from_millis(500));
     // be2 crashes: its listener closes, connections to it are refused.
     let killed_at = start.elapsed();
     backends.kill[1].store(true, Ordering::Relaxed);
     let down_at = loop {
-        let out = String::from_utf8(ctl_output(&dir, "backends").stdout).unwrap();
+        let out = String::from_utf8(ctl_output(dir, "backends").stdout).unwrap();
         if out.contains("100.125.2.2:8080 weight=1 down") {
             break start.elapsed();
         }
@@ -693,7 +693,7 @@ fn udp_echo_off_and_transparent() {
     let case = Case::new("u");
     let (bed, dir) = (&case.bed, &case.dir);
     let backends = &case.backends;
-    let _lb = start_lb(&bed, "toa", &dir);
+    let _lb = start_lb(bed, "toa", dir);
     let echo = |vip: &str, size: usize| -> SocketAddr {
         run_in(&bed.ns("client"), || {
             let vip: SocketAddr = vip.parse().unwrap();
@@ -714,7 +714,7 @@ fn udp_echo_off_and_transparent() {
         })
     };
     let ctl = |request: &str| {
-        let out = ctl_output(&dir, request);
+        let out = ctl_output(dir, request);
         assert!(out.status.success(), "ctl {request}: {}", String::from_utf8_lossy(&out.stderr));
     };
     for mode in ["off", "transparent"] {
@@ -736,10 +736,10 @@ fn udp_echo_off_and_transparent() {
             }
         }
     }
-    let toa = ctl_output(&dir, &format!("set udp/{UDP_VIP} obtain-client-ip toa"));
+    let toa = ctl_output(dir, &format!("set udp/{UDP_VIP} obtain-client-ip toa"));
     assert!(!toa.status.success(), "TOA on a UDP listener must be refused");
     assert!(String::from_utf8_lossy(&toa.stderr).contains("TOA is a TCP option"));
-    let stats = String::from_utf8(ctl_output(&dir, "stats").stdout).unwrap();
+    let stats = String::from_utf8(ctl_output(dir, "stats").stdout).unwrap();
     let udp = stats.lines().find(|l| l.starts_with(&format!("udp/{UDP_VIP} "))).expect("udp stats");
     assert!(udp.contains(" flows=") && !udp.contains(" to_client=0 "), "{udp}");
 }
@@ -752,7 +752,7 @@ fn reload_rejects_bad_config_and_applies_good() {
     require_root!();
     let case = Case::new("r");
     let (bed, dir) = (&case.bed, &case.dir);
-    let lb = start_lb(&bed, "toa", &dir);
+    let lb = start_lb(bed, "toa", dir);
     let path = dir.join("lb-toa.toml");
     let good = std::fs::read_to_string(&path).unwrap();
     let sighup = || {
@@ -778,16 +778,16 @@ fn reload_rejects_bad_config_and_applies_good() {
     std::fs::write(&path, &bad).unwrap();
     sighup();
     assert!(lb.1.lock().unwrap().contains("reload rejected"), "{}", lb.1.lock().unwrap());
-    let out = ctl_output(&dir, "reload");
+    let out = ctl_output(dir, "reload");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(err.contains("listener 203.0.113.10:81 has no backends"), "{err}");
-    let (local, line) = ask(&bed);
+    let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} ")), "the old configuration (toa) still runs: {line}");
     echo(b"after a bad reload");
     // A syntax error is named by line too, and changes nothing either.
     std::fs::write(&path, good.replace("obtain_client_ip = \"toa\"", "obtain_client_ip = toa")).unwrap();
-    let err = String::from_utf8(ctl_output(&dir, "reload").stderr).unwrap();
+    let err = String::from_utf8(ctl_output(dir, "reload").stderr).unwrap();
     assert!(err.contains("line "), "{err}");
 
     // Good: TOA off on every TCP listener, and a new listener on another VIP.
@@ -796,9 +796,9 @@ fn reload_rejects_bad_config_and_applies_good() {
     std::fs::write(&path, &new).unwrap();
     sighup();
     assert!(lb.1.lock().unwrap().contains("SIGHUP: reloaded"), "{}", lb.1.lock().unwrap());
-    let (local, line) = ask(&bed);
+    let (local, line) = ask(bed);
     assert!(line.contains("client=100.125.1.") && !line.contains(&local.to_string()), "now off: {line}");
-    let (_, line) = ask_vip(&bed, "203.0.113.11:80");
+    let (_, line) = ask_vip(bed, "203.0.113.11:80");
     assert!(line.starts_with("be2 "), "the new listener: {line}");
     echo(b"after a good reload");
     let rules = Command::new("ip")
@@ -806,7 +806,7 @@ fn reload_rejects_bad_config_and_applies_good() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&rules.stdout).contains("203.0.113.11"), "nft follows the new VIP");
-    let listeners = String::from_utf8(ctl_output(&dir, "listeners").stdout).unwrap();
+    let listeners = String::from_utf8(ctl_output(dir, "listeners").stdout).unwrap();
     assert!(listeners.contains("203.0.113.11:80 obtain-client-ip=off"), "{listeners}");
     drop(lb);
 }

@@ -135,8 +135,17 @@ impl Running {
         let mut owned: HashSet<IpAddr> = vips.iter().chain(&new.engine.snat).copied().collect();
         owned.extend(engines.snat_in_use());
         let list: Vec<IpAddr> = owned.iter().copied().collect();
-        nft::install(&list, &[&new.client_interface, &new.backend_interface])?;
-        engines.apply(|e| e.reconfigure(new.engine.clone())).map_err(|e| e.to_string())?;
+        let interfaces = [new.client_interface.as_str(), new.backend_interface.as_str()];
+        nft::install(&list, &interfaces)?;
+        if let Err(e) = engines.apply(|e| e.reconfigure(new.engine.clone())) {
+            // (The file was validated already: this is not expected.) Put the old rules back.
+            let old: Vec<IpAddr> =
+                self.owned.read().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
+            if let Err(nft) = nft::install(&old, &interfaces) {
+                tracing::error!("restoring the nftables rules after a failed reload: {nft}");
+            }
+            return Err(e.to_string());
+        }
         drop(engines);
         *self.owned.write().unwrap_or_else(PoisonError::into_inner) = owned;
         *self.health.lock().unwrap_or_else(PoisonError::into_inner) = new.health;
