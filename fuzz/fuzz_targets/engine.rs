@@ -7,8 +7,8 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use toa_core::{Format, TcpPacket, UdpPacket};
 use toa_lb_injector::{
-    Backend, Engine, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Protocol, Scheduler, Shard, Timeouts,
-    Verdict,
+    Backend, Engine, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Protocol, Scheduler, Shard,
+    Timeouts, Verdict,
 };
 
 fn engine() -> Engine {
