@@ -206,9 +206,11 @@ pub enum ConfigError {
 }
 
 impl EngineConfig {
-    /// The flows this engine may hold: its share of `max_flows`.
+    /// The flows this engine may hold: its share of `max_flows` (the shares
+    /// add up to `max_flows` exactly).
     pub(crate) fn engine_bound(&self) -> usize {
-        self.max_flows.div_ceil(usize::from(self.shard.count.max(1)))
+        let (index, count) = (usize::from(self.shard.index), usize::from(self.shard.count.max(1)));
+        self.max_flows / count + usize::from(index < self.max_flows % count)
     }
 
     /// Checks the configuration.
@@ -225,6 +227,9 @@ impl EngineConfig {
             return Err(ConfigError::Limits(
                 "the shard is outside the SNAT port range (index < count <= ports)",
             ));
+        }
+        if self.max_flows < usize::from(count) {
+            return Err(ConfigError::Limits("max_flows must be at least the number of workers"));
         }
         for (i, listener) in self.listeners.iter().enumerate() {
             let same =
@@ -254,5 +259,31 @@ impl EngineConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_bounds_add_up_to_max_flows() {
+        for (max, count) in [(500, 3), (500, 1), (7, 7), (100_000, 64)] {
+            let total: usize = (0..count)
+                .map(|index| {
+                    let config = EngineConfig {
+                        listeners: Vec::new(),
+                        snat: Vec::new(),
+                        snat_ports: 1024..=65535,
+                        max_flows: max,
+                        timeouts: Timeouts::default(),
+                        snat_seed: 0,
+                        shard: Shard { index, count },
+                    };
+                    config.engine_bound()
+                })
+                .sum();
+            assert_eq!(total, max, "{count} shards of {max}");
+        }
     }
 }

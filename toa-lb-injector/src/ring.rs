@@ -44,10 +44,10 @@ const RING_FRAMES: usize = 2048;
 
 /// The frame sizes for an interface: (ring slot, largest frame sent).
 fn frame_sizes(name: &str) -> (usize, usize) {
-    let mtu: usize = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1500);
+    let mtu = crate::sys::mtu(name).unwrap_or_else(|e| {
+        tracing::warn!(interface = name, "cannot read the MTU ({e}); assuming 1500");
+        1500
+    });
     // Ethernet header, a VLAN tag's worth, and the ring's own header before the frame.
     let slot = (mtu + 14 + 4 + 64).next_power_of_two().max(2048);
     // A TOA may add 40 bytes to a header the MSS clamp left room for.

@@ -331,6 +331,30 @@ impl TxBatch {
     }
 }
 
+/// The MTU of interface `name` (SIOCGIFMTU), in this network namespace
+/// whatever `/sys` shows.
+pub(crate) fn mtu(name: &str) -> io::Result<usize> {
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return Err(io::Error::other(format!("interface name {name} is too long")));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the result is checked before it is owned.
+    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `req` is a live ifreq with a NUL-terminated name; SIOCGIFMTU
+    // writes only its ifru_mtu member.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFMTU, &mut req) })?;
+    // SAFETY: the kernel filled in ifru_mtu, the member SIOCGIFMTU writes.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    usize::try_from(mtu).map_err(|_| io::Error::other(format!("{name} has MTU {mtu}")))
+}
+
 /// Waits until one of `fds` is readable or `timeout_ms` passes.
 pub(crate) fn poll_readable(fds: &[&OwnedFd], timeout_ms: i32) {
     let mut pfds: Vec<libc::pollfd> =

@@ -63,10 +63,12 @@ fn start_lb(bed: &Testbed, mode: &str, dir: &std::path::Path) -> Lb {
 }
 
 /// The test configuration; `extra` goes at the top (e.g. `max_flows = 500`).
-/// TCP listeners use `mode`; the UDP echo listeners start `off`.
+/// TCP listeners use `mode`; the UDP echo listeners start `off`. Three ring
+/// workers whatever the CPUs, so that steering by port (and SNAT ports by
+/// shard) is exercised, with a modulus that is not a power of two.
 fn config_text(mode: &str, extra: &str) -> String {
     format!(
-        "{extra}client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\nmetrics = \"127.0.0.1:9947\"\n\
+        "{extra}client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\nworkers = 3\nmetrics = \"127.0.0.1:9947\"\n\
          health = {{ interval_ms = {HEALTH_INTERVAL_MS}, timeout_ms = 100, rise = 2, fall = {HEALTH_FALL} }}\n\
          snat = [\"100.125.1.1\", \"100.125.1.2\", \"2001:db8:64::1:1\"]\n\n\
          [[listener]]\nvip = \"{VIP}\"\nobtain_client_ip = \"{mode}\"\n\n\
