@@ -67,13 +67,15 @@ ask() {
 
 say "3. toa-lb with obtain_client_ip = \"toa\": each backend names the real client (203.0.113.2)"
 start_lb toa
-ip netns exec "$prefix-be1" "$bin/toa-shim" inspect --iface b0 --count 1 --timeout 10s --trust 100.125.0.0/16 \
+ip netns exec "$prefix-be1" "$bin/toa-shim" inspect --iface b0 --count 200 --timeout 3s --trust 100.125.0.0/16 \
     >"$work/wire.txt" 2>/dev/null &
 sleep 0.5
 ask
 wait $! 2>/dev/null || true
 say "   ...and on the wire, as backend 1 receives the SYN (toa-shim inspect --iface b0):"
-sed 's/^/   /' "$work/wire.txt"
+# The first SYN from an SNAT address (not the LB host's health probes, from 100.125.0.1).
+grep -m1 '^100\.125\.1\.[0-9]*:[0-9]* > .* \[S\] ' "$work/wire.txt" | sed 's/^/   /' \
+    || { echo "demo.sh: no SYN from toa-lb was captured" >&2; exit 1; }
 
 say "4. Restarted with obtain_client_ip = \"off\": the backends see the load balancer (100.125.1.1)"
 kill "$lb"; wait "$lb" 2>/dev/null || true
