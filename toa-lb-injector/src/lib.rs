@@ -11,7 +11,14 @@
 //! (forgery, in every mode), pick or find the flow, rewrite client -> VIP into
 //! SNAT -> backend, and insert the TOA where the listener's [`Placement`]
 //! says. From a backend: rewrite back, and lower the MSS of the SYN-ACK by the
-//! option's size so that clients never send segments that stop fitting.
+//! option's size so that clients never send segments that stop fitting. UDP
+//! listeners get the same FULLNAT (or transparent DNAT) per client address
+//! and port, without TOA.
+//!
+//! Around the engine: [`shards::Shards`] (one engine per datapath worker,
+//! one view for the control plane), the drivers ([`ring`], the default, and
+//! the [`datapath`] pnet fallback), [`ctl`] (control socket, metrics),
+//! [`health`], [`nft`] and [`file`] (the TOML configuration) for `toa-lb`.
 // Unsafe code only in `sys` (the AF_PACKET ring and batch system calls).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

@@ -265,15 +265,17 @@ impl TxBatch {
         // Straight to the driver: no qdisc between toa-lb and the wire.
         set_packet_option(&fd, libc::PACKET_QDISC_BYPASS, &(1 as libc::c_int))?;
         bind(&fd, ifindex, 0)?;
+        // SAFETY: iovec is a plain C struct; all-zero (null, 0) is a valid value.
+        let iov: libc::iovec = unsafe { std::mem::zeroed() };
+        // SAFETY: mmsghdr is a plain C struct; all-zero (null pointers, zero lengths) is valid.
+        let msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
         Ok(TxBatch {
             fd,
             slot,
             buf: vec![0; slot * capacity],
             lens: Vec::with_capacity(capacity),
-            // SAFETY (for the zeroed values): iovec and mmsghdr are plain C
-            // structs for which all-zero (null pointers, zero lengths) is valid.
-            iov: vec![unsafe { std::mem::zeroed() }; capacity],
-            msgs: vec![unsafe { std::mem::zeroed() }; capacity],
+            iov: vec![iov; capacity],
+            msgs: vec![msg; capacity],
             dropped: 0,
         })
     }

@@ -812,3 +812,28 @@ fn reload_rejects_bad_config_and_applies_good() {
     assert!(listeners.contains("203.0.113.11:80 obtain-client-ip=off"), "{listeners}");
     drop(lb);
 }
+
+/// The pnet fallback datapath (`datapath = "pnet"`) serves the same: TOA over
+/// IPv4 and IPv6, and UDP.
+#[test]
+fn pnet_fallback_serves() {
+    require_root!();
+    let case = Case::new("p");
+    let (bed, dir) = (&case.bed, &case.dir);
+    let _lb = start_lb_with(bed, "toa", dir, "datapath = \"pnet\"\n");
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} lb=100.125.1.")), "{line}");
+    let (local, line) = ask_vip(bed, "[2001:db8:c::10]:80");
+    assert!(line.contains(&format!(" client={local} lb=[2001:db8:64::1:1]:")), "{line}");
+    let echoed = run_in(&bed.ns("client"), || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(UDP_VIP).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let mut buf = [0u8; 64];
+        (0..10).find_map(|_| {
+            socket.send(b"ping").unwrap();
+            socket.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+        })
+    });
+    assert_eq!(echoed.as_deref(), Some(&b"ping"[..]));
+}
