@@ -32,9 +32,10 @@ measure() { # prints "conn/s MB/s"
     echo "$rate $mbs"
 }
 
-lb_run() { # MODE DATAPATH
+lb_run() { # MODE DATAPATH [EXTRA TOML]
     cat >"$work/lb.toml" <<TOML
 datapath = "$2"
+${3:-}
 ${BENCH_LB_EXTRA:-}
 client_interface = "lb-c"
 backend_interface = "lb-br"
@@ -81,26 +82,32 @@ NFT
     for i in 1 2 3 4; do ip netns exec "$lbns" ip addr del "100.125.1.$i/32" dev lb-br; done
 }
 
-paths=("kernel nftables FULLNAT (no TOA)" "toa-lb pnet, TOA on (before)" "toa-lb ring, TOA on (after)" "toa-lb ring, TOA off")
+# The ring datapath runs a worker per CPU by default; on a small machine that
+# shares its cores with the load generator and the backends, one worker is
+# measured too.
+paths=("kernel nftables FULLNAT (no TOA)" "toa-lb pnet, TOA on (before)" "toa-lb ring, TOA on (after)"
+    "toa-lb ring, TOA off" "toa-lb ring, TOA on, 1 worker")
 run_path() {
     case "$1" in
         0) kernel_run ;;
         1) lb_run toa pnet ;;
         2) lb_run toa ring ;;
         3) lb_run off ring ;;
+        4) lb_run toa ring "workers = 1" ;;
     esac
 }
-declare -a conn=(0 0 0 0) mbs=(0 0 0 0)
+n=${#paths[@]}
+declare -a conn=(0 0 0 0 0) mbs=(0 0 0 0 0)
 for round in $(seq "$rounds"); do
-    for k in 0 1 2 3; do
-        i=$(( (k + round - 1) % 4 ))
+    for k in $(seq 0 $((n - 1))); do
+        i=$(( (k + round - 1) % n ))
         read -r c b < <(run_path "$i")
         echo "round $round: ${paths[$i]}: $c conn/s, $b MB/s" >&2
         conn[$i]=$((conn[i] + c)); mbs[$i]=$((mbs[i] + b))
     done
 done
 printf '%-34s %10s %10s %16s\n' "path (mean of $rounds rounds)" "conn/s" "MB/s" "ratio to kernel"
-for i in 0 1 2 3; do
+for i in $(seq 0 $((n - 1))); do
     awk -v n="${paths[$i]}" -v c="${conn[$i]}" -v b="${mbs[$i]}" -v kc="${conn[0]}" -v kb="${mbs[0]}" -v r="$rounds" \
         'BEGIN { printf "%-34s %10.0f %10.0f    %5.2f  %5.2f\n", n, c / r, b / r, c / kc, b / kb }'
 done
