@@ -319,11 +319,7 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     #[inline]
     pub fn new_checked(buffer: T) -> Result<Self, Error> {
         let buf = buffer.as_ref();
-        let Some(&first) = buf.first() else {
-            let (layer, need, available) = (Layer::Ipv4, ipv4::MIN_LEN, 0);
-            return Err(Error::Truncated { layer, offset: 0, need, available });
-        };
-        let (version, tcp_offset, len, protocol) = parse_ip(buf, first)?;
+        let (version, tcp_offset, len, protocol) = parse_ip(buf)?;
         if protocol != tcp::PROTOCOL {
             return Err(Error::NotTcp { protocol, offset: tcp_offset });
         }
@@ -452,10 +448,14 @@ pub(crate) fn ip_addr(
     }
 }
 
-/// Validates the IP header (and IPv6 extension headers) of `buf`, whose first
-/// byte is `first`; returns (version, upper-layer offset, packet length, protocol).
+/// Validates the IP header (and IPv6 extension headers) of `buf`; returns
+/// (version, upper-layer offset, packet length, protocol).
 #[inline]
-pub(crate) fn parse_ip(buf: &[u8], first: u8) -> Result<(IpVersion, usize, usize, u8), Error> {
+pub(crate) fn parse_ip(buf: &[u8]) -> Result<(IpVersion, usize, usize, u8), Error> {
+    let Some(&first) = buf.first() else {
+        let (layer, need, available) = (Layer::Ipv4, ipv4::MIN_LEN, 0);
+        return Err(Error::Truncated { layer, offset: 0, need, available });
+    };
     match first >> 4 {
         4 => parse_ipv4(buf),
         6 => parse_ipv6(buf),

@@ -43,11 +43,7 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
     /// Checks `buffer` as an IP packet carrying a whole UDP header.
     pub fn new_checked(buffer: T) -> Result<Self, Error> {
         let buf = buffer.as_ref();
-        let Some(&first) = buf.first() else {
-            let (layer, need, available) = (Layer::Ipv4, ipv4::MIN_LEN, 0);
-            return Err(Error::Truncated { layer, offset: 0, need, available });
-        };
-        let (version, offset, len, protocol) = parse_ip(buf, first)?;
+        let (version, offset, len, protocol) = parse_ip(buf)?;
         if protocol != udp::PROTOCOL {
             return Err(Error::NotUdp { protocol, offset });
         }
