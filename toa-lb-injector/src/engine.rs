@@ -614,13 +614,9 @@ impl Engine {
             }
         }
         let config = &self.config.listeners[listener];
-        let eligible: Vec<bool> = config
-            .backends
-            .iter()
-            .zip(&self.up[listener])
-            .map(|(b, up)| *up && !self.draining.contains(&(listener, b.addr)))
-            .collect();
-        let Some(pick) = self.pickers[listener].pick(&config.backends, &eligible, client) else {
+        let (up, draining) = (&self.up[listener], &self.draining);
+        let eligible = |i: usize| up[i] && !draining.contains(&(listener, config.backends[i].addr));
+        let Some(pick) = self.pickers[listener].pick(&config.backends, eligible, client) else {
             return Err(DropReason::NoBackend);
         };
         let backend = config.backends[pick].addr;

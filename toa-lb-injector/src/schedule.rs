@@ -1,6 +1,6 @@
 //! Picking a backend for a new flow.
 
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 
 use crate::config::{Backend, Scheduler};
@@ -30,16 +30,21 @@ impl Picker {
     }
 
     /// The index of the backend for a new flow from `client`, among those
-    /// marked up; `None` when none is.
-    pub(crate) fn pick(&mut self, backends: &[Backend], up: &[bool], client: SocketAddr) -> Option<usize> {
-        if !up.iter().any(|u| *u) {
+    /// for which `up(index)` holds; `None` when none does.
+    pub(crate) fn pick(
+        &mut self,
+        backends: &[Backend],
+        up: impl Fn(usize) -> bool,
+        client: SocketAddr,
+    ) -> Option<usize> {
+        if !(0..backends.len()).any(&up) {
             return None;
         }
         Some(match self.scheduler {
             Scheduler::RoundRobin => loop {
                 let i = self.next % backends.len();
                 self.next = self.next.wrapping_add(1);
-                if up[i] {
+                if up(i) {
                     break i;
                 }
             },
@@ -47,9 +52,9 @@ impl Picker {
                 // nginx's smooth WRR over the backends that are up: add each weight,
                 // take the largest, subtract the total.
                 let total: i64 =
-                    (0..backends.len()).filter(|i| up[*i]).map(|i| i64::from(backends[i].weight)).sum();
+                    (0..backends.len()).filter(|i| up(*i)).map(|i| i64::from(backends[i].weight)).sum();
                 let mut best = None;
-                for (i, backend) in backends.iter().enumerate().filter(|(i, _)| up[*i]) {
+                for (i, backend) in backends.iter().enumerate().filter(|(i, _)| up(*i)) {
                     self.current[i] += i64::from(backend.weight);
                     if best.is_none_or(|b: usize| self.current[i] > self.current[b]) {
                         best = Some(i);
@@ -61,15 +66,12 @@ impl Picker {
             }
             Scheduler::ConsistentHash => {
                 // Rendezvous hashing: the backend with the highest hash of (client, backend).
+                // A fixed-key hasher: the same client maps to the same backend after a restart.
                 let score = |b: &Backend| {
-                    let mut h =
-                        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                            .build_hasher();
-                    h.write(client.to_string().as_bytes());
-                    h.write(b.addr.to_string().as_bytes());
-                    h.finish()
+                    std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                        .hash_one((client, b.addr))
                 };
-                (0..backends.len()).filter(|i| up[*i]).max_by_key(|&i| score(&backends[i])).unwrap_or(0)
+                (0..backends.len()).filter(|i| up(*i)).max_by_key(|&i| score(&backends[i])).unwrap_or(0)
             }
         })
     }
@@ -93,14 +95,14 @@ mod tests {
         let mut p = Picker::new(Scheduler::RoundRobin, 3);
         let all = [true; 3];
         let picks: Vec<usize> =
-            (0..6).map(|_| p.pick(&b, &all, "203.0.113.1:1".parse().unwrap()).unwrap()).collect();
+            (0..6).map(|_| p.pick(&b, |i| all[i], "203.0.113.1:1".parse().unwrap()).unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
         // A backend marked down gets nothing; none up, no pick.
         let picks: Vec<usize> = (0..4)
-            .map(|_| p.pick(&b, &[true, false, true], "203.0.113.1:1".parse().unwrap()).unwrap())
+            .map(|_| p.pick(&b, |i| [true, false, true][i], "203.0.113.1:1".parse().unwrap()).unwrap())
             .collect();
         assert_eq!(picks, [0, 2, 0, 2]);
-        assert_eq!(p.pick(&b, &[false; 3], "203.0.113.1:1".parse().unwrap()), None);
+        assert_eq!(p.pick(&b, |_| false, "203.0.113.1:1".parse().unwrap()), None);
     }
 
     #[test]
@@ -109,7 +111,7 @@ mod tests {
         let mut p = Picker::new(Scheduler::WeightedRoundRobin, 3);
         let all = [true; 3];
         let picks: Vec<usize> =
-            (0..7).map(|_| p.pick(&b, &all, "203.0.113.1:1".parse().unwrap()).unwrap()).collect();
+            (0..7).map(|_| p.pick(&b, |i| all[i], "203.0.113.1:1".parse().unwrap()).unwrap()).collect();
         // nginx's example: a a b a c a a
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
     }
@@ -121,17 +123,17 @@ mod tests {
         let clients: Vec<SocketAddr> =
             (0..400).map(|i| format!("203.0.113.{}:{}", i % 250, 1000 + i).parse().unwrap()).collect();
         let all = [true; 4];
-        let before: Vec<usize> = clients.iter().map(|c| p.pick(&b, &all, *c).unwrap()).collect();
+        let before: Vec<usize> = clients.iter().map(|c| p.pick(&b, |i| all[i], *c).unwrap()).collect();
         assert_eq!(
             before,
-            clients.iter().map(|c| p.pick(&b, &all, *c).unwrap()).collect::<Vec<_>>(),
+            clients.iter().map(|c| p.pick(&b, |i| all[i], *c).unwrap()).collect::<Vec<_>>(),
             "stable"
         );
         let used: std::collections::HashSet<_> = before.iter().collect();
         assert_eq!(used.len(), 4, "every backend gets clients");
         // Backend 3 down: only its clients move.
         for (c, old) in clients.iter().zip(&before) {
-            let new = p.pick(&b, &[true, true, true, false], *c).unwrap();
+            let new = p.pick(&b, |i| i != 3, *c).unwrap();
             if *old != 3 {
                 assert_eq!(new, *old);
             }
