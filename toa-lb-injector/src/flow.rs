@@ -140,8 +140,8 @@ impl FlowTable {
     }
 
     /// Gives every flow its listener's new index (a reload), removing the
-    /// flows whose listener is gone; returns how many were removed, by old listener.
-    pub(crate) fn remap_listeners(&mut self, map: &[Option<usize>]) -> Vec<usize> {
+    /// flows whose listener is gone; returns how many were removed.
+    pub(crate) fn remap_listeners(&mut self, map: &[Option<usize>]) -> usize {
         let mut gone = Vec::new();
         for id in 0..self.slots.len() {
             let Some(flow) = self.slots[id].as_mut() else { continue };
@@ -150,7 +150,7 @@ impl FlowTable {
                 None => gone.push(id),
             }
         }
-        gone.into_iter().filter_map(|id| self.remove(id).map(|f| f.listener)).collect()
+        gone.into_iter().filter(|id| self.remove(*id).is_some()).count()
     }
 
     /// Evicts the oldest half-open flow, if any; returns its listener.

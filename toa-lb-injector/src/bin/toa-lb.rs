@@ -137,6 +137,7 @@ impl Running {
         let list: Vec<IpAddr> = owned.iter().copied().collect();
         let interfaces = [new.client_interface.as_str(), new.backend_interface.as_str()];
         nft::install(&list, &interfaces)?;
+        let flows_before = engines.flow_count();
         if let Err(e) = engines.apply(|e| e.reconfigure(new.engine.clone())) {
             // (The file was validated already: this is not expected.) Put the old rules back.
             let old: Vec<IpAddr> =
@@ -146,11 +147,12 @@ impl Running {
             }
             return Err(e.to_string());
         }
+        let dropped = flows_before - engines.flow_count();
         drop(engines);
         *self.owned.write().unwrap_or_else(PoisonError::into_inner) = owned;
         *self.health.lock().unwrap_or_else(PoisonError::into_inner) = new.health;
         let summary = format!(
-            "reloaded {}: {} listeners ({})\n",
+            "reloaded {}: {} listeners ({}); {dropped} flows of removed listeners dropped\n",
             self.path.display(),
             new.engine.listeners.len(),
             new.engine.listeners.iter().map(ctl::listener_name).collect::<Vec<_>>().join(", ")
