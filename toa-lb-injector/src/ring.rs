@@ -233,7 +233,10 @@ fn worker(
                 std::hint::spin_loop();
             }
             if !sockets.rx[0].ready() && !sockets.rx[1].ready() {
-                poll_readable(&[sockets.rx[0].fd(), sockets.rx[1].fd()], 100);
+                if let Some(e) = poll_readable(&[sockets.rx[0].fd(), sockets.rx[1].fd()], 100) {
+                    // Typically ENETDOWN: the ring resumes when the link is back.
+                    tracing::warn!(worker = index, "receive ring: {e}");
+                }
             }
         }
     }

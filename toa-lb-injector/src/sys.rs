@@ -357,12 +357,29 @@ pub(crate) fn mtu(name: &str) -> io::Result<usize> {
     usize::try_from(mtu).map_err(|_| io::Error::other(format!("{name} has MTU {mtu}")))
 }
 
-/// Waits until one of `fds` is readable or `timeout_ms` passes.
-pub(crate) fn poll_readable(fds: &[&OwnedFd], timeout_ms: i32) {
+/// Waits until one of `fds` is readable or `timeout_ms` passes. A socket in
+/// error (its interface went down, say) is reported once: its pending error
+/// is read, which clears it; otherwise `poll` would return at once forever.
+pub(crate) fn poll_readable(fds: &[&OwnedFd], timeout_ms: i32) -> Option<io::Error> {
     let mut pfds: Vec<libc::pollfd> =
         fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
     // SAFETY: `pfds` is a live array of `pfds.len()` pollfd structs.
-    unsafe {
-        libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms);
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if rc <= 0 {
+        return None;
     }
+    let failed = fds.iter().zip(&pfds).find(|(_, p)| p.revents & libc::POLLERR != 0)?.0;
+    let mut error: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `error` is a live c_int and `len` says so; SO_ERROR writes at most that.
+    let rc = unsafe {
+        libc::getsockopt(
+            failed.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut error as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    Some(if rc < 0 { io::Error::last_os_error() } else { io::Error::from_raw_os_error(error) })
 }

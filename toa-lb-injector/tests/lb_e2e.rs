@@ -837,3 +837,58 @@ fn pnet_fallback_serves() {
     });
     assert_eq!(echoed.as_deref(), Some(&b"ping"[..]));
 }
+
+/// The client link goes down and up: toa-lb does not spin while it is down
+/// (a packet socket reports ENETDOWN once, and poll would return at once for
+/// ever if the error were not read) and serves again when it is back.
+#[test]
+fn link_flap_recovers() {
+    require_root!();
+    let case = Case::new("l");
+    let (bed, dir) = (&case.bed, &case.dir);
+    let lb = start_lb(bed, "toa", dir);
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "{line}");
+    let link = |state: &str| {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &bed.ns("lb"), "ip", "link", "set", "lb-c", state])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip link set lb-c {state}");
+    };
+    // CPU time (user + system, in clock ticks) of the toa-lb process.
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", lb.0.id())).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    link("down");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = ticks() - before;
+    // A spinning worker burns a whole CPU (100 ticks a second); idle health
+    // probes and sleeping workers, almost nothing.
+    assert!(spent < 40, "toa-lb used {spent} ticks in a second with the link down");
+    link("up");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answered = run_in(&bed.ns("client"), || {
+            TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(2)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut line = String::new();
+                s.read_to_string(&mut line)?;
+                Ok(line)
+            })
+        });
+        match answered {
+            Ok(line) if line.starts_with("be") => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "not served after the link came back: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(lb.1.lock().unwrap().contains("Network is down"), "the error is logged");
+}
