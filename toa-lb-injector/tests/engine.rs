@@ -553,3 +553,27 @@ fn reconfigure_keeps_flows_and_their_mode() {
     let (_, to, toa) = inspect(&fresh);
     assert_eq!((to, toa), (sock("192.0.2.11:8080"), None));
 }
+
+#[test]
+fn udp_flood_stays_bounded_and_answered_flows_survive() {
+    let mut c = udp_config(ObtainClientIp::Off);
+    c.max_flows = 100;
+    let mut e = Engine::new(c).unwrap();
+    let vip = sock("198.51.100.10:53");
+    // A real client, answered by its backend: no longer evictable.
+    let real = sock("203.0.113.5:5000");
+    let (_, out) = handle(&mut e, 0, &datagram(real, vip, b"q"));
+    let (snat, backend, _) = inspect_udp(&out);
+    handle(&mut e, 0, &datagram(backend, snat, b"a"));
+    // A flood of one-datagram flows from spoofed ports.
+    for port in 0..1000u16 {
+        let (v, _) =
+            handle(&mut e, 1, &datagram(SocketAddr::from(([203, 0, 113, 66], 10_000 + port)), vip, b"x"));
+        assert!(matches!(v, Verdict::ToBackend { .. }), "{v:?}");
+    }
+    assert!(e.flow_count() <= 100);
+    assert!(e.counters(2).unwrap().evicted >= 900);
+    // The answered flow is still there, with its SNAT address.
+    let (_, again) = handle(&mut e, 2, &datagram(real, vip, b"q2"));
+    assert_eq!(inspect_udp(&again).0, snat);
+}
