@@ -143,17 +143,37 @@ pub struct EngineConfig {
     pub shard: Shard,
 }
 
-/// One engine's share of the SNAT ports: those with `port % count == index`.
+/// One engine's share of the SNAT ports: those whose [`Shard::steer`] value
+/// is `index` modulo `count`.
 ///
 /// A datapath with several workers gives each its own engine (nothing shared
-/// on the hot path) and steers a backend's reply to worker `dst_port % count`,
-/// which is then the engine that owns the flow.
+/// on the hot path) and steers a backend's reply to worker `steer(dst_port) %
+/// count`, which is then the engine that owns the flow. The ports are mixed
+/// first (not `port % count`): Linux hosts `connect()` from even ports only,
+/// which would leave every odd worker idle when `count` is even.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
     /// This engine's share.
     pub index: u16,
     /// How many engines share the ports.
     pub count: u16,
+}
+
+impl Shard {
+    /// The multiplier of [`Shard::steer`]: 2^32 / the golden ratio.
+    pub const STEER_MULTIPLIER: u32 = 0x9e37_79b1;
+
+    /// The steering value of a port: the high half of `port *
+    /// STEER_MULTIPLIER` (32-bit). A datapath computes the same (a classic
+    /// BPF program can: a multiply and a shift) and takes it modulo `count`.
+    pub fn steer(port: u16) -> u32 {
+        u32::from(port).wrapping_mul(Self::STEER_MULTIPLIER) >> 16
+    }
+
+    /// Whether this share holds `port`.
+    pub fn owns(&self, port: u16) -> bool {
+        Self::steer(port) % u32::from(self.count.max(1)) == u32::from(self.index)
+    }
 }
 
 impl Default for Shard {
@@ -222,10 +242,10 @@ impl EngineConfig {
             return Err(ConfigError::Limits("the SNAT port range is empty"));
         }
         let Shard { index, count } = self.shard;
-        let ports = usize::from(*self.snat_ports.end() - *self.snat_ports.start()) + 1;
-        if count == 0 || index >= count || ports < usize::from(count) {
+        let shard = self.shard;
+        if count == 0 || index >= count || !self.snat_ports.clone().any(|p| shard.owns(p)) {
             return Err(ConfigError::Limits(
-                "the shard is outside the SNAT port range (index < count <= ports)",
+                "the shard owns no SNAT port (index < count, and a wide enough range)",
             ));
         }
         if self.max_flows < usize::from(count) {
@@ -265,6 +285,23 @@ impl EngineConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steering_spreads_even_ports() {
+        // Linux connects from even ports: they must reach every worker anyway.
+        for count in [2u16, 3, 4, 8] {
+            let mut per = vec![0u32; usize::from(count)];
+            for port in (1024..=65534u16).step_by(2) {
+                per[(Shard::steer(port) % u32::from(count)) as usize] += 1;
+            }
+            let expected = 32256 / u32::from(count);
+            assert!(per.iter().all(|n| n.abs_diff(expected) * 20 < expected), "{count} workers: {per:?}");
+        }
+        let shards: Vec<Shard> = (0..3).map(|index| Shard { index, count: 3 }).collect();
+        for port in [0, 1, 1024, 40000, 65535] {
+            assert_eq!(shards.iter().filter(|s| s.owns(port)).count(), 1, "port {port}");
+        }
+    }
 
     #[test]
     fn shard_bounds_add_up_to_max_flows() {

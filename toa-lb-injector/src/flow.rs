@@ -63,8 +63,8 @@ pub(crate) struct FlowTable {
     half_open: VecDeque<(FlowId, Duration)>,
     snat_used: HashSet<(Protocol, SocketAddr)>,
     snat: Vec<IpAddr>,
-    ports: std::ops::RangeInclusive<u16>,
-    shard: Shard,
+    /// This shard's SNAT ports.
+    ports: Vec<u16>,
     cursor: u64,
     max: usize,
     len: usize,
@@ -95,8 +95,7 @@ impl FlowTable {
             half_open: VecDeque::new(),
             snat_used: HashSet::new(),
             snat,
-            ports,
-            shard,
+            ports: ports.filter(|p| shard.owns(*p)).collect(),
             cursor: seed,
             max,
             len: 0,
@@ -193,27 +192,20 @@ impl FlowTable {
     }
 
     /// The next free SNAT address and port of the family, among this shard's
-    /// ports (`port % count == index`).
+    /// ports (see [`Shard`]).
     fn allocate_snat(&mut self, proto: Protocol, v4: bool) -> Option<SocketAddr> {
         let addrs: Vec<IpAddr> = self.snat.iter().copied().filter(|a| a.is_ipv4() == v4).collect();
-        if addrs.is_empty() {
+        if addrs.is_empty() || self.ports.is_empty() {
             return None;
         }
-        let (start, end) = (u64::from(*self.ports.start()), u64::from(*self.ports.end()));
-        let (index, count) = (u64::from(self.shard.index), u64::from(self.shard.count));
-        let first = start + (index + count - start % count) % count;
-        if first > end {
-            return None;
-        }
-        let ports = (end - first) / count + 1;
-        let space = ports * addrs.len() as u64;
+        let space = self.ports.len() as u64 * addrs.len() as u64;
         for _ in 0..space.min(1 << 20) {
             let n = self.cursor % space;
             self.cursor = self.cursor.wrapping_add(1);
             // Spread consecutive flows over the addresses first, then the ports.
             let addr = addrs[(n % addrs.len() as u64) as usize];
-            let port = first + (n / addrs.len() as u64) * count;
-            let candidate = SocketAddr::new(addr, port as u16);
+            let port = self.ports[(n / addrs.len() as u64) as usize];
+            let candidate = SocketAddr::new(addr, port);
             if self.snat_used.insert((proto, candidate)) {
                 return Some(candidate);
             }

@@ -8,10 +8,11 @@
 //! interface; it sleeps in `poll` only when both rings are empty.
 //!
 //! Steering keeps every flow on one worker. The rings of an interface form a
-//! fanout group whose classic BPF program returns a port: frames on the
-//! client interface go to worker `source port % N` (the client's port),
-//! frames on the backend interface to worker `destination port % N`. Engine
-//! `i` allocates only SNAT ports with `port % N == i`, so a backend's reply
+//! fanout group whose classic BPF program returns a mix of a port
+//! ([`Shard::steer`]): frames on the client interface go to worker
+//! `steer(source port) % N` (the client's port), frames on the backend
+//! interface to worker `steer(destination port) % N`. Engine `i` allocates
+//! only SNAT ports that steer to `i`, so a backend's reply
 //! lands on the worker that made the flow; in transparent mode the reply's
 //! destination port is the client's own, so it does too. ARP frames go to
 //! worker 0; any worker answers ARP and NDP from the shared owned set.
@@ -33,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use pnet_datalink::NetworkInterface;
 
+use crate::config::Shard;
 use crate::datapath::{DatapathError, Link, Neighbors, Owned, PortInfo, Transmit, handle_frame};
 use crate::shards::Shards;
 use crate::sys::{RxFrame, RxRing, TxBatch, poll_readable};
@@ -54,26 +56,34 @@ fn frame_sizes(name: &str) -> (usize, usize) {
     (slot, mtu + 14 + 64)
 }
 
-/// The steering program: the 16-bit port at `port_at` (0: source, 2:
-/// destination) of an IPv4 or IPv6 TCP/UDP packet; 0 for anything else.
-fn steering(port_at: u32) -> [libc::sock_filter; 9] {
+/// The steering program: [`Shard::steer`] of the 16-bit port at `port_at`
+/// (0: source, 2: destination) of an IPv4 or IPv6 TCP/UDP packet; 0 for
+/// anything else. The kernel takes it modulo the group's members.
+fn steering(port_at: u32) -> [libc::sock_filter; 13] {
     use libc::{
-        BPF_A, BPF_ABS, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX, BPF_MSH, BPF_RET,
+        BPF_A, BPF_ABS, BPF_ALU, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX, BPF_MSH,
+        BPF_MUL, BPF_RET, BPF_RSH,
     };
     let stmt = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
     let jeq =
         |k: u32, jt: u8, jf: u8| libc::sock_filter { code: (BPF_JMP | BPF_JEQ | BPF_K) as u16, jt, jf, k };
     // Offsets from the network header, whatever link header the frame has.
     let net = libc::SKF_NET_OFF as u32;
+    let mix = stmt(BPF_ALU | BPF_MUL | BPF_K, Shard::STEER_MULTIPLIER);
+    let high = stmt(BPF_ALU | BPF_RSH | BPF_K, 16);
     [
         stmt(BPF_LD | BPF_H | BPF_ABS, (libc::SKF_AD_OFF + libc::SKF_AD_PROTOCOL) as u32),
-        jeq(0x0800, 0, 3),
+        jeq(0x0800, 0, 5),
         // X = IPv4 header length.
         stmt(BPF_LDX | BPF_B | BPF_MSH, net),
         stmt(BPF_LD | BPF_H | BPF_IND, net.wrapping_add(port_at)),
+        mix,
+        high,
         stmt(BPF_RET | BPF_A, 0),
-        jeq(0x86dd, 0, 2),
+        jeq(0x86dd, 0, 4),
         stmt(BPF_LD | BPF_H | BPF_ABS, net.wrapping_add(40 + port_at)),
+        mix,
+        high,
         stmt(BPF_RET | BPF_A, 0),
         stmt(BPF_RET | BPF_K, 0),
     ]
