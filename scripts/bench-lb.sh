@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Connections per second and bulk throughput through toa-lb against the
+# Connections per second (2 and 64 closed-loop clients) and bulk throughput through toa-lb against the
 # kernel doing the same FULLNAT with nftables (dnat + snat, no TOA), in one
 # run on the testbed: the pnet datapath (one frame per system call: the
 # "before") and the ring datapath (the default: the "after"), TOA on and off.
-# Needs root. The four paths run ROUNDS times, in a rotated order each
+# Needs root. The five paths run ROUNDS times, in a rotated order each
 # round (so that none always runs first or last on this noisy shared
 # machine); prints each round and the means, with ratios to the kernel.
 # Usage: scripts/bench-lb.sh [SECONDS] [ROUNDS]   (defaults 3, 3)
@@ -20,16 +20,20 @@ session "tbench$$"
 lbns="$prefix-lb"; be="$prefix-be1"; client="$prefix-client"
 ip netns exec "$be" "$bin/bulk-bench" --serve 0.0.0.0:8081 & pids+=($!)
 
-measure() { # prints "conn/s MB/s"
-    ip netns exec "$client" "$bin/accept-bench" --load 203.0.113.10:80 --seconds $((seconds + 3)) &
+conn_rate() { # CLIENTS: connections per second with that many closed-loop clients
+    ip netns exec "$client" "$bin/accept-bench" --load 203.0.113.10:80 --clients "$1" --seconds $((seconds + 3)) &
     local load=$!
     # The backend server listens on 8080 (what the VIP's port 80 maps to).
-    local rate
-    rate=$(ip netns exec "$be" "$bin/accept-bench" --serve 0.0.0.0:8080 --seconds "$seconds" 2>/dev/null)
+    ip netns exec "$be" "$bin/accept-bench" --serve 0.0.0.0:8080 --seconds "$seconds" 2>/dev/null
     wait "$load" 2>/dev/null || true
-    local mbs
+}
+
+measure() { # prints "conn/s(2 clients) conn/s(64 clients) MB/s"
+    local few many mbs
+    few=$(conn_rate 2)
+    many=$(conn_rate 64)
     mbs=$(ip netns exec "$client" "$bin/bulk-bench" --send 203.0.113.10:81 --seconds "$seconds")
-    echo "$rate $mbs"
+    echo "$few $many $mbs"
 }
 
 lb_run() { # MODE DATAPATH [EXTRA TOML]
@@ -97,17 +101,19 @@ run_path() {
     esac
 }
 n=${#paths[@]}
-declare -a conn=(0 0 0 0 0) mbs=(0 0 0 0 0)
+declare -a few=(0 0 0 0 0) many=(0 0 0 0 0) mbs=(0 0 0 0 0)
 for round in $(seq "$rounds"); do
     for k in $(seq 0 $((n - 1))); do
         i=$(( (k + round - 1) % n ))
-        read -r c b < <(run_path "$i")
-        echo "round $round: ${paths[$i]}: $c conn/s, $b MB/s" >&2
-        conn[$i]=$((conn[i] + c)); mbs[$i]=$((mbs[i] + b))
+        read -r f m b < <(run_path "$i")
+        echo "round $round: ${paths[$i]}: $f conn/s (2 clients), $m conn/s (64 clients), $b MB/s" >&2
+        few[$i]=$((few[i] + f)); many[$i]=$((many[i] + m)); mbs[$i]=$((mbs[i] + b))
     done
 done
-printf '%-34s %10s %10s %16s\n' "path (mean of $rounds rounds)" "conn/s" "MB/s" "ratio to kernel"
+echo "conn/s: closed-loop clients, 2 (latency-bound) and 64 (a loaded LB); MB/s: one bulk stream"
+printf '%-34s %9s %9s %8s   %s\n' "path (mean of $rounds rounds)" "conn/s 2" "conn/s 64" "MB/s" "ratios to kernel"
 for i in $(seq 0 $((n - 1))); do
-    awk -v n="${paths[$i]}" -v c="${conn[$i]}" -v b="${mbs[$i]}" -v kc="${conn[0]}" -v kb="${mbs[0]}" -v r="$rounds" \
-        'BEGIN { printf "%-34s %10.0f %10.0f    %5.2f  %5.2f\n", n, c / r, b / r, c / kc, b / kb }'
+    awk -v n="${paths[$i]}" -v f="${few[$i]}" -v m="${many[$i]}" -v b="${mbs[$i]}" \
+        -v kf="${few[0]}" -v km="${many[0]}" -v kb="${mbs[0]}" -v r="$rounds" \
+        'BEGIN { printf "%-34s %9.0f %9.0f %8.0f   %4.2f  %4.2f  %4.2f\n", n, f / r, m / r, b / r, f / kf, m / km, b / kb }'
 done

@@ -143,10 +143,11 @@ fn main() {
     let mut only = None;
     let mut serve_addr: Option<String> = None;
     let mut load: Option<String> = None;
+    let mut clients = 2;
     let mut args = std::env::args().skip(1);
     let usage = || -> ! {
         eprintln!(
-            "usage: accept-bench [--seconds S] [--rounds N] [--only plain-std|toa-std|plain-tokio|toa-tokio]"
+            "usage: accept-bench [--seconds S] [--rounds N] [--only plain-std|toa-std|plain-tokio|toa-tokio]\n       accept-bench --serve ADDR [--seconds S] | --load ADDR [--clients N] [--seconds S]"
         );
         std::process::exit(2);
     };
@@ -166,6 +167,7 @@ fn main() {
             }
             "--serve" => serve_addr = Some(value),
             "--load" => load = Some(value),
+            "--clients" => clients = value.parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -173,7 +175,7 @@ fn main() {
         // The load alone, in its own process (and cgroup): stops after `seconds`.
         let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
         let stop = Arc::new(AtomicBool::new(false));
-        let clients: Vec<_> = (0..2)
+        let loops: Vec<_> = (0..clients)
             .map(|_| {
                 let stop = stop.clone();
                 std::thread::spawn(move || connect_loop(addr, &stop))
@@ -181,7 +183,7 @@ fn main() {
             .collect();
         std::thread::sleep(Duration::from_secs_f64(seconds));
         stop.store(true, Ordering::Relaxed);
-        for client in clients {
+        for client in loops {
             let _ = client.join();
         }
         return;
