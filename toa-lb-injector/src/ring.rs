@@ -106,8 +106,11 @@ struct Sockets {
 
 /// Opens the rings of `workers` workers on both ports and forms the two
 /// fanout groups (members join in worker order, so member `i` is worker `i`).
-fn open_all(ports: &[PortInfo; 2], workers: usize) -> Result<Vec<Sockets>, DatapathError> {
-    let sizes = [frame_sizes(&ports[0].name), frame_sizes(&ports[1].name)];
+fn open_all(
+    ports: &[PortInfo; 2],
+    sizes: [(usize, usize); 2],
+    workers: usize,
+) -> Result<Vec<Sockets>, DatapathError> {
     let open_err = |side: usize| {
         let name = ports[side].name.clone();
         move |e: std::io::Error| DatapathError::Open(name, e)
@@ -147,8 +150,10 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<(), DatapathError> {
     let link = Link::new([PortInfo::new(client)?, PortInfo::new(backend)?], owned);
-    let sockets = open_all(&link.ports, shards.len())?;
-    let slot = frame_sizes(&link.ports[0].name).0.max(frame_sizes(&link.ports[1].name).0);
+    // Read once: each reading is an ioctl, and a failure warns.
+    let sizes = [frame_sizes(&link.ports[0].name), frame_sizes(&link.ports[1].name)];
+    let sockets = open_all(&link.ports, sizes, shards.len())?;
+    let slot = sizes[0].0.max(sizes[1].0);
     tracing::info!(workers = sockets.len(), "ring datapath (TPACKET_V2 rings, fanout by port)");
     std::thread::scope(|scope| {
         for (i, sockets) in sockets.into_iter().enumerate() {
