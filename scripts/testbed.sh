@@ -12,15 +12,24 @@
 #   backends (PREFIX-beN)   b0 100.125.2.N/16, 2001:db8:64::2:N/64
 #
 # Usage: scripts/testbed.sh up|down [PREFIX] [BACKENDS]   (defaults: toa, 2)
+# OFFLOADS=off turns the offloads of every veth and the bridge off, as the
+# user-space datapaths (ring, pnet) need; the default leaves them on, as the
+# kernel sets them and the kernel datapath runs.
 set -euo pipefail
 action=${1:-}
 prefix=${2:-toa}
 backends=${3:-2}
+offloads=${OFFLOADS:-on}
 ns() { ip netns exec "$1" "${@:2}"; }
-# Offloads off: the userspace datapath must see real frames, not 64 KiB GSO batches,
-# and finished checksums (with tx checksum offload a veth hands over only the
-# pseudo-header sum, which rewriting would carry into an invalid packet).
-no_offload() { command -v ethtool >/dev/null && ns "$1" ethtool -K "$2" tx off tso off gso off gro off >/dev/null 2>&1 || true; }
+# With OFFLOADS=off: the user-space datapath must see real frames, not 64 KiB
+# GSO batches, and finished checksums (with tx checksum offload a veth hands
+# over only the pseudo-header sum, which rewriting would carry into an
+# invalid packet).
+no_offload() {
+    [ "$offloads" = off ] || return 0
+    command -v ethtool >/dev/null || { echo "testbed.sh: OFFLOADS=off needs ethtool" >&2; return 1; }
+    ns "$1" ethtool -K "$2" tx off tso off gso off gro off >/dev/null 2>&1
+}
 
 down() {
     for n in $(ip netns list | awk '{print $1}' | grep -E "^${prefix}-(client|lb|be[0-9]+)$" || true); do
@@ -46,6 +55,7 @@ up() {
     ns "$prefix-lb" ip addr add 100.125.0.1/16 dev lb-br
     ns "$prefix-lb" ip -6 addr add 2001:db8:64::1/64 dev lb-br nodad
     ns "$prefix-lb" ip link set lb-br up
+    no_offload "$prefix-lb" lb-br
     no_offload "$prefix-client" c0
     no_offload "$prefix-lb" lb-c
     for i in $(seq "$backends"); do
@@ -70,7 +80,7 @@ up() {
 }
 
 case "$action" in
-    up) up; echo "testbed $prefix up: client 203.0.113.2, VIP 203.0.113.10, $backends backends 100.125.2.1-$backends" ;;
+    up) up; echo "testbed $prefix up (offloads $offloads): client 203.0.113.2, VIP 203.0.113.10, $backends backends 100.125.2.1-$backends" ;;
     down) down; echo "testbed $prefix down" ;;
     *) echo "usage: $0 up|down [PREFIX] [BACKENDS]" >&2; exit 2 ;;
 esac

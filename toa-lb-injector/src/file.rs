@@ -8,9 +8,11 @@
 //! metrics = "127.0.0.1:9947"      # Prometheus text at /metrics (loopback only)
 //! health = { interval_ms = 2000, timeout_ms = 1000, rise = 2, fall = 3 }   # the defaults; enabled = false turns it off
 //! timeouts = { syn_s = 5, established_s = 900, closing_s = 10, udp_s = 60 }  # idle timeouts (the defaults)
-//! datapath = "ring"                # PACKET_MMAP rings (default) or "pnet" (a syscall per frame; fallback)
+//! datapath = "kernel"              # nftables + tc-BPF injector (default); "ring" or "pnet": user space
+//! transparent_mark = 0x20000000    # kernel: the skb mark bit of transparent flows
 //! workers = 2                      # ring datapath workers; default one per CPU
 //! busy_poll_us = 50                # an idle ring worker spins this long before it sleeps
+//! offloads = "refuse"              # ring/pnet with offloads on: refuse to start, or "disable" them
 //!
 //! [[listener]]
 //! vip = "203.0.113.10:80"
@@ -31,7 +33,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toa_core::Format;
 
-use crate::config::{
+use crate::engine::config::{
     Backend, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Protocol, Scheduler, Shard, Timeouts,
 };
 
@@ -70,20 +72,40 @@ struct RawFile {
     workers: Option<usize>,
     #[serde(default = "default_busy_poll")]
     busy_poll_us: u64,
+    #[serde(default)]
+    offloads: Offloads,
+    #[serde(default = "default_transparent_mark")]
+    transparent_mark: u32,
     #[serde(rename = "listener", default)]
     listeners: Vec<RawListener>,
 }
 
-/// Which driver moves the frames.
+/// What moves the packets (see [`crate::datapath`]).
 #[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Datapath {
-    /// PACKET_MMAP (TPACKET_V2) rings, one worker per CPU, frames steered to
-    /// workers by port (see [`crate::ring`]).
+    /// The kernel forwards (nftables DNAT/SNAT); a tc-BPF injector writes
+    /// the TOA. Offloads stay on.
     #[default]
+    Kernel,
+    /// PACKET_MMAP (TPACKET_V2) rings in user space, one worker per CPU,
+    /// frames steered to workers by port (see [`crate::datapath::ring`]);
+    /// for hosts without BPF. Needs offloads off.
     Ring,
-    /// One frame per system call with pnet, two threads: the fallback.
+    /// One frame per system call with pnet, two threads: the first version.
     Pnet,
+}
+
+/// What a user-space datapath does when its interfaces have offloads on
+/// (it needs whole frames with finished checksums).
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Offloads {
+    /// Refuse to start, naming the `ethtool -K` command.
+    #[default]
+    Refuse,
+    /// Turn them off, and say so.
+    Disable,
 }
 
 #[derive(Deserialize, Default)]
@@ -101,6 +123,10 @@ fn default_snat() -> Vec<IpAddr> {
 
 fn default_busy_poll() -> u64 {
     50
+}
+
+fn default_transparent_mark() -> u32 {
+    0x2000_0000
 }
 
 fn default_max_flows() -> usize {
@@ -207,13 +233,17 @@ pub struct LbConfig {
     /// Where to serve Prometheus metrics (a local address, e.g. 127.0.0.1:9947).
     pub metrics: Option<SocketAddr>,
     /// Health checks (on by default).
-    pub health: Option<crate::health::HealthCheck>,
-    /// The driver.
+    pub health: Option<crate::control::health::HealthCheck>,
+    /// What moves the packets.
     pub datapath: Datapath,
     /// Ring datapath workers (each with its own engine).
     pub workers: usize,
     /// How long an idle ring worker spins before it sleeps in `poll`.
     pub busy_poll: std::time::Duration,
+    /// What the user-space datapaths do about offloads.
+    pub offloads: Offloads,
+    /// The kernel datapath's skb mark bit for transparent flows (their SNAT is skipped).
+    pub transparent_mark: u32,
 }
 
 impl LbConfig {
@@ -306,10 +336,16 @@ impl LbConfig {
         if raw.client_interface == raw.backend_interface {
             return Err(invalid("client_interface and backend_interface must differ".into()));
         }
+        if raw.transparent_mark.count_ones() != 1 {
+            return Err(invalid(format!(
+                "transparent_mark {:#x} must be a single bit (e.g. 0x20000000), one no other rule on this host uses",
+                raw.transparent_mark
+            )));
+        }
         if raw.metrics.is_some_and(|m| !m.ip().is_loopback()) {
             return Err(invalid("metrics must listen on a loopback address (e.g. 127.0.0.1:9947)".into()));
         }
-        let defaults = crate::health::HealthCheck::default();
+        let defaults = crate::control::health::HealthCheck::default();
         let health = match raw.health {
             Some(h) if !h.enabled => None,
             h => {
@@ -320,7 +356,7 @@ impl LbConfig {
                     rise: None,
                     fall: None,
                 });
-                let check = crate::health::HealthCheck {
+                let check = crate::control::health::HealthCheck {
                     interval: h
                         .interval_ms
                         .map(std::time::Duration::from_millis)
@@ -346,6 +382,8 @@ impl LbConfig {
             datapath: raw.datapath,
             workers,
             busy_poll: std::time::Duration::from_micros(raw.busy_poll_us),
+            offloads: raw.offloads,
+            transparent_mark: raw.transparent_mark,
         })
     }
 }

@@ -1,106 +1,81 @@
-//! The nftables rules that keep the LB host's kernel out of the flows
-//! `toa-lb` handles: packets to VIPs and SNAT addresses are dropped before
-//! the kernel's IP layer sees them. The AF_PACKET taps have copied them by
-//! then.
-//!
-//! Two tables, both named `toa_lb`, installed and removed together:
-//! - `netdev toa_lb`: an ingress chain per interface. The ingress hook runs
-//!   after the packet taps and before IP, so the kernel spends nothing on
-//!   these packets (no routing lookup, no bridge netfilter on the way up).
-//! - `inet toa_lb`: the same drops in input and forward, in case a packet
-//!   reaches IP another way. (Not in prerouting: with br_netfilter, a bridge
-//!   runs prerouting before it hands a frame to its own device, and the tap
-//!   would miss it.)
+//! Running `nft`: scripts in one transaction, tables, named counters.
 
+use std::collections::HashMap;
 use std::io::Write;
-use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
-/// The tables `toa-lb` owns; removing them removes every rule.
-pub const TABLE: &str = "toa_lb";
-
-/// The families of the tables.
-const FAMILIES: [&str; 2] = ["inet", "netdev"];
-
-/// Removes the tables (left by a crash, or at exit). Absent is fine.
-pub fn remove() -> Result<(), String> {
-    for family in FAMILIES {
-        let out = Command::new("nft")
-            .args(["delete", "table", family, TABLE])
-            .output()
-            .map_err(|e| format!("cannot run nft ({e}): install nftables"))?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() && !err.contains("No such file") {
-            return Err(format!("nft delete table {family} {TABLE}: {}", err.trim()));
-        }
-    }
-    Ok(())
+/// What went wrong running `nft`.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// It could not be started.
+    #[error("cannot run nft ({0}): install nftables (apt-get install nftables)")]
+    Spawn(std::io::Error),
+    /// It refused what it was given.
+    #[error("nft: {0}")]
+    Failed(String),
 }
 
-/// Whether the tables exist.
-pub fn present() -> bool {
-    Command::new("nft").args(["list", "table", "inet", TABLE]).output().is_ok_and(|o| o.status.success())
-}
-
-/// The drop rules for `owned`, one line per family present.
-fn drops(owned: &[IpAddr]) -> String {
-    let v4: Vec<String> = owned.iter().filter(|a| a.is_ipv4()).map(ToString::to_string).collect();
-    let v6: Vec<String> = owned.iter().filter(|a| a.is_ipv6()).map(ToString::to_string).collect();
-    let mut rules = String::new();
-    if !v4.is_empty() {
-        rules += &format!("    ip daddr {{ {} }} drop\n", v4.join(", "));
-    }
-    if !v6.is_empty() {
-        rules += &format!("    ip6 daddr {{ {} }} drop\n", v6.join(", "));
-    }
-    rules
-}
-
-/// The nft script for `owned` on `interfaces`: it replaces tables that exist
-/// (a stale one, or the previous set of a reload) in one transaction, so
-/// there is no moment without rules.
-fn script(owned: &[IpAddr], interfaces: &[&str]) -> String {
-    let drops = drops(owned);
-    let mut script = String::new();
-    // Create (if absent) and delete first, so the new tables replace any old ones.
-    for family in FAMILIES {
-        script += &format!("table {family} {TABLE}\ndelete table {family} {TABLE}\n");
-    }
-    script += &format!("table inet {TABLE} {{\n");
-    for hook in ["input", "forward"] {
-        script += &format!("  chain {hook} {{\n    type filter hook {hook} priority -10; policy accept;\n");
-        script += &drops;
-        script += "  }\n";
-    }
-    script += "}\n";
-    script += &format!("table netdev {TABLE} {{\n");
-    for (i, interface) in interfaces.iter().enumerate() {
-        script += &format!(
-            "  chain ingress{i} {{\n    type filter hook ingress device \"{interface}\" priority -500; policy accept;\n"
-        );
-        script += &drops;
-        script += "  }\n";
-    }
-    script += "}\n";
-    script
-}
-
-/// Installs the tables for `owned` addresses on `interfaces`, replacing old ones.
-pub fn install(owned: &[IpAddr], interfaces: &[&str]) -> Result<(), String> {
-    let script = script(owned, interfaces);
+fn run(args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
     let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run nft ({e}): install nftables"))?;
-    child.stdin.take().map(|mut s| s.write_all(script.as_bytes())).transpose().map_err(|e| e.to_string())?;
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        .map_err(NftError::Spawn)?;
+    if let (Some(script), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(script.as_bytes()).map_err(NftError::Spawn)?;
     }
+    let out = child.wait_with_output().map_err(NftError::Spawn)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NftError::Failed(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
+    }
+}
+
+/// Runs `script` (`nft -f -`): all of it, or nothing.
+pub(crate) fn apply(script: &str) -> Result<(), NftError> {
+    run(&["-f", "-"], Some(script)).map(drop)
+}
+
+/// Deletes a table and everything in it; an absent table is fine.
+pub(crate) fn delete_table(family: &str, table: &str) -> Result<(), NftError> {
+    match run(&["delete", "table", family, table], None) {
+        Err(NftError::Failed(e)) if e.contains("No such file") => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Whether a table exists.
+pub(crate) fn table_exists(family: &str, table: &str) -> bool {
+    run(&["list", "table", family, table], None).is_ok()
+}
+
+/// The named counters of a table: name -> (packets, bytes).
+pub(crate) fn counters(family: &str, table: &str) -> Result<HashMap<String, (u64, u64)>, NftError> {
+    let json = run(&["-j", "list", "counters", "table", family, table], None)?;
+    Ok(parse_counters(&json))
+}
+
+/// Reads the counters out of `nft -j list counters`: `{"nftables": [..,
+/// {"counter": {"name": N, "packets": P, "bytes": B, ..}}, ..]}`.
+fn parse_counters(json: &str) -> HashMap<String, (u64, u64)> {
+    let mut out = HashMap::new();
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(json) else { return out };
+    let Some(items) = value.get("nftables").and_then(|v| v.as_array()) else { return out };
+    for item in items {
+        let Some(counter) = item.get("counter") else { continue };
+        let (Some(name), Some(packets), Some(bytes)) = (
+            counter.get("name").and_then(|v| v.as_str()),
+            counter.get("packets").and_then(|v| v.as_u64()),
+            counter.get("bytes").and_then(|v| v.as_u64()),
+        ) else {
+            continue;
+        };
+        out.insert(name.to_owned(), (packets, bytes));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -108,12 +83,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_transaction_replaces_both_tables() {
-        let owned: Vec<IpAddr> = vec!["203.0.113.10".parse().unwrap(), "2001:db8:c::10".parse().unwrap()];
-        let s = script(&owned, &["lb-c", "lb-br"]);
-        assert!(s.starts_with("table inet toa_lb\ndelete table inet toa_lb\ntable netdev toa_lb\n"), "{s}");
-        assert_eq!(s.matches("ip daddr { 203.0.113.10 } drop").count(), 4, "{s}");
-        assert_eq!(s.matches("ip6 daddr { 2001:db8:c::10 } drop").count(), 4, "{s}");
-        assert!(s.contains("hook ingress device \"lb-br\" priority -500"), "{s}");
+    fn counters_from_json() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"counter": {"family": "inet", "name": "b1_o", "table": "toa_lb", "handle": 3, "packets": 12, "bytes": 648}},
+            {"counter": {"family": "inet", "name": "table_full", "table": "toa_lb", "handle": 4, "packets": 0, "bytes": 0}}]}"#;
+        let c = parse_counters(json);
+        assert_eq!(c.get("b1_o"), Some(&(12, 648)));
+        assert_eq!(c.get("table_full"), Some(&(0, 0)));
+        assert!(parse_counters("not json").is_empty());
     }
 }

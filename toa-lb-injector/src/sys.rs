@@ -1,6 +1,7 @@
-//! The AF_PACKET system calls the ring datapath needs and no safe crate
-//! wraps: a PACKET_MMAP (TPACKET_V2) receive ring, fanout groups with a
-//! classic BPF steering program, and batched sends with `sendmmsg`.
+//! The system calls no safe crate wraps: for the ring datapath a
+//! PACKET_MMAP (TPACKET_V2) receive ring, fanout groups with a classic BPF
+//! steering program and batched sends with `sendmmsg`; for every user-space
+//! datapath the interface's MTU and offload settings (ethtool ioctls).
 #![allow(unsafe_code)]
 
 use std::io;
@@ -333,9 +334,9 @@ impl TxBatch {
     }
 }
 
-/// The MTU of interface `name` (SIOCGIFMTU), in this network namespace
-/// whatever `/sys` shows.
-pub(crate) fn mtu(name: &str) -> io::Result<usize> {
+/// An ifreq naming `name`, and a socket to ask about it: the two halves of
+/// every interface ioctl.
+fn interface_request(name: &str) -> io::Result<(libc::ifreq, OwnedFd)> {
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     let bytes = name.as_bytes();
@@ -348,13 +349,49 @@ pub(crate) fn mtu(name: &str) -> io::Result<usize> {
     // SAFETY: plain socket(2); the result is checked before it is owned.
     let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok((req, unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// The MTU of interface `name` (SIOCGIFMTU), in this network namespace
+/// whatever `/sys` shows.
+pub(crate) fn mtu(name: &str) -> io::Result<usize> {
+    let (mut req, fd) = interface_request(name)?;
     // SAFETY: `req` is a live ifreq with a NUL-terminated name; SIOCGIFMTU
     // writes only its ifru_mtu member.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFMTU, &mut req) })?;
     // SAFETY: the kernel filled in ifru_mtu, the member SIOCGIFMTU writes.
     let mtu = unsafe { req.ifr_ifru.ifru_mtu };
     usize::try_from(mtu).map_err(|_| io::Error::other(format!("{name} has MTU {mtu}")))
+}
+
+/// The link-layer type (`ARPHRD_*`) of interface `name` (SIOCGIFHWADDR), in
+/// this network namespace whatever `/sys` shows.
+pub(crate) fn link_type(name: &str) -> io::Result<u16> {
+    let (mut req, fd) = interface_request(name)?;
+    // SAFETY: `req` is a live ifreq with a NUL-terminated name; SIOCGIFHWADDR
+    // writes only its ifru_hwaddr member.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) })?;
+    // SAFETY: the kernel filled in ifru_hwaddr, the member SIOCGIFHWADDR writes.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// `struct ethtool_value`: a command and its 32-bit value.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// Runs the legacy ethtool command `cmd` (ETHTOOL_G* or ETHTOOL_S*) on
+/// interface `name` with `data`, and returns the value the kernel left.
+pub(crate) fn ethtool(name: &str, cmd: u32, data: u32) -> io::Result<u32> {
+    let (mut req, fd) = interface_request(name)?;
+    let mut value = EthtoolValue { cmd, data };
+    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    // SAFETY: `req` names the interface and points at `value`, a live
+    // ethtool_value that the legacy get/set commands read and write whole.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL, &mut req) })?;
+    Ok(value.data)
 }
 
 /// Waits until one of `fds` is readable or `timeout_ms` passes. A socket in
@@ -382,4 +419,49 @@ pub(crate) fn poll_readable(fds: &[&OwnedFd], timeout_ms: i32) -> Option<io::Err
         )
     };
     Some(if rc < 0 { io::Error::last_os_error() } else { io::Error::from_raw_os_error(error) })
+}
+
+/// The map layouts shared with `bpf/inject.bpf.c`.
+pub(crate) mod bpf {
+    /// `struct listener_key`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub(crate) struct ListenerKey {
+        /// The VIP, network order; IPv4 in the first word, the rest zero.
+        pub(crate) addr: [u8; 16],
+        /// Network order.
+        pub(crate) port: [u8; 2],
+        pub(crate) family: u8,
+        pub(crate) proto: u8,
+    }
+
+    /// `struct listener`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub(crate) struct Listener {
+        pub(crate) slot: u32,
+        pub(crate) mode: u8,
+        pub(crate) placement: u8,
+        pub(crate) kind4: u8,
+        pub(crate) kind6: u8,
+    }
+
+    /// `struct config`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Config {
+        pub(crate) transparent_mark: u32,
+        pub(crate) flags: u32,
+        pub(crate) udp_timeout_ns: u64,
+        pub(crate) kind_formats: [u8; 256],
+    }
+
+    // SAFETY: plain `repr(C)` structs of integers and byte arrays without
+    // padding: every bit pattern is a valid value, and the layouts match the
+    // C structs byte for byte (checked in the injector's tests).
+    unsafe impl aya::Pod for ListenerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Listener {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Config {}
 }

@@ -3,7 +3,7 @@
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 
-use crate::config::{Backend, Scheduler};
+use crate::engine::config::{Backend, Scheduler};
 
 /// A listener's scheduler state.
 #[derive(Debug)]
@@ -64,17 +64,25 @@ impl Picker {
                 self.current[best] -= total;
                 best
             }
-            Scheduler::ConsistentHash => {
-                // Rendezvous hashing: the backend with the highest hash of (client, backend).
-                // A fixed-key hasher: the same client maps to the same backend after a restart.
-                let score = |b: &Backend| {
-                    std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                        .hash_one((client, b.addr))
-                };
-                (0..backends.len()).filter(|i| up(*i)).max_by_key(|&i| score(&backends[i])).unwrap_or(0)
-            }
+            Scheduler::ConsistentHash => rendezvous(client, backends, up).unwrap_or(0),
         })
     }
+}
+
+/// Rendezvous hashing: among the backends for which `eligible(index)` holds,
+/// the one with the highest hash of `(key, backend)`. Removing a backend moves
+/// only the keys it had. A fixed-key hasher: a key maps to the same backend
+/// after a restart. (The kernel datapath hashes bucket numbers with it.)
+pub(crate) fn rendezvous(
+    key: impl std::hash::Hash + Copy,
+    backends: &[Backend],
+    eligible: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let score = |b: &Backend| {
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one((key, b.addr))
+    };
+    (0..backends.len()).filter(|i| eligible(*i)).max_by_key(|&i| score(&backends[i]))
 }
 
 #[cfg(test)]

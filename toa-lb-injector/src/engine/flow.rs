@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::config::{ObtainClientIp, Placement, Protocol, Shard, Timeouts};
+use crate::engine::config::{ObtainClientIp, Placement, Protocol, Shard, Timeouts};
 
 pub(crate) type FlowId = usize;
 

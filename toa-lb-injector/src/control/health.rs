@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::Protocol;
-use crate::shards::Shards;
+use crate::datapath::Balancer;
+use crate::engine::config::Protocol;
 
 /// Probe settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,63 +38,44 @@ impl Default for HealthCheck {
 /// `stop` is set. The list and the settings are read each round, so backends
 /// added or removed with `toa-lb ctl` and a reload are followed (`None`:
 /// checks off, every backend up).
-pub fn spawn(shards: Arc<Shards>, settings: Arc<Mutex<Option<HealthCheck>>>, stop: Arc<AtomicBool>) {
+pub fn spawn(balancer: Arc<dyn Balancer>, settings: Arc<Mutex<Option<HealthCheck>>>, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
-        // (VIP, backend) -> (up, probes in a row that disagree with `up`); keyed
-        // by VIP, not index, since a reload may reorder the listeners.
-        let mut state: HashMap<(SocketAddr, SocketAddr), (bool, u32)> = HashMap::new();
+        // (protocol, VIP, backend) -> (up, probes in a row that disagree with
+        // `up`); keyed by VIP, not index, since a reload may reorder the listeners.
+        let mut state: HashMap<(Protocol, SocketAddr, SocketAddr), (bool, u32)> = HashMap::new();
         while !stop.load(Ordering::Relaxed) {
             let Some(check) = *settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) else {
                 // Off: whatever the checks said before no longer holds.
-                if !state.is_empty() {
-                    state.clear();
-                    let mut engines = shards.lock();
-                    let all: Vec<(usize, SocketAddr)> = engines
-                        .listeners()
-                        .iter()
-                        .enumerate()
-                        .flat_map(|(l, listener)| listener.backends.iter().map(move |b| (l, b.addr)))
-                        .collect();
-                    engines.for_each(|e| {
-                        for (listener, addr) in &all {
-                            e.set_backend_up(*listener, *addr, true);
-                        }
-                    });
+                for ((protocol, vip, addr), _) in state.drain() {
+                    balancer.set_backend_up((protocol, vip), addr, true);
                 }
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             };
-            let targets: Vec<(SocketAddr, SocketAddr)> = shards
-                .lock()
-                .listeners()
+            let targets: Vec<(Protocol, SocketAddr, SocketAddr)> = balancer
+                .snapshot()
+                .listeners
                 .iter()
-                .filter(|listener| listener.protocol == Protocol::Tcp)
-                .flat_map(|listener| listener.backends.iter().map(move |b| (listener.vip, b.addr)))
+                .filter(|l| l.config.protocol == Protocol::Tcp)
+                .flat_map(|l| l.backends.iter().map(|b| (l.config.protocol, l.config.vip, b.backend.addr)))
                 .collect();
             state.retain(|key, _| targets.contains(key));
             // One probe thread per backend, so a slow one does not delay the others.
             let results: Vec<bool> = std::thread::scope(|scope| {
                 let probes: Vec<_> = targets
                     .iter()
-                    .map(|t| scope.spawn(move || TcpStream::connect_timeout(&t.1, check.timeout).is_ok()))
+                    .map(|t| scope.spawn(move || TcpStream::connect_timeout(&t.2, check.timeout).is_ok()))
                     .collect();
                 probes.into_iter().map(|p| p.join().unwrap_or(false)).collect()
             });
-            for ((vip, addr), ok) in targets.into_iter().zip(results) {
-                let (up, streak) = state.entry((vip, addr)).or_insert((true, 0));
+            for ((protocol, vip, addr), ok) in targets.into_iter().zip(results) {
+                let (up, streak) = state.entry((protocol, vip, addr)).or_insert((true, 0));
                 *streak = if ok != *up { *streak + 1 } else { 0 };
                 let needed = if *up { check.fall } else { check.rise };
                 if *streak >= needed {
                     *up = ok;
                     *streak = 0;
-                    // By VIP again: a reload may have moved the listener meanwhile.
-                    let mut engines = shards.lock();
-                    let tcp = |l: &crate::config::ListenerConfig| l.vip == vip && l.protocol == Protocol::Tcp;
-                    if let Some(listener) = engines.listeners().iter().position(tcp) {
-                        engines.for_each(|e| {
-                            e.set_backend_up(listener, addr, ok);
-                        });
-                    }
+                    balancer.set_backend_up((protocol, vip), addr, ok);
                     if ok {
                         tracing::info!(%vip, backend = %addr, "backend up");
                     } else {

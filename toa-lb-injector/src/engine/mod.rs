@@ -1,17 +1,39 @@
-//! The engine: one packet in, one verdict out.
+//! The sans-IO FULLNAT + TOA engine: one packet in, one verdict out.
+//!
+//! [`Engine::handle_packet`] takes one IP packet in the caller's buffer (from
+//! a client to a VIP, or from a backend to an SNAT address), rewrites it in
+//! place and says where it goes ([`Verdict`]). It never opens a socket or
+//! reads a clock: the driver passes the time, so every decision is testable
+//! without root, and any userspace datapath can drive it. It is the
+//! reference the kernel datapath's nftables rules and injector follow.
+//!
+//! - [`config`]: what the engine is told;
+//! - [`listeners`]: the listeners as they run (modes, backends' health and
+//!   drain), shared with the kernel datapath;
+//! - [`counters`]: the counters, defined once for the struct, `ctl stats` and
+//!   the metrics;
+//! - `flow` and `schedule`: the flow table and the schedulers.
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+pub mod config;
+pub mod counters;
+mod flow;
+pub mod listeners;
+mod schedule;
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use toa_core::{
     Format, Formats, TcpFlags, TcpPacket, Toa, UdpPacket, clamp_mss, insert, rewrite_endpoints, strip,
 };
 
-use crate::config::{ConfigError, EngineConfig, ObtainClientIp, Protocol};
-use crate::flow::{Flow, FlowTable, Full, State};
-use crate::schedule::Picker;
+use self::config::{ConfigError, EngineConfig, ObtainClientIp, Protocol};
+pub use self::counters::{BackendCounters, Counters, ListenerKey};
+use self::flow::{Flow, FlowTable, Full, State};
+use self::listeners::{BackendError, Listeners};
+use self::schedule::Picker;
+pub(crate) use self::schedule::rendezvous;
 
 /// What to do with a packet after [`Engine::handle_packet`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,140 +73,28 @@ pub enum DropReason {
     NoBackend,
 }
 
-/// Counters of one listener.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Flows created.
-    pub flows: u64,
-    /// Flows evicted to make room under a SYN flood.
-    pub evicted: u64,
-    /// Flows that timed out.
-    pub expired: u64,
-    /// TOA options written.
-    pub injected: u64,
-    /// Segments that should have carried a TOA but had no room for it.
-    pub no_room: u64,
-    /// TOA-format options removed from what clients sent.
-    pub stripped: u64,
-    /// SYN-ACKs whose MSS was lowered.
-    pub mss_clamped: u64,
-    /// Packets forwarded to backends.
-    pub to_backend: u64,
-    /// Packets forwarded to clients.
-    pub to_client: u64,
-    /// IP bytes forwarded to backends (as sent, TOAs included).
-    pub bytes_to_backend: u64,
-    /// IP bytes forwarded to clients.
-    pub bytes_to_client: u64,
-    /// Drops: malformed packets.
-    pub dropped_malformed: u64,
-    /// Drops: segments without a flow.
-    pub dropped_no_flow: u64,
-    /// Drops: flow table full.
-    pub dropped_table_full: u64,
-    /// Drops: no SNAT port.
-    pub dropped_no_snat: u64,
-    /// Drops: every backend down.
-    pub dropped_no_backend: u64,
-    /// Backends that went down or came back (health checks).
-    pub health_changes: u64,
-}
-
-impl std::ops::AddAssign<&Counters> for Counters {
-    /// Field by field: the sum over several engines (one per datapath worker).
-    fn add_assign(&mut self, o: &Counters) {
-        let Counters {
-            flows,
-            evicted,
-            expired,
-            injected,
-            no_room,
-            stripped,
-            mss_clamped,
-            to_backend,
-            to_client,
-            bytes_to_backend,
-            bytes_to_client,
-            dropped_malformed,
-            dropped_no_flow,
-            dropped_table_full,
-            dropped_no_snat,
-            dropped_no_backend,
-            health_changes,
-        } = self;
-        *flows += o.flows;
-        *evicted += o.evicted;
-        *expired += o.expired;
-        *injected += o.injected;
-        *no_room += o.no_room;
-        *stripped += o.stripped;
-        *mss_clamped += o.mss_clamped;
-        *to_backend += o.to_backend;
-        *to_client += o.to_client;
-        *bytes_to_backend += o.bytes_to_backend;
-        *bytes_to_client += o.bytes_to_client;
-        *dropped_malformed += o.dropped_malformed;
-        *dropped_no_flow += o.dropped_no_flow;
-        *dropped_table_full += o.dropped_table_full;
-        *dropped_no_snat += o.dropped_no_snat;
-        *dropped_no_backend += o.dropped_no_backend;
-        *health_changes += o.health_changes;
+/// Counts a drop on a listener's counters and says so.
+fn drop(counters: &mut Counters, reason: DropReason) -> Verdict {
+    match reason {
+        DropReason::Malformed => counters.dropped_malformed += 1,
+        DropReason::NoFlow => counters.dropped_no_flow += 1,
+        DropReason::TableFull => counters.dropped_table_full += 1,
+        DropReason::NoSnatPort => counters.dropped_no_snat += 1,
+        DropReason::NoBackend => counters.dropped_no_backend += 1,
     }
-}
-
-/// Traffic of one backend of one listener, since the engine started (kept
-/// after the backend is removed, while its flows go on).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BackendCounters {
-    /// Flows given to it.
-    pub flows: u64,
-    /// Packets sent to it.
-    pub to_backend: u64,
-    /// Packets from it, sent on to clients.
-    pub to_client: u64,
-    /// IP bytes sent to it.
-    pub bytes_to_backend: u64,
-    /// IP bytes from it.
-    pub bytes_to_client: u64,
-}
-
-impl std::ops::AddAssign<&BackendCounters> for BackendCounters {
-    fn add_assign(&mut self, o: &BackendCounters) {
-        self.flows += o.flows;
-        self.to_backend += o.to_backend;
-        self.to_client += o.to_client;
-        self.bytes_to_backend += o.bytes_to_backend;
-        self.bytes_to_client += o.bytes_to_client;
-    }
-}
-
-/// A listener's identity across reloads: protocol and VIP.
-pub type ListenerKey = (Protocol, SocketAddr);
-
-impl Counters {
-    fn drop(&mut self, reason: DropReason) -> Verdict {
-        match reason {
-            DropReason::Malformed => self.dropped_malformed += 1,
-            DropReason::NoFlow => self.dropped_no_flow += 1,
-            DropReason::TableFull => self.dropped_table_full += 1,
-            DropReason::NoSnatPort => self.dropped_no_snat += 1,
-            DropReason::NoBackend => self.dropped_no_backend += 1,
-        }
-        Verdict::Drop(reason)
-    }
+    Verdict::Drop(reason)
 }
 
 /// The sans-IO FULLNAT + TOA engine.
 #[derive(Debug)]
 pub struct Engine {
+    /// The configuration (its listener list is the one at the start or the
+    /// last reload; `listeners` holds them as they run).
     config: EngineConfig,
+    listeners: Listeners,
     pickers: Vec<Picker>,
     flows: FlowTable,
     counters: Vec<Counters>,
-    /// Per listener, per backend: whether health checks say it is up.
-    up: Vec<Vec<bool>>,
-    /// Draining backends: (listener, address).
-    draining: Vec<(usize, SocketAddr)>,
     /// Packets that could not be parsed at all (no listener to count them on).
     unparsed: u64,
     /// Per (listener, backend) traffic; flows point into it.
@@ -208,14 +118,12 @@ impl Engine {
             config.engine_bound(),
             config.snat_seed,
         );
-        let up = config.listeners.iter().map(|l| vec![true; l.backends.len()]).collect();
         Ok(Engine {
+            listeners: Listeners::new(&config.listeners),
             config,
             pickers,
             flows,
             counters,
-            up,
-            draining: Vec::new(),
             unparsed: 0,
             backend_stats: Vec::new(),
             backend_index: HashMap::new(),
@@ -232,57 +140,28 @@ impl Engine {
     pub fn reconfigure(&mut self, config: EngineConfig) -> Result<(), ConfigError> {
         let config = EngineConfig { snat_seed: self.config.snat_seed, shard: self.config.shard, ..config };
         config.validate()?;
-        let key = |l: &crate::config::ListenerConfig| (l.protocol, l.vip);
-        let old: Vec<ListenerKey> = self.config.listeners.iter().map(key).collect();
-        let map: Vec<Option<usize>> =
-            old.iter().map(|k| config.listeners.iter().position(|l| key(l) == *k)).collect();
+        let before: Vec<_> = self.listeners.all().to_vec();
+        let map = self.listeners.reconfigure(&config.listeners);
         let mut pickers = Vec::new();
         let mut counters = Vec::new();
-        let mut up = Vec::new();
-        let mut draining = Vec::new();
         for (new, listener) in config.listeners.iter().enumerate() {
-            let before = map.iter().position(|m| *m == Some(new));
-            let same_backends = before.is_some_and(|b| {
-                let was = &self.config.listeners[b];
+            let old = map.iter().position(|m| *m == Some(new));
+            let same_backends = old.is_some_and(|b| {
+                let was = &before[b].config;
                 was.backends == listener.backends && was.scheduler == listener.scheduler
             });
-            pickers.push(match before {
+            pickers.push(match old {
                 Some(b) if same_backends => {
                     std::mem::replace(&mut self.pickers[b], Picker::new(listener.scheduler, 0))
                 }
                 _ => Picker::new(listener.scheduler, listener.backends.len()),
             });
-            counters.push(before.map(|b| self.counters[b]).unwrap_or_default());
-            up.push(
-                listener
-                    .backends
-                    .iter()
-                    .map(|backend| {
-                        let was = before.and_then(|b| {
-                            let i = self.config.listeners[b]
-                                .backends
-                                .iter()
-                                .position(|x| x.addr == backend.addr)?;
-                            Some(self.up[b][i])
-                        });
-                        was.unwrap_or(true)
-                    })
-                    .collect(),
-            );
-            if let Some(b) = before {
-                for (l, addr) in &self.draining {
-                    if *l == b && listener.backends.iter().any(|x| x.addr == *addr) {
-                        draining.push((new, *addr));
-                    }
-                }
-            }
+            counters.push(old.map(|b| self.counters[b]).unwrap_or_default());
         }
         self.flows.remap_listeners(&map);
         self.flows.set_limits(config.snat.clone(), config.engine_bound());
         self.pickers = pickers;
         self.counters = counters;
-        self.up = up;
-        self.draining = draining;
         self.config = config;
         Ok(())
     }
@@ -303,9 +182,9 @@ impl Engine {
         self.counters.get(index)
     }
 
-    /// The listeners, in configuration order (with their current modes).
-    pub fn listeners(&self) -> &[crate::config::ListenerConfig] {
-        &self.config.listeners
+    /// The listeners as they run: current modes, backends, health, drain.
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
     }
 
     /// Flows in the table.
@@ -321,90 +200,45 @@ impl Engine {
     /// Switches listener `index`'s mode. Flows that exist keep the mode they
     /// started with; new flows use this one. A UDP listener cannot use TOA.
     pub fn set_obtain_client_ip(&mut self, index: usize, mode: ObtainClientIp) -> Result<(), ConfigError> {
-        let listener = self.config.listeners.get_mut(index).ok_or(ConfigError::Limits("no such listener"))?;
-        if listener.protocol == Protocol::Udp && matches!(mode, ObtainClientIp::Toa(_)) {
-            return Err(ConfigError::ToaOnUdp(listener.vip));
-        }
-        listener.obtain_client_ip = mode;
-        Ok(())
+        self.listeners.set_mode(index, mode)
     }
 
     /// Marks the backend at `addr` of listener `listener` up or down. A
     /// backend that is down gets no new flow; its existing flows are kept
     /// until they end or time out. Returns whether the state changed.
     pub fn set_backend_up(&mut self, listener: usize, addr: SocketAddr, up: bool) -> bool {
-        let Some(index) =
-            self.config.listeners.get(listener).and_then(|l| l.backends.iter().position(|b| b.addr == addr))
-        else {
-            return false;
-        };
-        let state = &mut self.up[listener][index];
-        if *state == up {
-            return false;
+        let changed = self.listeners.set_up(listener, addr, up);
+        if changed {
+            self.counters[listener].health_changes += 1;
         }
-        *state = up;
-        self.counters[listener].health_changes += 1;
-        true
+        changed
     }
 
     /// Adds a backend to listener `listener`; it gets new flows at once.
-    pub fn add_backend(&mut self, listener: usize, backend: crate::config::Backend) -> Result<(), String> {
-        let config = self.config.listeners.get_mut(listener).ok_or("no such listener")?;
-        if backend.weight == 0 {
-            return Err("weight must be at least 1".into());
-        }
-        if backend.addr.is_ipv4() != config.vip.is_ipv4() {
-            return Err(format!("{} is not of the VIP's IP version", backend.addr));
-        }
-        if !self.config.snat.iter().any(|a| a.is_ipv4() == backend.addr.is_ipv4()) {
-            return Err(format!("no SNAT address of {}'s IP version", backend.addr));
-        }
-        if config.backends.iter().any(|b| b.addr == backend.addr) {
-            return Err(format!("{} is already a backend", backend.addr));
-        }
-        config.backends.push(backend);
-        self.up[listener].push(true);
-        self.pickers[listener].resize(config.backends.len(), None);
+    pub fn add_backend(&mut self, listener: usize, backend: config::Backend) -> Result<(), BackendError> {
+        self.listeners.add_backend(listener, backend, &self.config.snat)?;
+        let count = self.listeners.get(listener).map_or(0, |l| l.config.backends.len());
+        self.pickers[listener].resize(count, None);
         Ok(())
     }
 
     /// Removes a backend: it gets no new flow; its existing flows go on until
     /// they end or time out. The last backend cannot be removed.
-    pub fn remove_backend(&mut self, listener: usize, addr: SocketAddr) -> Result<(), String> {
-        let config = self.config.listeners.get_mut(listener).ok_or("no such listener")?;
-        let i =
-            config.backends.iter().position(|b| b.addr == addr).ok_or(format!("{addr} is not a backend"))?;
-        if config.backends.len() == 1 {
-            return Err("cannot remove the last backend (drain it, or add another first)".into());
-        }
-        config.backends.remove(i);
-        self.up[listener].remove(i);
-        self.draining.retain(|d| *d != (listener, addr));
-        self.pickers[listener].resize(config.backends.len(), Some(i));
+    pub fn remove_backend(&mut self, listener: usize, addr: SocketAddr) -> Result<(), BackendError> {
+        let removed = self.listeners.remove_backend(listener, addr)?;
+        let count = self.listeners.get(listener).map_or(0, |l| l.config.backends.len());
+        self.pickers[listener].resize(count, Some(removed));
         Ok(())
     }
 
     /// Drains a backend (or undrains it): no new flows while draining, existing ones go on.
-    pub fn drain_backend(&mut self, listener: usize, addr: SocketAddr, drain: bool) -> Result<(), String> {
-        let config = self.config.listeners.get(listener).ok_or("no such listener")?;
-        if !config.backends.iter().any(|b| b.addr == addr) {
-            return Err(format!("{addr} is not a backend"));
-        }
-        self.draining.retain(|d| *d != (listener, addr));
-        if drain {
-            self.draining.push((listener, addr));
-        }
-        Ok(())
-    }
-
-    /// Whether a backend is draining.
-    pub fn is_draining(&self, listener: usize, addr: SocketAddr) -> bool {
-        self.draining.contains(&(listener, addr))
-    }
-
-    /// Whether backend `backend` of listener `listener` is up.
-    pub fn backend_up(&self, listener: usize, backend: usize) -> Option<bool> {
-        self.up.get(listener)?.get(backend).copied()
+    pub fn drain_backend(
+        &mut self,
+        listener: usize,
+        addr: SocketAddr,
+        drain: bool,
+    ) -> Result<(), BackendError> {
+        self.listeners.drain(listener, addr, drain)
     }
 
     /// Removes the flows that have been idle too long; call it every second or so.
@@ -452,8 +286,7 @@ impl Engine {
                 return Verdict::Drop(DropReason::Malformed);
             }
         };
-        let listener =
-            self.config.listeners.iter().position(|l| l.vip == segment.dst && l.protocol == segment.proto);
+        let listener = self.listeners.for_packet(segment.proto, segment.dst);
         match (listener, segment.proto) {
             (Some(listener), Protocol::Tcp) => self.handle_client(now, buf, len, listener, segment),
             (Some(listener), Protocol::Udp) => self.handle_udp_client(now, buf, len, listener, segment),
@@ -479,16 +312,16 @@ impl Engine {
             Some(id) => id,
             None => match self.new_flow(now, listener, Protocol::Udp, client, vip) {
                 Ok(id) => id,
-                Err(reason) => return self.counters[listener].drop(reason),
+                Err(reason) => return drop(&mut self.counters[listener], reason),
             },
         };
         let Some(flow) = self.flows.get_mut(id) else {
-            return self.counters[listener].drop(DropReason::NoFlow);
+            return drop(&mut self.counters[listener], DropReason::NoFlow);
         };
         flow.last_seen = now;
         let (snat, backend, stats) = (flow.snat, flow.backend, flow.stats);
         if rewrite_endpoints(buf, len, snat, backend).is_err() {
-            return self.counters[listener].drop(DropReason::Malformed);
+            return drop(&mut self.counters[listener], DropReason::Malformed);
         }
         self.count_to_backend(listener, stats, len);
         Verdict::ToBackend { len, next_hop: backend.ip() }
@@ -501,7 +334,7 @@ impl Engine {
         flow.state = State::Established;
         let (vip, client, listener, stats) = (flow.vip, flow.client, flow.listener, flow.stats);
         if rewrite_endpoints(buf, len, vip, client).is_err() {
-            return self.counters[listener].drop(DropReason::Malformed);
+            return drop(&mut self.counters[listener], DropReason::Malformed);
         }
         self.count_to_client(listener, stats, len);
         Verdict::ToClient { len, next_hop: client.ip() }
@@ -540,7 +373,7 @@ impl Engine {
                 self.counters[listener].stripped += stripped.removed as u64;
                 stripped.len
             }
-            Err(_) => return self.counters[listener].drop(DropReason::Malformed),
+            Err(_) => return drop(&mut self.counters[listener], DropReason::Malformed),
         };
         let syn = flags.contains(TcpFlags::SYN) && !flags.contains(TcpFlags::ACK);
         // A SYN on a flow past its handshake is a new connection reusing the client
@@ -554,12 +387,12 @@ impl Engine {
             Some(id) => id,
             None if syn => match self.new_flow(now, listener, Protocol::Tcp, client, vip) {
                 Ok(id) => id,
-                Err(reason) => return self.counters[listener].drop(reason),
+                Err(reason) => return drop(&mut self.counters[listener], reason),
             },
-            None => return self.counters[listener].drop(DropReason::NoFlow),
+            None => return drop(&mut self.counters[listener], DropReason::NoFlow),
         };
         let Some(flow) = self.flows.get_mut(id) else {
-            return self.counters[listener].drop(DropReason::NoFlow);
+            return drop(&mut self.counters[listener], DropReason::NoFlow);
         };
         flow.last_seen = now;
         let handshake_ack = !syn && flags.contains(TcpFlags::ACK) && flow.state == State::SynReceived;
@@ -581,7 +414,7 @@ impl Engine {
             self.flows.remove(id);
         }
         if rewrite_endpoints(buf, len, snat, backend).is_err() {
-            return self.counters[listener].drop(DropReason::Malformed);
+            return drop(&mut self.counters[listener], DropReason::Malformed);
         }
         let counters = &mut self.counters[listener];
         let mut len = len;
@@ -613,10 +446,9 @@ impl Engine {
                 None => return Err(DropReason::TableFull),
             }
         }
-        let config = &self.config.listeners[listener];
-        let (up, draining) = (&self.up[listener], &self.draining);
-        let eligible = |i: usize| up[i] && !draining.contains(&(listener, config.backends[i].addr));
-        let Some(pick) = self.pickers[listener].pick(&config.backends, eligible, client) else {
+        let Some(state) = self.listeners.get(listener) else { return Err(DropReason::NoFlow) };
+        let config = &state.config;
+        let Some(pick) = self.pickers[listener].pick(&config.backends, |i| state.eligible(i), client) else {
             return Err(DropReason::NoBackend);
         };
         let backend = config.backends[pick].addr;
@@ -680,11 +512,11 @@ impl Engine {
             match clamp_mss(buf, len, room) {
                 Ok(Some(_)) => counters.mss_clamped += 1,
                 Ok(None) => {}
-                Err(_) => return counters.drop(DropReason::Malformed),
+                Err(_) => return drop(counters, DropReason::Malformed),
             }
         }
         if rewrite_endpoints(buf, len, vip, client).is_err() {
-            return counters.drop(DropReason::Malformed);
+            return drop(counters, DropReason::Malformed);
         }
         self.count_to_client(listener, stats, len);
         Verdict::ToClient { len, next_hop: client.ip() }

@@ -11,7 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::config::{ConfigError, EngineConfig, ListenerConfig, Shard};
+use crate::engine::config::{ConfigError, EngineConfig, Shard};
+use crate::engine::listeners::Listeners;
 use crate::engine::{BackendCounters, Counters, Engine, ListenerKey};
 
 /// The engines of one `toa-lb`, and the datapath's own counters.
@@ -94,8 +95,8 @@ impl Locked<'_> {
         &self.guards[0]
     }
 
-    /// The listeners (the same in every engine).
-    pub fn listeners(&self) -> &[ListenerConfig] {
+    /// The listeners as they run (the same in every engine).
+    pub fn listeners(&self) -> &Listeners {
         self.first().listeners()
     }
 
@@ -119,16 +120,6 @@ impl Locked<'_> {
     /// Unparseable packets, summed.
     pub fn unparsed(&self) -> u64 {
         self.guards.iter().map(|e| e.unparsed()).sum()
-    }
-
-    /// Whether backend `backend` of listener `listener` is up.
-    pub fn backend_up(&self, listener: usize, backend: usize) -> Option<bool> {
-        self.first().backend_up(listener, backend)
-    }
-
-    /// Whether a backend is draining.
-    pub fn is_draining(&self, listener: usize, addr: SocketAddr) -> bool {
-        self.first().is_draining(listener, addr)
     }
 
     /// Per (listener, backend) traffic summed over the engines, in a stable order.

@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 
 use pnet_datalink::NetworkInterface;
 
-use crate::config::Shard;
-use crate::datapath::{DatapathError, Link, Neighbors, Owned, PortInfo, Transmit, handle_frame};
-use crate::shards::Shards;
+use crate::datapath::frames::{DatapathError, Link, Neighbors, Owned, PortInfo, Transmit, handle_frame};
+use crate::datapath::shards::Shards;
+use crate::engine::config::Shard;
 use crate::sys::{RxFrame, RxRing, TxBatch, poll_readable};
 
 /// Frames handled per ring before the worker looks at the other ring and sends.

@@ -1,0 +1,703 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * inject.bpf.c: the TOA injector of toa-lb, a pair of tc programs on the
+ * interface that faces clients.
+ *
+ * toa_lb_ingress runs before netfilter, so the kernel's own NAT then carries
+ * what it wrote to the backend unchanged. For each segment to a listener
+ * (toa_lb_listeners: VIP, port, protocol):
+ *   - every TOA-format option the client wrote is overwritten with NOPs (no
+ *     size change, incremental checksum update), in every mode: a client may
+ *     not speak for itself. An option that overruns the header ends it: an
+ *     EOL is written over it, so that no reader looks further;
+ *   - at a SYN in TOA mode the flow is recorded (toa_lb_flows, LRU), so that
+ *     its handshake ACK and data follow the mode it started with, whatever a
+ *     live switch does meanwhile; a client FIN or RST forgets it;
+ *   - the client's address and port go into a TOA in the SYN, the
+ *     handshake's pure ACK (seq = ISN + 1, ack = the backend's ISN + 1) and/or
+ *     data segments until the backend first sends data, as the placement says
+ *     (retransmissions too). The header grows at the tail, so that the TCP
+ *     header stays where csum_start points on a CHECKSUM_PARTIAL skb (veth
+ *     with tx offload): options and payload move up, the TOA goes right
+ *     after the base header, and the checksum follows incrementally
+ *     (bpf_l4_csum_replace leaves a PARTIAL skb's field alone for data, and
+ *     updates it for the pseudo-header length). GSO batches never grow
+ *     (counted no_room): only SYNs, pure ACKs and small data segments do;
+ *   - a transparent listener's packets get transparent_mark ORed into
+ *     skb->mark, and toa-lb's nftables rules then skip their SNAT. (Only a
+ *     flow's first packet makes that decision, in conntrack.);
+ *   - a new flow takes one from toa_lb_budget (max_flows minus the flows
+ *     conntrack holds, written by toa-lb); with none left it is dropped.
+ * toa_lb_egress sees the backend's SYN-ACK on its way back to the client:
+ * it lowers the MSS by the option's size and notes the backend's ISN, and
+ * the backend's first data ends data placement.
+ *
+ * Built by scripts/build-bpf.sh (clang -target bpf); the object is committed.
+ * The layouts below are mirrored in src/datapath/kernel/injector.rs: change
+ * both together.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "options.h"
+
+/* listener.mode, flow.mode */
+#define MODE_OFF 0
+#define MODE_TOA 1
+#define MODE_TRANSPARENT 2
+
+/* listener.placement, flow.placement */
+#define PLACE_SYN 1
+#define PLACE_ACK 2
+#define PLACE_DATA 4
+
+/* Counters per listener slot (toa_lb_counters index: slot * NR_COUNTERS + counter). */
+#define CNT_INJECTED 0    /* TOA options written */
+#define CNT_NO_ROOM 1     /* segments that should have carried one and had no room */
+#define CNT_STRIPPED 2    /* TOA-format options clients sent, overwritten */
+#define CNT_MALFORMED 3   /* client segments whose options overran the header */
+#define CNT_MSS_CLAMPED 4 /* SYN-ACKs whose MSS was lowered */
+#define CNT_TABLE_FULL 5  /* new flows dropped: max_flows reached */
+#define NR_COUNTERS 8
+#define MAX_LISTENERS 1024
+
+/* config.flags */
+#define CFG_DATA_PLACEMENT 1 /* some listener places the TOA in data: egress watches data */
+
+/* Payload bytes moved to make room in a data segment: 32 chunks of 64. */
+#define MOVE_CHUNK 64
+#define MOVE_CHUNKS 32
+
+/* The most header bytes parsed in place: Ethernet, IPv6, TCP with options. */
+#define HEADROOM (ETH_HLEN + 40 + 60)
+
+struct listener_key {
+	__u32 addr[4]; /* the VIP, network order; IPv4 in addr[0], the rest 0 */
+	__u16 port;    /* network order */
+	__u8 family;   /* 4 or 6 */
+	__u8 proto;    /* IPPROTO_TCP or IPPROTO_UDP */
+};
+
+struct listener {
+	__u32 slot;     /* counters index, < MAX_LISTENERS */
+	__u8 mode;
+	__u8 placement;
+	__u8 kind4;     /* option kind for an IPv4 client (8 bytes: toa 254, tencent 200) */
+	__u8 kind6;     /* for an IPv6 client (20 bytes: toa6 254, ali-v6 253) */
+};
+
+struct flow_key {
+	__u32 client[4];
+	__u32 vip[4];
+	__u16 cport;
+	__u16 vport;
+	__u8 family;
+	__u8 proto;
+	__u8 pad[2];
+};
+
+/* A TCP flow in TOA mode, from its SYN until the client's FIN or RST; a
+ * UDP flow while datagrams come (for max_flows). */
+struct flow {
+	__u64 seen;        /* bpf_ktime_get_ns() of the last datagram (UDP) */
+	__u32 isn;         /* the client's initial sequence number */
+	__u32 backend_isn; /* the backend's, from its SYN-ACK (0: not seen) */
+	__u32 slot;
+	__u8 placement;
+	__u8 kind;
+	__u8 len;          /* the option's length: 8 or 20 */
+	__u8 backend_spoke;
+	__u8 pad[4];
+};
+
+struct config {
+	__u32 transparent_mark; /* ORed into skb->mark for transparent listeners (0: never) */
+	__u32 flags;            /* CFG_* */
+	__u64 udp_timeout_ns;   /* a UDP flow idle this long is new again (conntrack's udp timeout) */
+	__u8 kind_formats[256]; /* kind -> FMT_BIT()s of the formats stripped from clients */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_LISTENERS);
+	__type(key, struct listener_key);
+	__type(value, struct listener);
+} toa_lb_listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU); /* per-CPU lists: no lock shared by the CPUs */
+	__uint(max_entries, 65536); /* the loader sets it */
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} toa_lb_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_LISTENERS * NR_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} toa_lb_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} toa_lb_config SEC(".maps");
+
+/*
+ * New flows still allowed before max_flows: toa-lb writes it a few times a
+ * second from the connection tracker's count, and each new flow (a SYN; a
+ * UDP datagram with no live flow) takes one. At zero new flows are dropped
+ * and counted: the bound holds between toa-lb's looks.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __s64);
+} toa_lb_budget SEC(".maps");
+
+/* Buffers for one packet's options: the BPF stack (512 bytes) cannot hold them all. */
+struct scratch {
+	__u8 old[OPT_BUF];  /* the options as they arrived */
+	__u8 opts[OPT_BUF]; /* as they are on the wire now (stripped) */
+	__u8 area[OPT_BUF]; /* the new area, TOA first */
+	__u8 toa[OPT_BUF];  /* the option written */
+	__u8 chunk[MOVE_CHUNK];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} toa_lb_scratch SEC(".maps");
+
+static __always_inline void count_n(__u32 slot, __u32 counter, __u64 n)
+{
+	if (slot >= MAX_LISTENERS)
+		return;
+	__u32 index = slot * NR_COUNTERS + counter;
+	__u64 *value = bpf_map_lookup_elem(&toa_lb_counters, &index);
+	if (value)
+		*value += n;
+}
+
+static __always_inline void count(__u32 slot, __u32 counter)
+{
+	count_n(slot, counter, 1);
+}
+
+/* Takes one new flow from the budget; 0 when there is none left. */
+static __always_inline int admit(__u32 slot)
+{
+	__u32 zero = 0;
+	__s64 *budget = bpf_map_lookup_elem(&toa_lb_budget, &zero);
+	if (!budget)
+		return 1;
+	if (*budget <= 0) {
+		count(slot, CNT_TABLE_FULL);
+		return 0;
+	}
+	__sync_fetch_and_add(budget, -1);
+	return 1;
+}
+
+/* The scratch buffers, with the option buffers zeroed (sums and copies rely on it). */
+static __always_inline struct scratch *scratch(void)
+{
+	__u32 zero = 0;
+	struct scratch *s = bpf_map_lookup_elem(&toa_lb_scratch, &zero);
+	if (s) {
+		__builtin_memset(s->old, 0, OPT_BUF);
+		__builtin_memset(s->opts, 0, OPT_BUF);
+		__builtin_memset(s->area, 0, OPT_BUF);
+		__builtin_memset(s->toa, 0, OPT_BUF);
+	}
+	return s;
+}
+
+/*
+ * The loops over options live in global functions: the verifier checks each
+ * once, on its own, rather than at every call site in every caller state
+ * (together they would exceed its budget of a million instructions).
+ */
+
+/* scan_options() over s->opts; returns stripped | malformed << 8. */
+__noinline int strip_options(struct scratch *s, int len, const struct config *cfg)
+{
+	struct scan sc;
+	if (!s || !cfg)
+		return 0;
+	scan_options(s->opts, len, cfg->kind_formats, &sc);
+	return (sc.stripped & 0xff) | (sc.malformed << 8);
+}
+
+/* build_with_toa() from s->opts and s->toa into s->area. */
+__noinline int build_area(struct scratch *s, int optlen, int toa_len)
+{
+	if (!s)
+		return -1;
+	return build_with_toa(s->opts, optlen, s->toa, toa_len, s->area);
+}
+
+/* Lowers the MSS in s->opts by `by`; 1 if it changed. */
+__noinline int clamp_area(struct scratch *s, int len, int by)
+{
+	if (!s)
+		return 0;
+	int at = find_mss(s->opts, len);
+	return at >= 0 && clamp_mss(s->opts, at, by);
+}
+
+/* Where a packet's headers are, and what the programs read of them. */
+struct pkt {
+	__u32 l3;      /* offset of the IP header */
+	__u32 l4;      /* offset of the TCP or UDP header */
+	__u32 end;     /* offset of the end of the IP packet */
+	__u32 hlen;    /* TCP header length */
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;   /* network order */
+	__u16 dport;
+	__u32 seq;     /* host order */
+	__u32 ack_seq;
+	__u8 flags;    /* TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
+	__u8 family;
+	__u8 proto;
+	__u8 fast;     /* options in a layout with nothing to strip (see options_clean) */
+};
+
+#define F_FIN 0x01
+#define F_SYN 0x02
+#define F_RST 0x04
+#define F_ACK 0x10
+
+/*
+ * Whether the options are in one of the layouts Linux sends, which hold no
+ * TOA: none; NOP NOP timestamp; or a SYN's MSS, SACK-permitted, timestamp,
+ * NOP, window scale. Most segments take this path and skip the walk.
+ */
+static __always_inline int options_clean(const __u8 *o, const void *data_end, __u32 optlen)
+{
+	if (optlen == 0)
+		return 1;
+	if (optlen == 12) {
+		if ((const void *)(o + 12) > data_end)
+			return 0;
+		return o[0] == OPT_NOP && o[1] == OPT_NOP && o[2] == 8 && o[3] == 10;
+	}
+	if (optlen == 20) {
+		if ((const void *)(o + 20) > data_end)
+			return 0;
+		return o[0] == OPT_MSS && o[1] == 4 && o[4] == 4 && o[5] == 2 && o[6] == 8 && o[7] == 10 &&
+		       o[16] == OPT_NOP && o[17] == 3 && o[18] == 3;
+	}
+	return 0;
+}
+
+/* Ethernet, then IPv4 (not a fragment) or IPv6 (no extension header), then
+ * TCP or UDP, read in place. Returns -1 for anything else: not the injector's. */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (data + HEADROOM > data_end && skb->len > data_end - data) {
+		/* Headers beyond the linear part (rare on veth and NICs): pull them in. */
+		bpf_skb_pull_data(skb, skb->len < HEADROOM ? skb->len : HEADROOM);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	p->l3 = ETH_HLEN;
+	__u8 *l4;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		if (ip->version != 4 || ip->ihl < 5 || (ip->frag_off & bpf_htons(0x3fff)))
+			return -1;
+		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+			return -1;
+		p->family = 4;
+		p->proto = ip->protocol;
+		p->l4 = p->l3 + ip->ihl * 4;
+		p->end = p->l3 + bpf_ntohs(ip->tot_len);
+		p->saddr[0] = ip->saddr;
+		p->daddr[0] = ip->daddr;
+		p->saddr[1] = p->saddr[2] = p->saddr[3] = 0;
+		p->daddr[1] = p->daddr[2] = p->daddr[3] = 0;
+		l4 = (__u8 *)ip + ip->ihl * 4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+			return -1;
+		p->family = 6;
+		p->proto = ip6->nexthdr;
+		p->l4 = p->l3 + sizeof(*ip6);
+		p->end = p->l4 + bpf_ntohs(ip6->payload_len);
+		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
+		l4 = (__u8 *)(ip6 + 1);
+	} else {
+		return -1;
+	}
+	if (p->end > skb->len || p->l4 + 8 > p->end)
+		return -1;
+	if (p->proto != IPPROTO_TCP) {
+		__u16 *ports = (void *)l4;
+		if ((void *)(ports + 2) > data_end)
+			return -1;
+		p->sport = ports[0];
+		p->dport = ports[1];
+		return 0;
+	}
+	struct tcphdr *th = (void *)l4;
+	if ((void *)(th + 1) > data_end)
+		return -1;
+	p->sport = th->source;
+	p->dport = th->dest;
+	p->hlen = th->doff * 4;
+	p->seq = bpf_ntohl(th->seq);
+	p->ack_seq = bpf_ntohl(th->ack_seq);
+	p->flags = ((__u8 *)th)[13];
+	if (p->hlen < 20 || p->l4 + p->hlen > p->end)
+		return -2; /* malformed: counted by the caller */
+	p->fast = options_clean((__u8 *)(th + 1), data_end, p->hlen - 20);
+	return 0;
+}
+
+static __always_inline const struct listener *listener_of(const struct pkt *p, const __u32 *addr, __u16 port)
+{
+	struct listener_key key = {.port = port, .family = p->family, .proto = p->proto};
+	__builtin_memcpy(key.addr, addr, 16);
+	return bpf_map_lookup_elem(&toa_lb_listeners, &key);
+}
+
+static __always_inline void flow_key_of(struct flow_key *key, const struct pkt *p, int from_client)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	if (from_client) {
+		__builtin_memcpy(key->client, p->saddr, 16);
+		__builtin_memcpy(key->vip, p->daddr, 16);
+		key->cport = p->sport;
+		key->vport = p->dport;
+	} else {
+		__builtin_memcpy(key->client, p->daddr, 16);
+		__builtin_memcpy(key->vip, p->saddr, 16);
+		key->cport = p->dport;
+		key->vport = p->sport;
+	}
+	key->family = p->family;
+	key->proto = p->proto;
+}
+
+/* A size for a helper, 1..64, whatever the verifier knows of `n` (callers
+ * check the real bound first): clang may check one copy of a value and pass
+ * another, which the verifier then sees as unbounded. */
+#define SIZE64(n) ((((__u32)(n) - 1) & 63) + 1)
+
+static __always_inline int load_options(struct __sk_buff *skb, __u32 at, __u8 *buf, int len)
+{
+	if (len < 1 || len > OPT_MAX)
+		return -1;
+	return bpf_skb_load_bytes(skb, at, buf, SIZE64(len));
+}
+
+/* Writes the options area opts[0..len) at `at` over what was old[0..len),
+ * and moves the TCP checksum by the difference (a PARTIAL skb's is left
+ * alone: the device sums the data). Both buffers are zero padded. */
+static __always_inline int rewrite_options(struct __sk_buff *skb, __u32 at, __u32 csum_at, const __u8 *old,
+					   const __u8 *opts, int len)
+{
+	if (len < 1 || len > OPT_MAX || bpf_skb_store_bytes(skb, at, opts, SIZE64(len), 0) < 0)
+		return -1;
+	__s64 diff = bpf_csum_diff((__be32 *)old, OPT_MAX, (__be32 *)opts, OPT_MAX, 0);
+	if (diff < 0)
+		return -1;
+	return bpf_l4_csum_replace(skb, csum_at, 0, (__u32)diff, 0);
+}
+
+/* Moves the payload [from, from + len) up by `by` bytes (the tail has
+ * grown), from its end down, in chunks. */
+__noinline int move_payload(struct __sk_buff *skb, struct scratch *s, __u32 from, __u32 len, __u32 by)
+{
+	if (!s || len > MOVE_CHUNK * MOVE_CHUNKS)
+		return -1;
+	for (int c = 0; c < MOVE_CHUNKS; c++) {
+		__u32 done = c * MOVE_CHUNK;
+		if (done >= len)
+			break;
+		__u32 n = len - done;
+		if (n > MOVE_CHUNK)
+			n = MOVE_CHUNK;
+		__u32 at = from + len - done - n;
+		if (bpf_skb_load_bytes(skb, at, s->chunk, SIZE64(n)) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, at + by, s->chunk, SIZE64(n), 0) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/*
+ * Writes the client's TOA into the TCP header at p->l4, whose options are
+ * s->opts[0..optlen) (stripped already), growing the header when it must.
+ * Returns 0, or -1 when there is no room.
+ */
+static __always_inline int insert_toa(struct __sk_buff *skb, const struct pkt *p, struct scratch *s,
+				      const struct flow *f)
+{
+	int optlen = p->hlen - 20;
+	__u32 payload = p->end - p->l4 - p->hlen;
+	int toa_len = f->len == 20 ? 20 : 8;
+
+	s->toa[0] = f->kind;
+	s->toa[1] = toa_len;
+	__builtin_memcpy(&s->toa[2], &p->sport, 2);
+	if (toa_len == 8)
+		__builtin_memcpy(&s->toa[4], &p->saddr[0], 4);
+	else
+		__builtin_memcpy(&s->toa[4], p->saddr, 16);
+	int len = build_area(s, optlen, toa_len);
+	if (len < 0 || len > OPT_MAX)
+		return -1;
+	/* Compaction may free bytes: pad with EOL rather than shrink. */
+	for (int k = 0; k < OPT_MAX && len < optlen; k++)
+		s->area[len++ & OPT_MASK] = OPT_EOL;
+	__u32 grow = len - optlen;
+	if (grow && (skb->gso_size || payload > MOVE_CHUNK * MOVE_CHUNKS))
+		return -1;
+
+	__u32 csum_at = p->l4 + offsetof(struct tcphdr, check);
+	__u32 tcp_len = p->end - p->l4;
+	if (grow) {
+		if (bpf_skb_change_tail(skb, p->end + grow, 0) < 0)
+			return -1;
+		if (payload && move_payload(skb, s, p->l4 + p->hlen, payload, grow) < 0)
+			return -1;
+		/* The data offset shares a 16-bit word with the flags. */
+		__u16 word;
+		if (bpf_skb_load_bytes(skb, p->l4 + 12, &word, 2) < 0)
+			return -1;
+		__u16 new_word = (word & bpf_htons(0x0fff)) | bpf_htons(((__u32)(20 + len) >> 2) << 12);
+		if (bpf_skb_store_bytes(skb, p->l4 + 12, &new_word, 2, 0) < 0)
+			return -1;
+		if (bpf_l4_csum_replace(skb, csum_at, word, new_word, 2) < 0)
+			return -1;
+		/* The TCP length is in the pseudo header. */
+		if (bpf_l4_csum_replace(skb, csum_at, bpf_htons(tcp_len), bpf_htons(tcp_len + grow),
+					BPF_F_PSEUDO_HDR | 2) < 0)
+			return -1;
+		if (p->family == 4) {
+			__u32 ip_len = p->end - p->l3;
+			__u16 old_tot = bpf_htons(ip_len), new_tot = bpf_htons(ip_len + grow);
+			if (bpf_skb_store_bytes(skb, p->l3 + offsetof(struct iphdr, tot_len), &new_tot, 2, 0) < 0)
+				return -1;
+			if (bpf_l3_csum_replace(skb, p->l3 + offsetof(struct iphdr, check), old_tot, new_tot, 2) < 0)
+				return -1;
+		} else {
+			__u16 new_payload = bpf_htons(tcp_len + grow);
+			if (bpf_skb_store_bytes(skb, p->l3 + offsetof(struct ipv6hdr, payload_len), &new_payload, 2,
+						0) < 0)
+				return -1;
+		}
+	}
+	/* The options on the wire (zero padded) against the new area: the sum of what changed. */
+	return rewrite_options(skb, p->l4 + 20, csum_at, s->opts, s->area, len);
+}
+
+static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, const struct listener *l,
+				       const struct config *cfg)
+{
+	int optlen = p->hlen - 20;
+	int syn = (p->flags & (F_SYN | F_ACK)) == F_SYN;
+	struct scratch *s = 0;
+
+	if (!p->fast) {
+		s = scratch();
+		if (!s || load_options(skb, p->l4 + 20, s->old, optlen) < 0)
+			return TC_ACT_OK;
+		__builtin_memcpy(s->opts, s->old, OPT_BUF);
+		int scanned = strip_options(s, optlen, cfg);
+		if (scanned) {
+			if (rewrite_options(skb, p->l4 + 20, p->l4 + offsetof(struct tcphdr, check), s->old, s->opts,
+					    optlen) < 0)
+				return TC_ACT_OK;
+			if (scanned & 0xff)
+				count_n(l->slot, CNT_STRIPPED, scanned & 0xff);
+			if (scanned >> 8)
+				count(l->slot, CNT_MALFORMED);
+		}
+	}
+	struct flow_key key;
+	struct flow cur = {};
+	struct flow *f = 0;
+	__u32 payload = p->end - p->l4 - p->hlen;
+	int want = 0;
+	if (syn) {
+		if (l->mode != MODE_TOA) {
+			/* No record of the flow: every SYN counts (a retransmission too). */
+			if (!admit(l->slot))
+				return TC_ACT_SHOT;
+			if (l->mode == MODE_TRANSPARENT && cfg->transparent_mark)
+				skb->mark |= cfg->transparent_mark;
+			return TC_ACT_OK;
+		}
+		flow_key_of(&key, p, 1);
+		cur.isn = p->seq;
+		cur.slot = l->slot;
+		cur.placement = l->placement;
+		cur.kind = p->family == 4 ? l->kind4 : l->kind6;
+		cur.len = p->family == 4 ? 8 : 20;
+		if (bpf_map_update_elem(&toa_lb_flows, &key, &cur, BPF_NOEXIST) == 0) {
+			if (!admit(l->slot)) {
+				bpf_map_delete_elem(&toa_lb_flows, &key);
+				return TC_ACT_SHOT;
+			}
+		} else {
+			f = bpf_map_lookup_elem(&toa_lb_flows, &key);
+			if (f && f->isn == p->seq) {
+				cur = *f; /* a retransmission: the flow keeps what its first SYN had */
+			} else { /* the port again, a new connection */
+				if (!admit(l->slot))
+					return TC_ACT_SHOT;
+				bpf_map_update_elem(&toa_lb_flows, &key, &cur, BPF_ANY);
+			}
+		}
+		want = cur.placement & PLACE_SYN;
+	} else {
+		/* A flow in TOA mode may want this segment: look it up. */
+		int candidate = payload ? (l->placement & PLACE_DATA) && (p->flags & F_ACK)
+					: (l->placement & PLACE_ACK) && (p->flags & (F_ACK | F_FIN | F_RST)) == F_ACK;
+		if (!candidate && !(p->flags & (F_FIN | F_RST)))
+			return TC_ACT_OK;
+		flow_key_of(&key, p, 1);
+		f = bpf_map_lookup_elem(&toa_lb_flows, &key);
+		if (!f)
+			return TC_ACT_OK;
+		if (p->flags & (F_FIN | F_RST)) {
+			bpf_map_delete_elem(&toa_lb_flows, &key);
+			return TC_ACT_OK;
+		}
+		cur = *f;
+		if (payload)
+			want = (cur.placement & PLACE_DATA) && !cur.backend_spoke;
+		else
+			want = (cur.placement & PLACE_ACK) && p->seq == cur.isn + 1 &&
+			       (!cur.backend_isn || p->ack_seq == cur.backend_isn + 1);
+	}
+	if (!want)
+		return TC_ACT_OK;
+	if (!s) {
+		s = scratch();
+		if (!s)
+			return TC_ACT_OK;
+		if (optlen > 0 && load_options(skb, p->l4 + 20, s->opts, optlen) < 0)
+			return TC_ACT_OK;
+	}
+	if (insert_toa(skb, p, s, &cur) < 0)
+		count(cur.slot, CNT_NO_ROOM);
+	else
+		count(cur.slot, CNT_INJECTED);
+	return TC_ACT_OK;
+}
+
+/* A datagram to a UDP listener: a new flow (none live for its addresses)
+ * takes from the budget; the listener's mode marks it. */
+static __always_inline int udp_ingress(struct __sk_buff *skb, const struct pkt *p, const struct listener *l,
+				       const struct config *cfg)
+{
+	struct flow_key key;
+	flow_key_of(&key, p, 1);
+	__u64 now = bpf_ktime_get_ns();
+	struct flow *f = bpf_map_lookup_elem(&toa_lb_flows, &key);
+	if (f && now - f->seen < cfg->udp_timeout_ns) {
+		/* Refreshed at most every 100 ms: a map write per datagram costs. */
+		if (now - f->seen > 100000000ULL)
+			f->seen = now;
+	} else {
+		if (!admit(l->slot))
+			return TC_ACT_SHOT;
+		struct flow cur = {.seen = now, .slot = l->slot, .placement = l->placement};
+		bpf_map_update_elem(&toa_lb_flows, &key, &cur, BPF_ANY);
+	}
+	if (l->mode == MODE_TRANSPARENT && cfg->transparent_mark)
+		skb->mark |= cfg->transparent_mark;
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int toa_lb_ingress(struct __sk_buff *skb)
+{
+	struct pkt p;
+	int parsed = parse(skb, &p);
+	if (parsed == -1)
+		return TC_ACT_OK;
+	const struct listener *l = listener_of(&p, p.daddr, p.dport);
+	if (!l)
+		return TC_ACT_OK;
+	if (parsed < 0) {
+		count(l->slot, CNT_MALFORMED);
+		return TC_ACT_OK;
+	}
+	__u32 zero = 0;
+	const struct config *cfg = bpf_map_lookup_elem(&toa_lb_config, &zero);
+	if (!cfg)
+		return TC_ACT_OK;
+	if (p.proto == IPPROTO_TCP)
+		return tcp_ingress(skb, &p, l, cfg);
+	return udp_ingress(skb, &p, l, cfg);
+}
+
+SEC("classifier")
+int toa_lb_egress(struct __sk_buff *skb)
+{
+	struct pkt p;
+	if (parse(skb, &p) < 0 || p.proto != IPPROTO_TCP)
+		return TC_ACT_OK;
+	int synack = (p.flags & (F_SYN | F_ACK)) == (F_SYN | F_ACK);
+	__u32 payload = p.end - p.l4 - p.hlen;
+	if (!synack) {
+		__u32 zero = 0;
+		const struct config *cfg = bpf_map_lookup_elem(&toa_lb_config, &zero);
+		if (!payload || !cfg || !(cfg->flags & CFG_DATA_PLACEMENT))
+			return TC_ACT_OK;
+	}
+	struct flow_key key;
+	flow_key_of(&key, &p, 0);
+	struct flow *f = bpf_map_lookup_elem(&toa_lb_flows, &key);
+	if (!f)
+		return TC_ACT_OK;
+	if (payload)
+		f->backend_spoke = 1;
+	if (!synack)
+		return TC_ACT_OK;
+	f->backend_isn = p.seq;
+	/* The client must leave room for the option added to its segments. */
+	int optlen = p.hlen - 20;
+	struct scratch *s = scratch();
+	if (!s || load_options(skb, p.l4 + 20, s->old, optlen) < 0)
+		return TC_ACT_OK;
+	__builtin_memcpy(s->opts, s->old, OPT_BUF);
+	if (clamp_area(s, optlen, (f->len + 3) & ~3) <= 0)
+		return TC_ACT_OK;
+	if (rewrite_options(skb, p.l4 + 20, p.l4 + offsetof(struct tcphdr, check), s->old, s->opts, optlen) == 0)
+		count(f->slot, CNT_MSS_CLAMPED);
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

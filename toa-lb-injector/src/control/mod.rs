@@ -1,0 +1,8 @@
+//! The control plane, the same for every datapath: [`ctl`] (the control
+//! socket and its requests), [`metrics`] (Prometheus), [`health`] (backend
+//! probes) and [`reload`] (SIGHUP and `ctl reload`).
+
+pub mod ctl;
+pub mod health;
+pub mod metrics;
+pub mod reload;

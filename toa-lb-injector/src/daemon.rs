@@ -1,0 +1,197 @@
+//! `toa-lb run`: start the datapath the configuration names, serve the
+//! control socket, metrics and health checks, reload on SIGHUP, and on
+//! SIGINT or SIGTERM remove everything the run put in place.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::control::reload::Reloader;
+use crate::control::{ctl, health, metrics};
+use crate::datapath::kernel::KernelLb;
+use crate::datapath::shards::Shards;
+use crate::datapath::userspace::UserspaceLb;
+use crate::datapath::{Balancer, fence, frames, offload};
+use crate::file::{Datapath, LbConfig};
+
+/// Why `toa-lb run` stopped with an error: one line for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DaemonError(String);
+
+fn fail(e: impl std::fmt::Display) -> DaemonError {
+    DaemonError(e.to_string())
+}
+
+/// The datapath a run started, and how to stop it.
+enum Running {
+    Kernel(Arc<KernelLb>),
+    Userspace { shards: Arc<Shards>, owned: frames::Owned },
+}
+
+/// Runs the load balancer of the configuration at `path` until SIGINT or
+/// SIGTERM, with its control socket at `socket`.
+pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
+    let config = LbConfig::load(path).map_err(fail)?;
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err(fail("toa-lb needs root (nftables, eBPF or raw sockets, addresses)"));
+    }
+    // Block the signals before any thread starts, so that only the signal
+    // thread (started below) takes them.
+    let signals = {
+        let mut set = SigSet::empty();
+        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            set.add(signal);
+        }
+        set
+    };
+    signals.thread_block().map_err(|e| fail(format!("cannot block SIGINT/SIGTERM/SIGHUP: {e}")))?;
+
+    let (running, balancer) = start(&config)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Mutex::new(config.health));
+    let reloader = Arc::new(Reloader::new(path.to_owned(), config.clone(), balancer.clone(), health.clone()));
+    // A signal only sets the flag (the datapath notices within 200 ms) or reloads.
+    {
+        let (stop, reloader) = (stop.clone(), reloader.clone());
+        std::thread::spawn(move || {
+            while let Ok(signal) = signals.wait() {
+                if signal != Signal::SIGHUP {
+                    stop.store(true, Ordering::Relaxed);
+                    return;
+                }
+                match reloader.reload() {
+                    Ok(summary) => tracing::info!("SIGHUP: {}", summary.trim_end()),
+                    Err(e) => {
+                        tracing::error!("SIGHUP: reload rejected, the running configuration stays: {e}")
+                    }
+                }
+            }
+        });
+    }
+    let result = serve(&config, socket, &running, balancer, reloader, health, stop.clone());
+    stop.store(true, Ordering::Relaxed);
+    let cleanup = match &running {
+        Running::Kernel(lb) => lb.stop().map_err(fail),
+        Running::Userspace { .. } => fence::remove().map_err(fail),
+    };
+    result?;
+    cleanup?;
+    tracing::info!(
+        "stopped; the nftables rules{} are removed",
+        match running {
+            Running::Kernel(_) => ", the injector, the addresses and forwarding changes",
+            Running::Userspace { .. } => "",
+        }
+    );
+    Ok(())
+}
+
+/// Starts the configured datapath.
+fn start(config: &LbConfig) -> Result<(Running, Arc<dyn Balancer>), DaemonError> {
+    let interfaces = [config.client_interface.as_str(), config.backend_interface.as_str()];
+    match config.datapath {
+        Datapath::Kernel => {
+            let lb = Arc::new(KernelLb::start(config).map_err(fail)?);
+            Ok((Running::Kernel(lb.clone()), lb))
+        }
+        Datapath::Ring | Datapath::Pnet => {
+            let name = if config.datapath == Datapath::Ring { "ring" } else { "pnet" };
+            // A kernel datapath that crashed here would fight this one: clean it up.
+            crate::datapath::kernel::clean_up_after_crash(&interfaces).map_err(fail)?;
+            offload::check(name, &interfaces, config.offloads).map_err(fail)?;
+            let client = frames::interface(&config.client_interface).map_err(fail)?;
+            frames::interface(&config.backend_interface).map_err(fail)?;
+            let vips: Vec<IpAddr> = config.engine.listeners.iter().map(|l| l.vip.ip()).collect();
+            frames::check_vips(&client, &vips).map_err(fail)?;
+            let owned: HashSet<IpAddr> = vips.iter().chain(&config.engine.snat).copied().collect();
+            fence::install(&owned.iter().copied().collect::<Vec<_>>(), &interfaces).map_err(fail)?;
+            let mut engine = config.engine.clone();
+            engine.snat_seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64 ^ u64::from(std::process::id()))
+                .unwrap_or(0);
+            let workers = if config.datapath == Datapath::Ring { config.workers } else { 1 };
+            let shards = match Shards::new(&engine, workers) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    let _ = fence::remove();
+                    return Err(fail(e));
+                }
+            };
+            let owned: frames::Owned = Arc::new(RwLock::new(owned));
+            let balancer = Arc::new(UserspaceLb::new(
+                shards.clone(),
+                owned.clone(),
+                [config.client_interface.clone(), config.backend_interface.clone()],
+            ));
+            Ok((Running::Userspace { shards, owned }, balancer))
+        }
+    }
+}
+
+/// Serves control, metrics and health, and runs the datapath until `stop`.
+fn serve(
+    config: &LbConfig,
+    socket: &Path,
+    running: &Running,
+    balancer: Arc<dyn Balancer>,
+    reloader: Arc<Reloader>,
+    health: Arc<Mutex<Option<health::HealthCheck>>>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), DaemonError> {
+    let reload: ctl::Reload = Arc::new(move || reloader.reload().map_err(|e| e.to_string()));
+    ctl::serve(socket, balancer.clone(), reload, stop.clone())
+        .map_err(|e| fail(format!("control socket {}: {e}", socket.display())))?;
+    if let Some(addr) = config.metrics {
+        metrics::serve(addr, balancer.clone(), stop.clone())
+            .map_err(|e| fail(format!("metrics on {addr}: {e}")))?;
+    }
+    health::spawn(balancer, health, stop.clone());
+    for l in &config.engine.listeners {
+        let backends: Vec<String> = l.backends.iter().map(|b| b.addr.to_string()).collect();
+        eprintln!(
+            "toa-lb: listener {} -> {} (obtain_client_ip {})",
+            ctl::listener_name(l),
+            backends.join(", "),
+            ctl::mode_name(l.obtain_client_ip)
+        );
+    }
+    tracing::info!(
+        clients = %config.client_interface,
+        backends = %config.backend_interface,
+        datapath = ?config.datapath,
+        "running on the interfaces"
+    );
+    match running {
+        Running::Kernel(lb) => {
+            lb.spawn_poller(stop.clone());
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        }
+        Running::Userspace { shards, owned } => {
+            let client = frames::interface(&config.client_interface).map_err(fail)?;
+            let backend = frames::interface(&config.backend_interface).map_err(fail)?;
+            let result = if config.datapath == Datapath::Ring {
+                crate::datapath::ring::run(
+                    shards.clone(),
+                    &client,
+                    &backend,
+                    owned.clone(),
+                    config.busy_poll,
+                    stop,
+                )
+            } else {
+                crate::datapath::pnet::run(shards.clone(), &client, &backend, owned.clone(), stop)
+            };
+            result.map_err(fail)
+        }
+    }
+}

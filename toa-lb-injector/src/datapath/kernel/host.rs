@@ -1,0 +1,249 @@
+//! What the kernel datapath changes on the host besides its table and its
+//! injector: the VIPs and SNAT addresses on the interfaces, and forwarding.
+//!
+//! Every change is written to a state file before it is made
+//! (`/run/toa-lb/netns-<inode>.state`, one per network namespace), and
+//! undone at exit. A run that crashed leaves its file; the next start in
+//! that namespace undoes what it lists. An address that was already there
+//! is not added, so it is never removed; a sysctl goes back to the value it had.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Where the state files live (a tmpfs: a reboot clears them, and the addresses with them).
+pub const STATE_DIR: &str = "/run/toa-lb";
+
+/// One change, as the state file records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// `ip addr add ADDR dev IFACE` (a /32 or /128).
+    Address {
+        /// The interface.
+        interface: String,
+        /// The address.
+        addr: IpAddr,
+    },
+    /// A sysctl under /proc/sys, with the value it had.
+    Sysctl {
+        /// Its path under /proc/sys, with dots (`net.ipv4.conf.lb-c.forwarding`
+        /// is written `net/ipv4/conf/lb-c/forwarding`).
+        path: String,
+        /// The value before.
+        old: String,
+    },
+}
+
+impl Change {
+    fn line(&self) -> String {
+        match self {
+            Change::Address { interface, addr } => format!("addr {interface} {addr}"),
+            Change::Sysctl { path, old } => format!("sysctl {path} {old}"),
+        }
+    }
+
+    fn parse(line: &str) -> Option<Change> {
+        let mut words = line.split_whitespace();
+        match (words.next()?, words.next()?, words.next()?) {
+            ("addr", interface, addr) => {
+                Some(Change::Address { interface: interface.into(), addr: addr.parse().ok()? })
+            }
+            ("sysctl", path, old) => Some(Change::Sysctl { path: path.into(), old: old.into() }),
+            _ => None,
+        }
+    }
+}
+
+/// What went wrong changing the host.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// The state file.
+    #[error("{0}: {1}")]
+    State(String, std::io::Error),
+    /// A command or a sysctl.
+    #[error("{0}")]
+    Change(String),
+}
+
+/// The changes this run made, kept in the state file as they happen.
+#[derive(Debug)]
+pub struct Host {
+    path: PathBuf,
+    done: Vec<Change>,
+}
+
+/// The state file of this network namespace.
+fn state_path() -> PathBuf {
+    let ns =
+        std::fs::read_link("/proc/self/ns/net").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let inode: String = ns.chars().filter(char::is_ascii_digit).collect();
+    PathBuf::from(STATE_DIR).join(format!("netns-{inode}.state"))
+}
+
+fn ip(args: &[&str]) -> Result<(), HostError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| HostError::Change(format!("cannot run ip ({e}): install iproute2")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(HostError::Change(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+fn prefix(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}/32"),
+        IpAddr::V6(a) => format!("{a}/128"),
+    }
+}
+
+fn undo(change: &Change) -> Result<(), HostError> {
+    match change {
+        Change::Address { interface, addr } => {
+            let family = if addr.is_ipv4() { "-4" } else { "-6" };
+            match ip(&[family, "addr", "del", &prefix(*addr), "dev", interface]) {
+                // Gone already (the interface went, or someone removed it): fine.
+                Err(HostError::Change(e))
+                    if e.contains("Cannot assign") || e.contains("Cannot find device") =>
+                {
+                    Ok(())
+                }
+                other => other,
+            }
+        }
+        Change::Sysctl { path, old } => std::fs::write(PathBuf::from("/proc/sys").join(path), old)
+            .map_err(|e| HostError::Change(format!("restore {path} to {old}: {e}"))),
+    }
+}
+
+impl Host {
+    /// Undoes what a crashed run in this namespace left (its state file),
+    /// then starts a new record. Returns what was undone.
+    pub fn recover() -> Result<(Host, Vec<Change>), HostError> {
+        let path = state_path();
+        let mut undone = Vec::new();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            // Last change first.
+            for change in text.lines().filter_map(Change::parse).collect::<Vec<_>>().into_iter().rev() {
+                if let Err(e) = undo(&change) {
+                    tracing::warn!("cleaning up after a crash: {e}");
+                }
+                undone.push(change);
+            }
+        }
+        std::fs::create_dir_all(STATE_DIR).map_err(|e| HostError::State(STATE_DIR.into(), e))?;
+        std::fs::write(&path, "").map_err(|e| HostError::State(path.display().to_string(), e))?;
+        Ok((Host { path, done: Vec::new() }, undone))
+    }
+
+    fn record(&mut self, change: Change) -> Result<(), HostError> {
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| HostError::State(self.path.display().to_string(), e))?;
+        writeln!(file, "{}", change.line())
+            .map_err(|e| HostError::State(self.path.display().to_string(), e))?;
+        self.done.push(change);
+        Ok(())
+    }
+
+    /// Adds `addr` to `interface` unless it is there already.
+    pub fn add_address(&mut self, interface: &str, addr: IpAddr) -> Result<(), HostError> {
+        let present = pnet_datalink::interfaces()
+            .iter()
+            .any(|i| i.name == interface && i.ips.iter().any(|n| n.ip() == addr));
+        if present {
+            return Ok(());
+        }
+        self.record(Change::Address { interface: interface.into(), addr })?;
+        let family = if addr.is_ipv4() { "-4" } else { "-6" };
+        let mut args = vec![family, "addr", "add"];
+        let p = prefix(addr);
+        args.extend([p.as_str(), "dev", interface]);
+        if addr.is_ipv6() {
+            // Usable at once (no duplicate address detection), and never picked
+            // as the source of the host's own connections (deprecated).
+            args.extend(["nodad", "preferred_lft", "0"]);
+        }
+        ip(&args)
+    }
+
+    /// Removes an address this run added (a reload dropped it).
+    pub fn remove_address(&mut self, interface: &str, addr: IpAddr) -> Result<(), HostError> {
+        let change = Change::Address { interface: interface.into(), addr };
+        let Some(i) = self.done.iter().position(|c| *c == change) else { return Ok(()) };
+        undo(&change)?;
+        self.done.remove(i);
+        self.rewrite()
+    }
+
+    /// The addresses this run added.
+    pub fn addresses(&self) -> Vec<(String, IpAddr)> {
+        self.done
+            .iter()
+            .filter_map(|c| match c {
+                Change::Address { interface, addr } => Some((interface.clone(), *addr)),
+                Change::Sysctl { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Sets a sysctl (`net/ipv4/conf/lb-c/forwarding`) unless it has that value.
+    pub fn set_sysctl(&mut self, path: &str, value: &str) -> Result<(), HostError> {
+        let full = PathBuf::from("/proc/sys").join(path);
+        let old =
+            std::fs::read_to_string(&full).map_err(|e| HostError::Change(format!("read {path}: {e}")))?;
+        let old = old.trim().to_owned();
+        if old == value {
+            return Ok(());
+        }
+        self.record(Change::Sysctl { path: path.into(), old })?;
+        std::fs::write(&full, value).map_err(|e| HostError::Change(format!("set {path} to {value}: {e}")))?;
+        tracing::info!("set {} = {value} (restored at exit)", path.replace('/', "."));
+        Ok(())
+    }
+
+    fn rewrite(&self) -> Result<(), HostError> {
+        let text: String = self.done.iter().map(|c| c.line() + "\n").collect();
+        std::fs::write(&self.path, text).map_err(|e| HostError::State(self.path.display().to_string(), e))
+    }
+
+    /// Undoes every change, last first, and removes the state file.
+    pub fn restore(mut self) -> Result<(), HostError> {
+        let mut first_error = None;
+        while let Some(change) = self.done.pop() {
+            if let Err(e) = undo(&change) {
+                first_error.get_or_insert(e);
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_round_trip_through_their_lines() {
+        for change in [
+            Change::Address { interface: "lb-c".into(), addr: "203.0.113.10".parse().unwrap() },
+            Change::Address { interface: "lb-br".into(), addr: "2001:db8:64::1:1".parse().unwrap() },
+            Change::Sysctl { path: "net/ipv4/conf/lb-c/forwarding".into(), old: "0".into() },
+        ] {
+            assert_eq!(Change::parse(&change.line()), Some(change));
+        }
+        assert_eq!(Change::parse("garbage"), None);
+        assert_eq!(Change::parse("addr lb-c not-an-address"), None);
+    }
+}

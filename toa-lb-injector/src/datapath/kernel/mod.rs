@@ -1,0 +1,546 @@
+//! The kernel datapath (the default): the kernel forwards every byte, with
+//! its offloads on; `toa-lb` only configures it and adds the TOA.
+//!
+//! ```text
+//!  client ──▶ [client interface: tc ingress: injector] ──▶ conntrack ──▶ nft DNAT (scheduler)
+//!                strips forged TOAs, writes the client's            │
+//!                TOA into SYN / handshake ACK / data                 ▼
+//!  client ◀── [tc egress: MSS lowered in the SYN-ACK] ◀── un-NAT ◀── nft SNAT (pool) ──▶ backend
+//! ```
+//!
+//! - [`ruleset`]: one nftables table, `inet toa_lb`: DNAT by scheduler with
+//!   nft maps, SNAT to the pool (fully-random; none for transparent flows,
+//!   which the injector marks), conntrack timeouts, per-backend counters,
+//!   the `max_flows` bound, a guard for the VIP and SNAT addresses.
+//! - [`injector`]: the tc-BPF program pair on the client interface.
+//! - [`conntrack`]: flows per listener and backend, from the connection tracker.
+//! - [`host`]: the VIP and SNAT addresses and forwarding, undone at exit and
+//!   after a crash.
+//!
+//! A flow's mode is fixed at its SYN: the injector records TOA flows from the
+//! SYN to their end, and marks a transparent flow's first packet, which is
+//! the one conntrack makes its NAT decision on.
+
+pub mod conntrack;
+pub mod host;
+pub mod injector;
+pub mod ruleset;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::datapath::{Balancer, ControlError, ListenerView, Snapshot};
+use crate::engine::config::{Backend, ObtainClientIp};
+use crate::engine::listeners::Listeners;
+use crate::engine::{BackendCounters, Counters, ListenerKey};
+use crate::file::LbConfig;
+use crate::nft;
+
+use self::host::Host;
+use self::injector::{InjectListener, Injector, InjectorOptions};
+use self::ruleset::{Ids, Inputs, MARK_BASE, MARK_MASK, TABLE};
+
+/// What can stop the kernel datapath from starting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// The injector.
+    #[error(transparent)]
+    Inject(#[from] injector::InjectError),
+    /// nftables.
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
+    /// Addresses, forwarding.
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    /// Anything else, said so that it can be fixed.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How old the flow counts may be before a snapshot dumps conntrack again.
+const FLOWS_TTL: Duration = Duration::from_millis(500);
+
+/// The kernel datapath while it runs.
+pub struct KernelLb {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for KernelLb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelLb")
+    }
+}
+
+struct State {
+    config: LbConfig,
+    listeners: Listeners,
+    ids: Ids,
+    /// The listener chains in the table.
+    chains: Vec<String>,
+    /// Taken at stop: dropping it detaches the programs.
+    injector: Option<Injector>,
+    host: Option<Host>,
+    health_changes: BTreeMap<ListenerKey, u64>,
+    /// Half-open flows deleted to make room, per listener.
+    evicted: BTreeMap<ListenerKey, u64>,
+    /// Whether max_flows was reached at the last poll (for the log).
+    full: bool,
+    /// Flows by conntrack mark, and when they were counted.
+    flows: Option<(Instant, HashMap<u32, usize>)>,
+}
+
+impl State {
+    fn render(&mut self) -> Result<(), ControlError> {
+        self.ids.assign(&self.listeners).map_err(ControlError::Datapath)?;
+        let inputs = Inputs {
+            listeners: &self.listeners,
+            snat: &self.config.engine.snat,
+            timeouts: self.config.engine.timeouts,
+            transparent_mark: self.config.transparent_mark,
+        };
+        let (script, chains) = ruleset::render(&inputs, &self.ids, &self.chains);
+        nft::apply(&script).map_err(|e| ControlError::Datapath(e.to_string()))?;
+        self.chains = chains;
+        Ok(())
+    }
+
+    fn inject_listener(&self, index: usize) -> Option<InjectListener> {
+        let l = self.listeners.get(index)?;
+        Some(InjectListener {
+            vip: l.config.vip,
+            protocol: l.config.protocol,
+            slot: *self.ids.slots.get(&l.key())?,
+            mode: l.config.obtain_client_ip,
+            placement: l.config.placement,
+        })
+    }
+
+    fn injector(&mut self) -> Result<&mut Injector, ControlError> {
+        self.injector.as_mut().ok_or_else(|| ControlError::Datapath("stopped".into()))
+    }
+
+    fn sync_injector(&mut self) -> Result<(), ControlError> {
+        for i in 0..self.listeners.all().len() {
+            if let Some(l) = self.inject_listener(i) {
+                self.injector()?.set_listener(&l).map_err(|e| ControlError::Datapath(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flows(&mut self) -> &HashMap<u32, usize> {
+        let fresh = self.flows.as_ref().is_some_and(|(at, _)| at.elapsed() < FLOWS_TTL);
+        if !fresh {
+            let counts = conntrack::count_by_mark(MARK_BASE, MARK_MASK).unwrap_or_else(|e| {
+                tracing::warn!("reading conntrack: {e}");
+                HashMap::new()
+            });
+            self.flows = Some((Instant::now(), counts));
+        }
+        &self.flows.get_or_insert_with(|| (Instant::now(), HashMap::new())).1
+    }
+}
+
+/// New flows the injector may let in: `max` minus the flows there are, minus
+/// those it let in while they were counted.
+fn budget(max: usize, flows: usize, admitted: i64) -> i64 {
+    i64::try_from(max).unwrap_or(i64::MAX) - i64::try_from(flows).unwrap_or(i64::MAX) - admitted
+}
+
+/// Deletes half-open flows (closest to their timeout first) to bring `entries`
+/// a tenth below `max`; returns the marks of those that went.
+fn evict_half_open(entries: Vec<conntrack::Entry>, max: usize) -> Vec<u32> {
+    let mut half_open: Vec<conntrack::Entry> = entries.iter().filter(|e| !e.assured).cloned().collect();
+    half_open.sort_by_key(|e| e.timeout);
+    let want = (entries.len() + max / 10 + 1).saturating_sub(max).min(half_open.len());
+    match conntrack::delete(&half_open[..want]) {
+        // (The deletes that failed found their entry gone already: near enough.)
+        Ok(n) => half_open[..n.min(want)].iter().map(|e| e.mark).collect(),
+        Err(e) => {
+            tracing::warn!("evicting half-open flows: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Applies the host settings and addresses `config` needs.
+fn prepare_host(host: &mut Host, config: &LbConfig) -> Result<(), host::HostError> {
+    for iface in [&config.client_interface, &config.backend_interface] {
+        host.set_sysctl(&format!("net/ipv4/conf/{iface}/forwarding"), "1")?;
+    }
+    let v6 = config.engine.listeners.iter().any(|l| l.vip.is_ipv6());
+    if v6 {
+        // IPv6 forwards only when every interface does (Linux before 6.17 has no per-interface switch).
+        host.set_sysctl("net/ipv6/conf/all/forwarding", "1")?;
+    }
+    for l in &config.engine.listeners {
+        host.add_address(&config.client_interface, l.vip.ip())?;
+    }
+    for snat in &config.engine.snat {
+        host.add_address(&config.backend_interface, *snat)?;
+    }
+    Ok(())
+}
+
+/// Removes what a previous run in this network namespace left after a crash:
+/// its table, its state (addresses, sysctls), stale tc filters, and the
+/// user-space datapaths' fence.
+pub fn clean_up_after_crash(interfaces: &[&str]) -> Result<(), KernelError> {
+    nft::delete_table("inet", TABLE)?;
+    crate::datapath::fence::remove()?;
+    for iface in interfaces {
+        injector::detach_stale(iface);
+    }
+    Ok(())
+}
+
+/// Warnings about host settings that would defeat the datapath, each one
+/// line with its fix.
+fn check_host(config: &LbConfig) {
+    if let Ok(max) = conntrack::max() {
+        if max < config.engine.max_flows {
+            tracing::warn!(
+                "net.netfilter.nf_conntrack_max is {max}, below max_flows ({}): the kernel drops new flows at {max}; raise it: sysctl -w net.netfilter.nf_conntrack_max={}",
+                config.engine.max_flows,
+                config.engine.max_flows * 2
+            );
+        }
+    }
+    // A forward chain of another table with policy drop drops our traffic
+    // whatever our table says (Docker sets one, for instance).
+    if let Ok(out) = std::process::Command::new("nft").args(["-j", "list", "chains"]).output() {
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        for item in json.get("nftables").and_then(|v| v.as_array()).into_iter().flatten() {
+            let Some(chain) = item.get("chain") else { continue };
+            let get = |k: &str| chain.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+            if get("hook") == "forward" && get("policy") == "drop" && get("table") != TABLE {
+                tracing::warn!(
+                    "chain {} {} {} drops forwarded packets by default: toa-lb's flows need a rule there, e.g. `nft insert rule {} {} {} ct mark and {MARK_MASK:#x} == {MARK_BASE:#x} accept`",
+                    get("family"),
+                    get("table"),
+                    get("name"),
+                    get("family"),
+                    get("table"),
+                    get("name")
+                );
+            }
+        }
+    }
+}
+
+impl KernelLb {
+    /// Sets the kernel up for `config`: cleans up after a crashed run,
+    /// enables forwarding, adds the addresses, installs the table, loads and
+    /// attaches the injector. On failure, what was done is undone.
+    pub fn start(config: &LbConfig) -> Result<KernelLb, KernelError> {
+        injector::preflight()?;
+        injector::check_interface(&config.client_interface)?;
+        injector::check_interface(&config.backend_interface)?;
+        clean_up_after_crash(&[&config.client_interface, &config.backend_interface])?;
+        let (mut host, undone) = Host::recover()?;
+        if !undone.is_empty() {
+            tracing::warn!(
+                "undid {} changes a previous run left after it stopped without cleaning up",
+                undone.len()
+            );
+        }
+        check_host(config);
+        let data_placement = config.engine.listeners.iter().any(|l| l.placement.data);
+        let result = (|| {
+            prepare_host(&mut host, config)?;
+            let injector = Injector::load(&InjectorOptions {
+                flows: u32::try_from(config.engine.max_flows).unwrap_or(u32::MAX),
+                transparent_mark: config.transparent_mark,
+                data_placement,
+                udp_timeout: config.engine.timeouts.udp,
+                budget: budget(config.engine.max_flows, conntrack::total().unwrap_or(0), 0),
+            })?;
+            let mut state = State {
+                config: config.clone(),
+                listeners: Listeners::new(&config.engine.listeners),
+                ids: Ids::default(),
+                chains: Vec::new(),
+                injector: Some(injector),
+                host: None,
+                health_changes: BTreeMap::new(),
+                evicted: BTreeMap::new(),
+                full: false,
+                flows: None,
+            };
+            state.render().map_err(|e| KernelError::Other(e.to_string()))?;
+            state.sync_injector().map_err(|e| KernelError::Other(e.to_string()))?;
+            if let Some(injector) = state.injector.as_mut() {
+                injector.attach(&config.client_interface)?;
+            }
+            Ok::<_, KernelError>(state)
+        })();
+        match result {
+            Ok(mut state) => {
+                state.host = Some(host);
+                Ok(KernelLb { state: Mutex::new(state) })
+            }
+            Err(e) => {
+                let _ = nft::delete_table("inet", TABLE);
+                let _ = host.restore();
+                Err(e)
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `max_flows`. The injector lets new flows in while its budget
+    /// lasts; this sets the budget to `max_flows` minus the flows conntrack
+    /// holds (and minus those let in meanwhile). The total count is one file;
+    /// only when it reaches the bound are `toa-lb`'s own flows dumped, and
+    /// then half-open ones, closest to their timeout first, are deleted to
+    /// make room (as the user-space engine evicts them), so that a SYN flood
+    /// cannot keep real clients out. Call it a few times a second.
+    pub fn poll(&self) {
+        let mut state = self.lock();
+        let max = state.config.engine.max_flows;
+        let Some(injector) = state.injector.as_mut() else { return };
+        let before = injector.budget().unwrap_or(0);
+        let total = conntrack::total().unwrap_or(usize::MAX);
+        let mut ours = total;
+        if total >= max {
+            match conntrack::dump(MARK_BASE, MARK_MASK) {
+                Ok(entries) => {
+                    ours = entries.len();
+                    let mut counts = HashMap::new();
+                    for e in &entries {
+                        *counts.entry(e.mark).or_default() += 1;
+                    }
+                    state.flows = Some((Instant::now(), counts));
+                    if ours >= max {
+                        let marks = evict_half_open(entries, max);
+                        ours -= marks.len();
+                        let State { ids, evicted, .. } = &mut *state;
+                        for mark in marks {
+                            let owner = ids.backends.iter().find(|(_, id)| MARK_BASE | **id == mark);
+                            if let Some(((key, _), _)) = owner {
+                                *evicted.entry(*key).or_default() += 1;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("reading conntrack: {e}"),
+            }
+        }
+        let Some(injector) = state.injector.as_mut() else { return };
+        let admitted = before.saturating_sub(injector.budget().unwrap_or(before)).max(0);
+        if let Err(e) = injector.set_budget(budget(max, ours, admitted)) {
+            tracing::error!("setting the flow budget: {e}");
+        }
+        let full = ours >= max;
+        if full != state.full {
+            state.full = full;
+            if full {
+                tracing::warn!(
+                    "max_flows ({max}) reached: half-open flows are evicted, new flows wait for room"
+                );
+            } else {
+                tracing::info!("below max_flows ({max}) again");
+            }
+        }
+    }
+
+    /// Runs [`KernelLb::poll`] every 200 ms until `stop` is set.
+    pub fn spawn_poller(self: &Arc<Self>, stop: Arc<AtomicBool>) {
+        let lb = self.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                lb.poll();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+    }
+
+    /// Removes everything: the injector, the table, the addresses; forwarding
+    /// goes back to what it was. Flows in progress stop at once.
+    pub fn stop(&self) -> Result<(), KernelError> {
+        let mut state = self.lock();
+        // Dropping the programs detaches them (their links die with them).
+        drop(state.injector.take());
+        injector::detach_stale(&state.config.client_interface);
+        nft::delete_table("inet", TABLE)?;
+        if let Some(host) = state.host.take() {
+            host.restore()?;
+        }
+        Ok(())
+    }
+
+    fn listener_view(
+        state: &mut State,
+        index: usize,
+        nft: &HashMap<String, (u64, u64)>,
+    ) -> Option<ListenerView> {
+        let flows = state.flows().clone();
+        let l = state.listeners.get(index)?.clone();
+        let key = l.key();
+        let slot = *state.ids.slots.get(&key)?;
+        let inj = state.injector.as_ref().map(|i| i.counters(slot)).unwrap_or_default();
+        let counter = |name: String| nft.get(&name).copied().unwrap_or((0, 0));
+        let mut c = Counters {
+            injected: inj.injected,
+            no_room: inj.no_room,
+            stripped: inj.stripped,
+            options_malformed: inj.malformed,
+            mss_clamped: inj.mss_clamped,
+            health_changes: state.health_changes.get(&key).copied().unwrap_or(0),
+            evicted: state.evicted.get(&key).copied().unwrap_or(0),
+            dropped_table_full: inj.table_full,
+            dropped_no_backend: counter(format!("l{slot}_nobackend")).0,
+            ..Counters::default()
+        };
+        let mut active = 0;
+        for ((k, _), id) in &state.ids.backends {
+            if *k != key {
+                continue;
+            }
+            c.flows += counter(format!("b{id}_f")).0;
+            let (o, r) = (counter(format!("b{id}_o")), counter(format!("b{id}_r")));
+            c.to_backend += o.0;
+            c.bytes_to_backend += o.1;
+            c.to_client += r.0;
+            c.bytes_to_client += r.1;
+            active += flows.get(&(MARK_BASE | id)).copied().unwrap_or(0);
+        }
+        // Flows that ended: conntrack forgets them, so they are what was made and is gone.
+        c.expired = c.flows.saturating_sub(active as u64);
+        let mut view = ListenerView::of(&l, c);
+        view.flows = Some(active);
+        Some(view)
+    }
+}
+
+impl Balancer for KernelLb {
+    fn snapshot(&self) -> Snapshot {
+        let nft = nft::counters("inet", TABLE).unwrap_or_else(|e| {
+            tracing::warn!("reading the nftables counters: {e}");
+            HashMap::new()
+        });
+        let mut state = self.lock();
+        let count = state.listeners.all().len();
+        let listeners: Vec<ListenerView> =
+            (0..count).filter_map(|i| Self::listener_view(&mut state, i, &nft)).collect();
+        let mut backends = BTreeMap::new();
+        for ((key, addr), id) in &state.ids.backends {
+            let counter = |suffix: &str| nft.get(&format!("b{id}_{suffix}")).copied().unwrap_or((0, 0));
+            let (f, o, r) = (counter("f"), counter("o"), counter("r"));
+            backends.insert(
+                (*key, *addr),
+                BackendCounters {
+                    flows: f.0,
+                    to_backend: o.0,
+                    bytes_to_backend: o.1,
+                    to_client: r.0,
+                    bytes_to_client: r.1,
+                },
+            );
+        }
+        let flows = state.flows().values().sum();
+        Snapshot { listeners, backends, flows, datapath_drops: conntrack::drops(), unparsed: 0 }
+    }
+
+    fn set_mode(&self, listener: usize, mode: ObtainClientIp) -> Result<(), ControlError> {
+        let mut state = self.lock();
+        let before = state.listeners.clone();
+        state.listeners.set_mode(listener, mode)?;
+        // One map element: every new flow sees the old mode or the new one.
+        let l = state.inject_listener(listener).ok_or(ControlError::Datapath("no such listener".into()))?;
+        if let Err(e) = state.injector()?.set_listener(&l) {
+            state.listeners = before;
+            return Err(ControlError::Datapath(e.to_string()));
+        }
+        Ok(())
+    }
+
+    fn add_backend(&self, listener: usize, backend: Backend) -> Result<(), ControlError> {
+        let mut state = self.lock();
+        let before = state.listeners.clone();
+        let snat = state.config.engine.snat.clone();
+        state.listeners.add_backend(listener, backend, &snat)?;
+        state.render().inspect_err(|_| state.listeners = before)
+    }
+
+    fn remove_backend(&self, listener: usize, addr: SocketAddr) -> Result<(), ControlError> {
+        let mut state = self.lock();
+        let before = state.listeners.clone();
+        state.listeners.remove_backend(listener, addr)?;
+        state.render().inspect_err(|_| state.listeners = before)
+    }
+
+    fn drain(&self, listener: usize, addr: SocketAddr, drain: bool) -> Result<(), ControlError> {
+        let mut state = self.lock();
+        let before = state.listeners.clone();
+        state.listeners.drain(listener, addr, drain)?;
+        state.render().inspect_err(|_| state.listeners = before)
+    }
+
+    fn set_backend_up(&self, listener: ListenerKey, addr: SocketAddr, up: bool) -> bool {
+        let mut state = self.lock();
+        let Some(index) = state.listeners.find(listener) else { return false };
+        if !state.listeners.set_up(index, addr, up) {
+            return false;
+        }
+        *state.health_changes.entry(listener).or_default() += 1;
+        if let Err(e) = state.render() {
+            tracing::error!("applying a health change: {e}");
+        }
+        true
+    }
+
+    fn reconfigure(&self, config: &LbConfig) -> Result<Option<usize>, ControlError> {
+        let mut state = self.lock();
+        let datapath = |e: &dyn std::fmt::Display| ControlError::Datapath(e.to_string());
+        let before = (state.listeners.clone(), state.ids.clone(), state.config.clone());
+        let old_keys: HashSet<ListenerKey> = state.listeners.all().iter().map(|l| l.key()).collect();
+        state.listeners.reconfigure(&config.engine.listeners);
+        let State { ids, listeners, .. } = &mut *state;
+        ids.retain_listeners(listeners);
+        state.config = config.clone();
+        let mut host = state.host.take();
+        let result = (|| {
+            if let Some(host) = host.as_mut() {
+                prepare_host(host, config).map_err(|e| datapath(&e))?;
+            }
+            state.render()?;
+            state.sync_injector()?;
+            // Listeners that went: their packets pass untouched from now on.
+            let new_keys: HashSet<ListenerKey> = state.listeners.all().iter().map(|l| l.key()).collect();
+            for (protocol, vip) in old_keys.difference(&new_keys) {
+                state.injector()?.remove_listener(*vip, *protocol).map_err(|e| datapath(&e))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            (state.listeners, state.ids, state.config) = before;
+            if let Err(restore) = state.render().and_then(|()| state.sync_injector()) {
+                tracing::error!("restoring the rules after a failed reload: {restore}");
+            }
+            state.host = host;
+            return Err(e);
+        }
+        // The addresses of VIPs that are gone. SNAT addresses stay until exit:
+        // flows that use one would lose their replies.
+        if let Some(host) = host.as_mut() {
+            let wanted: HashSet<IpAddr> = config.engine.listeners.iter().map(|l| l.vip.ip()).collect();
+            for (iface, addr) in host.addresses() {
+                if iface == config.client_interface && !wanted.contains(&addr) {
+                    if let Err(e) = host.remove_address(&iface, addr) {
+                        tracing::warn!("removing {addr} from {iface}: {e}");
+                    }
+                }
+            }
+        }
+        state.host = host;
+        Ok(None)
+    }
+}

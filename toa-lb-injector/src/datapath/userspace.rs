@@ -1,0 +1,109 @@
+//! The user-space datapaths (ring, pnet) as a [`Balancer`]: engines that
+//! hold the flows, the addresses `toa-lb` answers ARP and NDP for, and the
+//! nftables fence that keeps the host's IP stack out.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+use crate::datapath::frames::{self, Owned};
+use crate::datapath::shards::Shards;
+use crate::datapath::{Balancer, ControlError, ListenerView, Snapshot, fence};
+use crate::engine::ListenerKey;
+use crate::engine::config::{Backend, ObtainClientIp};
+use crate::file::LbConfig;
+
+/// The engines of a ring or pnet datapath, and what they answer for.
+#[derive(Debug)]
+pub struct UserspaceLb {
+    shards: Arc<Shards>,
+    owned: Owned,
+    /// Client and backend interfaces.
+    interfaces: [String; 2],
+}
+
+impl UserspaceLb {
+    /// Wraps running engines; `owned` is the set the frame handlers answer ARP for.
+    pub fn new(shards: Arc<Shards>, owned: Owned, interfaces: [String; 2]) -> Self {
+        UserspaceLb { shards, owned, interfaces }
+    }
+}
+
+impl Balancer for UserspaceLb {
+    fn snapshot(&self) -> Snapshot {
+        let engines = self.shards.lock();
+        let listeners = engines
+            .listeners()
+            .all()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| ListenerView::of(l, engines.counters(i).unwrap_or_default()))
+            .collect();
+        let d = engines.datapath();
+        Snapshot {
+            listeners,
+            backends: engines.backend_counters(),
+            flows: engines.flow_count(),
+            datapath_drops: vec![
+                ("truncated", d.truncated.load(Ordering::Relaxed)),
+                ("vlan", d.vlan.load(Ordering::Relaxed)),
+                ("tx_full", d.tx_dropped.load(Ordering::Relaxed)),
+            ],
+            unparsed: engines.unparsed(),
+        }
+    }
+
+    fn set_mode(&self, listener: usize, mode: ObtainClientIp) -> Result<(), ControlError> {
+        Ok(self.shards.lock().apply(|e| e.set_obtain_client_ip(listener, mode))?)
+    }
+
+    fn add_backend(&self, listener: usize, backend: Backend) -> Result<(), ControlError> {
+        Ok(self.shards.lock().apply(|e| e.add_backend(listener, backend))?)
+    }
+
+    fn remove_backend(&self, listener: usize, addr: SocketAddr) -> Result<(), ControlError> {
+        Ok(self.shards.lock().apply(|e| e.remove_backend(listener, addr))?)
+    }
+
+    fn drain(&self, listener: usize, addr: SocketAddr, drain: bool) -> Result<(), ControlError> {
+        Ok(self.shards.lock().apply(|e| e.drain_backend(listener, addr, drain))?)
+    }
+
+    fn set_backend_up(&self, listener: ListenerKey, addr: SocketAddr, up: bool) -> bool {
+        let mut engines = self.shards.lock();
+        let Some(index) = engines.listeners().find(listener) else { return false };
+        let mut changed = false;
+        engines.for_each(|e| changed |= e.set_backend_up(index, addr, up));
+        changed
+    }
+
+    fn reconfigure(&self, config: &LbConfig) -> Result<Option<usize>, ControlError> {
+        let datapath = |e: &dyn std::fmt::Display| ControlError::Datapath(e.to_string());
+        let client = frames::interface(&config.client_interface).map_err(|e| datapath(&e))?;
+        let vips: Vec<IpAddr> = config.engine.listeners.iter().map(|l| l.vip.ip()).collect();
+        frames::check_vips(&client, &vips).map_err(|e| datapath(&e))?;
+        let mut engines = self.shards.lock();
+        // Answer for the new VIPs and SNAT addresses, and for the SNAT addresses
+        // flows still use; nftables first, so that a failure there changes nothing.
+        let mut owned: HashSet<IpAddr> = vips.iter().chain(&config.engine.snat).copied().collect();
+        owned.extend(engines.snat_in_use());
+        let list: Vec<IpAddr> = owned.iter().copied().collect();
+        let interfaces = [self.interfaces[0].as_str(), self.interfaces[1].as_str()];
+        fence::install(&list, &interfaces).map_err(|e| datapath(&e))?;
+        let flows_before = engines.flow_count();
+        if let Err(e) = engines.apply(|e| e.reconfigure(config.engine.clone())) {
+            // (The file was validated already: this is not expected.) Put the old rules back.
+            let old: Vec<IpAddr> =
+                self.owned.read().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
+            if let Err(nft) = fence::install(&old, &interfaces) {
+                tracing::error!("restoring the nftables rules after a failed reload: {nft}");
+            }
+            return Err(e.into());
+        }
+        let dropped = flows_before - engines.flow_count();
+        drop(engines);
+        *self.owned.write().unwrap_or_else(PoisonError::into_inner) = owned;
+        Ok(Some(dropped))
+    }
+}

@@ -1,0 +1,234 @@
+//! What only the kernel datapath has: checksums that verify with offloads on
+//! and off, the MSS it lowers, malformed client options cut and counted, and
+//! `toa-lb inject` on a FULLNAT the test writes itself.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use toa_core::{Format, Toa};
+use toa_server_shim::{Config, TcpListenerExt, TrustPolicy};
+use toa_testkit::netns::run_in;
+use toa_testkit::rawtcp::{Client, Conn};
+use toa_testkit::require_root;
+
+use super::{Case, Dp, Testbed, VIP, ask, ask_vip, ctl_output, leftovers, mac_of, start_lb};
+
+/// Captures at backend 1 while `traffic` runs; returns the checker's JSON.
+fn capture(bed: &Testbed, traffic: impl FnOnce()) -> serde_json::Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lb_e2e/checksums.py");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &bed.ns("be1"), "python3"])
+        .arg(&script)
+        .args(["b0", "1.5", "100.125.1.", "2001:db8:64::1:1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 checksums.py");
+    // It says "ready" once its socket is bound: nothing is missed after that.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    traffic();
+    let mut json = String::new();
+    stdout.read_to_string(&mut json).unwrap();
+    child.wait().unwrap();
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"))
+}
+
+fn client_ethtool(bed: &Testbed, setting: &str) {
+    let ok = Command::new("ip")
+        .args(["netns", "exec", &bed.ns("client"), "ethtool", "-K", "c0", "tx", setting])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "ethtool -K c0 tx {setting}");
+}
+
+/// With offloads on, the client's veth hands over CHECKSUM_PARTIAL segments;
+/// with tx offload off, finished checksums. Either way every segment the
+/// backend receives verifies (the partial ones hold the pseudo-header sum the
+/// device will finish from), and the SYN and handshake ACK carry the TOA;
+/// 4 MiB each way crosses intact (GSO batches, GRO), and the client's MSS is
+/// lowered by the option's 8 bytes.
+#[test]
+fn checksums_verify_with_offloads_on_and_off() {
+    require_root!();
+    let case = Case::new("c", Dp::Kernel);
+    let bed = &case.bed;
+    let _lb = start_lb(&case, "toa");
+    for (tx, expect) in [("on", "partial_ok"), ("off", "full_ok")] {
+        client_ethtool(bed, tx);
+        let counts = capture(bed, || {
+            for _ in 0..4 {
+                let (local, line) = ask(bed);
+                assert!(line.contains(&format!(" client={local} ")), "{line}");
+            }
+            let (local, line) = ask_vip(bed, "[2001:db8:c::10]:80");
+            assert!(line.contains(&format!(" client={local} ")), "{line}");
+            echo_bulk(bed, 4 << 20);
+        });
+        assert_eq!(counts["bad"], 0, "tx {tx}: {counts}");
+        assert!(counts[expect].as_u64().unwrap() >= 20, "tx {tx}: {counts}");
+        // At backend 1: half the IPv4 requests (round robin), the IPv6 one, the bulk echo.
+        assert!(counts["syn_toa"].as_u64().unwrap() >= 4, "tx {tx}: {counts}");
+        assert!(counts["ack_toa"].as_u64().unwrap() >= 4, "tx {tx}: {counts}");
+    }
+    client_ethtool(bed, "on");
+    // The backend announced 1460; the client got 1452, less 12 for timestamps.
+    let mss = run_in(&bed.ns("client"), || {
+        let s = TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(5)).unwrap();
+        nix::sys::socket::getsockopt(&s.as_fd(), nix::sys::socket::sockopt::TcpMaxSeg).unwrap()
+    });
+    assert_eq!(mss, 1440);
+}
+
+/// Sends `size` bytes through the echo listener (203.0.113.10:81) and checks what comes back.
+fn echo_bulk(bed: &Testbed, size: usize) {
+    run_in(&bed.ns("client"), || {
+        let stream =
+            TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        let expected = data.clone();
+        let sender = std::thread::spawn(move || {
+            std::io::Write::write_all(&mut writer, &data).unwrap();
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut got = Vec::with_capacity(size);
+        let mut reader = stream;
+        reader.read_to_end(&mut got).unwrap();
+        sender.join().unwrap();
+        assert!(got == expected, "{} bytes came back, changed or short ({} sent)", got.len(), size);
+    });
+}
+
+/// A client's options that overrun the header end at an EOL the injector
+/// writes (a TOA it forged before them is overwritten too); the segment
+/// passes, the connection works, and the counters say so.
+#[test]
+fn malformed_client_options_are_cut_and_counted() {
+    require_root!();
+    let case = Case::new("m", Dp::Kernel);
+    let (bed, dir) = (&case.bed, &case.dir);
+    let _lb = start_lb(&case, "toa");
+    let client_mac = mac_of(&bed.ns("client"), "c0");
+    let lb_mac = mac_of(&bed.ns("lb"), "lb-c");
+    // The raw client answers no ARP: the LB's kernel learns its address here.
+    super::neighbor(bed, "203.0.113.51", client_mac);
+    let forged = Toa::new(Format::Toa, "10.9.9.9:1".parse().unwrap()).unwrap();
+    let mut conn = Conn::new("203.0.113.51:40001".parse().unwrap(), VIP.parse().unwrap()).toa_in_syn(&forged);
+    // The forged TOA (8 bytes), then an option claiming 40 bytes with 4 left.
+    conn.syn_options.extend_from_slice(&[99, 40, 0, 0]);
+    let mut raw = run_in(&bed.ns("client"), || Client::open("c0", client_mac, lb_mac));
+    let answer = raw.run(&[conn], 1, Duration::from_secs(15)).remove(0).expect("answer");
+    let line = String::from_utf8(answer).unwrap();
+    assert!(line.contains("client=203.0.113.51:40001 "), "the real client, not the forged one: {line}");
+    let stats = String::from_utf8(ctl_output(dir, "stats").stdout).unwrap();
+    let listener = stats.lines().find(|l| l.starts_with("203.0.113.10:80 ")).unwrap();
+    assert!(listener.contains(" stripped=1 ") && listener.contains(" options_malformed=1 "), "{listener}");
+}
+
+/// Runs `toa-lb inject ...` in the LB namespace. nsenter keeps the host's
+/// mount namespace, where bpffs and the pins are (ip netns exec would
+/// remount /sys, and the command refuses that).
+fn inject(bed: &Testbed, pins: &std::path::Path, args: &[&str]) -> Output {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", bed.ns("lb")))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_toa-lb"))
+        .arg("inject")
+        .args(args)
+        .arg("--pin-dir")
+        .arg(pins)
+        .output()
+        .expect("toa-lb inject")
+}
+
+fn lb_sh(bed: &Testbed, script: &str) {
+    let out =
+        Command::new("ip").args(["netns", "exec", &bed.ns("lb"), "sh", "-ec", script]).output().unwrap();
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `toa-lb inject` on a FULLNAT the operator runs: plain nftables DNAT and
+/// SNAT written here, no `toa-lb run`. A backend using saved SYNs sees the
+/// client; status shows the counters; attaching twice names detach; detach
+/// leaves no pin and no program.
+#[test]
+fn inject_on_a_plain_nftables_fullnat() {
+    require_root!();
+    let bed = Testbed::up("ij", "on");
+    lb_sh(
+        &bed,
+        "ip addr add 203.0.113.10/32 dev lb-c
+         ip addr add 100.125.1.9/32 dev lb-br
+         sysctl -qw net.ipv4.ip_forward=1
+         nft -f - <<EOF
+table ip operators_fullnat {
+  chain pre { type nat hook prerouting priority dstnat; ip daddr 203.0.113.10 tcp dport 80 dnat to 100.125.2.1:8080; }
+  chain post { type nat hook postrouting priority srcnat; ip daddr 100.125.2.1 tcp dport 8080 snat to 100.125.1.9; }
+}
+EOF",
+    );
+    let listener = run_in(&bed.ns("be1"), || TcpListener::bind("0.0.0.0:8080")).unwrap();
+    let listener =
+        listener.with_toa(Config::new(TrustPolicy::new("100.125.0.0/16".parse().unwrap()).unwrap())).unwrap();
+    std::thread::spawn(move || {
+        for (mut stream, peer) in listener.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut stream, format!("{peer}\n").as_bytes());
+        }
+    });
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/toa-lb-test-{}", std::process::id()));
+    let out = inject(&bed, &pins, &["attach", "--iface", "lb-c", "--listener", VIP]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The command has exited: the injector stays, pinned.
+    let (local, line) = ask(&bed);
+    assert!(line.starts_with(&format!("client={local} lb=100.125.1.9:")), "{line}");
+    assert!(line.ends_with("source=saved-syn"), "{line}");
+    let status = inject(&bed, &pins, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("interface lb-c (2 of 2 programs pinned"), "{text}");
+    assert!(text.contains("listener 203.0.113.10:80 format=toa placement=syn,ack injected=2"), "{text}");
+    let twice = inject(&bed, &pins, &["attach", "--iface", "lb-c", "--listener", VIP]);
+    assert!(!twice.status.success());
+    let err = String::from_utf8_lossy(&twice.stderr);
+    assert!(err.contains("already attached to lb-c") && err.contains("toa-lb inject detach"), "{err}");
+    let programs =
+        || run_in(&bed.ns("lb"), || toa_lb_injector::datapath::kernel::injector::attached_programs("lb-c"));
+    assert_eq!(programs().len(), 2);
+    let out = inject(&bed, &pins, &["detach"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!pins.exists(), "the pins are gone");
+    assert_eq!(programs(), Vec::<String>::new(), "the programs are detached");
+    // The operator's NAT goes on without the TOA.
+    let (_, line) = ask(&bed);
+    assert!(line.starts_with("client=100.125.1.9:"), "{line}");
+    let detached = inject(&bed, &pins, &["detach"]);
+    assert!(String::from_utf8_lossy(&detached.stderr).contains("not attached"));
+}
+
+/// A start that fails (an interface that is not there) says so in one line
+/// and leaves nothing behind.
+#[test]
+fn a_failed_start_leaves_nothing() {
+    require_root!();
+    let case = Case::new("x", Dp::Kernel);
+    let config = case.dir.join("bad.toml");
+    let text = super::config_text("toa", Dp::Kernel.config())
+        .replace("backend_interface = \"lb-br\"", "backend_interface = \"lb-nope\"");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &case.bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
+        .arg(&config)
+        .arg("--socket")
+        .arg(case.dir.join("ctl.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interface lb-nope not found"), "{err}");
+    assert_eq!(leftovers(&case.bed), Vec::<String>::new());
+}
