@@ -10,9 +10,12 @@
  *     size change, incremental checksum update), in every mode: a client may
  *     not speak for itself. An option that overruns the header ends it: an
  *     EOL is written over it, so that no reader looks further;
- *   - at a SYN in TOA mode the flow is recorded (toa_lb_flows, LRU), so that
+ *   - at a SYN in TOA mode the flow is recorded (toa_lb_flows), so that
  *     its handshake ACK and data follow the mode it started with, whatever a
- *     live switch does meanwhile; a client FIN or RST forgets it;
+ *     live switch does meanwhile; a client FIN or RST forgets it. The table
+ *     is direct-mapped (a slot per hash of the flow's addresses, no lock, no
+ *     allocation): a flow whose slot another takes loses its record, which
+ *     only a flood makes likely, as an LRU would evict it;
  *   - the client's address and port go into a TOA in the SYN, the
  *     handshake's pure ACK (seq = ISN + 1, ack = the backend's ISN + 1) and/or
  *     data segments until the backend first sends data, as the placement says
@@ -117,10 +120,18 @@ struct flow {
 	__u8 pad[4];
 };
 
+/* One slot of the flow table. */
+struct flow_slot {
+	struct flow_key key; /* family 0: empty */
+	struct flow flow;
+};
+
 struct config {
 	__u32 transparent_mark; /* ORed into skb->mark for transparent listeners (0: never) */
 	__u32 flags;            /* CFG_* */
 	__u64 udp_timeout_ns;   /* a UDP flow idle this long is new again (conntrack's udp timeout) */
+	__u32 flow_mask;        /* toa_lb_flows has flow_mask + 1 slots, a power of two */
+	__u32 pad;
 	__u8 kind_formats[256]; /* kind -> FMT_BIT()s of the formats stripped from clients */
 };
 
@@ -132,11 +143,10 @@ struct {
 } toa_lb_listeners SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU); /* per-CPU lists: no lock shared by the CPUs */
-	__uint(max_entries, 65536); /* the loader sets it */
-	__type(key, struct flow_key);
-	__type(value, struct flow);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536); /* the loader sets it, with config.flow_mask */
+	__type(key, __u32);
+	__type(value, struct flow_slot);
 } toa_lb_flows SEC(".maps");
 
 struct {
@@ -212,16 +222,17 @@ static __always_inline int admit(__u32 slot)
 	return 1;
 }
 
-/* The scratch buffers, with the option buffers zeroed (sums and copies rely on it). */
+/* The scratch buffers, with the first OPT_MAX bytes of the option buffers
+ * zeroed: the sums run over OPT_MAX bytes, and the padding must add nothing.
+ * (toa is written whole before it is read.) */
 static __always_inline struct scratch *scratch(void)
 {
 	__u32 zero = 0;
 	struct scratch *s = bpf_map_lookup_elem(&toa_lb_scratch, &zero);
 	if (s) {
-		__builtin_memset(s->old, 0, OPT_BUF);
-		__builtin_memset(s->opts, 0, OPT_BUF);
-		__builtin_memset(s->area, 0, OPT_BUF);
-		__builtin_memset(s->toa, 0, OPT_BUF);
+		__builtin_memset(s->old, 0, OPT_MAX);
+		__builtin_memset(s->opts, 0, OPT_MAX);
+		__builtin_memset(s->area, 0, OPT_MAX);
 	}
 	return s;
 }
@@ -405,6 +416,56 @@ static __always_inline void flow_key_of(struct flow_key *key, const struct pkt *
 	key->proto = p->proto;
 }
 
+/* The slot of a flow: a hash of its key's ten words. */
+static __always_inline struct flow_slot *flow_slot(const struct flow_key *key, const struct config *cfg)
+{
+	const __u32 *w = (const __u32 *)key;
+	__u32 h = 0x9e3779b9;
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*key) / 4); i++) {
+		h ^= w[i];
+		h *= 0x85ebca6b;
+		h ^= h >> 15;
+	}
+	__u32 index = h & cfg->flow_mask;
+	return bpf_map_lookup_elem(&toa_lb_flows, &index);
+}
+
+static __always_inline int same_key(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+	__u32 diff = 0;
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*a) / 4); i++)
+		diff |= x[i] ^ y[i];
+	return diff == 0;
+}
+
+/* The record of the flow `key`, or NULL. */
+static __always_inline struct flow *flow_find(const struct flow_key *key, const struct config *cfg)
+{
+	struct flow_slot *slot = flow_slot(key, cfg);
+	return slot && same_key(&slot->key, key) ? &slot->flow : 0;
+}
+
+/* Records the flow `key` (over whatever its slot held). */
+static __always_inline void flow_put(const struct flow_key *key, const struct flow *flow, const struct config *cfg)
+{
+	struct flow_slot *slot = flow_slot(key, cfg);
+	if (slot) {
+		slot->key = *key;
+		slot->flow = *flow;
+	}
+}
+
+/* Forgets the flow `key`. */
+static __always_inline void flow_forget(const struct flow_key *key, const struct config *cfg)
+{
+	struct flow_slot *slot = flow_slot(key, cfg);
+	if (slot && same_key(&slot->key, key))
+		slot->key.family = 0;
+}
+
 /* A size for a helper, 1..64, whatever the verifier knows of `n` (callers
  * check the real bound first): clang may check one copy of a value and pass
  * another, which the verifier then sees as unbounded. */
@@ -417,6 +478,24 @@ static __always_inline int load_options(struct __sk_buff *skb, __u32 at, __u8 *b
 	return bpf_skb_load_bytes(skb, at, buf, SIZE64(len));
 }
 
+/* The one's-complement sum of what changes when the 16-bit words of old
+ * become those of new (OPT_MAX bytes each, zero padded), folded to 32 bits:
+ * the `to` of bpf_l4_csum_replace() with no size. Summed here rather than
+ * with bpf_csum_diff(): a helper call costs more than these adds. Native
+ * loads, as the kernel's own checksum code uses. */
+static __always_inline __u32 options_diff(const __u8 *old, const __u8 *new)
+{
+	__u64 acc = 0;
+#pragma unroll
+	for (int i = 0; i < OPT_MAX; i += 2) {
+		acc += *(const __u16 *)&new[i];
+		acc += (__u16)~*(const __u16 *)&old[i];
+	}
+	acc = (acc & 0xffffffff) + (acc >> 32);
+	acc = (acc & 0xffffffff) + (acc >> 32);
+	return (__u32)acc;
+}
+
 /* Writes the options area opts[0..len) at `at` over what was old[0..len),
  * and moves the TCP checksum by the difference (a PARTIAL skb's is left
  * alone: the device sums the data). Both buffers are zero padded. */
@@ -425,10 +504,7 @@ static __always_inline int rewrite_options(struct __sk_buff *skb, __u32 at, __u3
 {
 	if (len < 1 || len > OPT_MAX || bpf_skb_store_bytes(skb, at, opts, SIZE64(len), 0) < 0)
 		return -1;
-	__s64 diff = bpf_csum_diff((__be32 *)old, OPT_MAX, (__be32 *)opts, OPT_MAX, 0);
-	if (diff < 0)
-		return -1;
-	return bpf_l4_csum_replace(skb, csum_at, 0, (__u32)diff, 0);
+	return bpf_l4_csum_replace(skb, csum_at, 0, options_diff(old, opts), 0);
 }
 
 /* Moves the payload [from, from + len) up by `by` bytes (the tail has
@@ -465,6 +541,8 @@ static __always_inline int insert_toa(struct __sk_buff *skb, const struct pkt *p
 	__u32 payload = p->end - p->l4 - p->hlen;
 	int toa_len = f->len == 20 ? 20 : 8;
 
+	/* Zero padded to the 20 bytes build_with_toa() copies. */
+	__builtin_memset(s->toa, 0, 20);
 	s->toa[0] = f->kind;
 	s->toa[1] = toa_len;
 	__builtin_memcpy(&s->toa[2], &p->sport, 2);
@@ -483,41 +561,59 @@ static __always_inline int insert_toa(struct __sk_buff *skb, const struct pkt *p
 		return -1;
 
 	__u32 csum_at = p->l4 + offsetof(struct tcphdr, check);
+	if (!grow)
+		return rewrite_options(skb, p->l4 + 20, csum_at, s->opts, s->area, len);
+
+	/* Five helper calls: grow the tail, then write the header from its data
+	 * offset on, and the IP length, in one store each, and move the
+	 * checksum for the data and for the pseudo header's TCP length. */
 	__u32 tcp_len = p->end - p->l4;
-	if (grow) {
-		if (bpf_skb_change_tail(skb, p->end + grow, 0) < 0)
+	if (bpf_skb_change_tail(skb, p->end + grow, 0) < 0)
+		return -1;
+	if (payload && move_payload(skb, s, p->l4 + p->hlen, payload, grow) < 0)
+		return -1;
+	/* The skb is linear now: read the words before the options in place. */
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u8 *th = data + p->l4;
+	if ((void *)(th + 20) > data_end)
+		return -1;
+	/* TCP bytes 12..20 (data offset and flags, window, checksum, urgent
+	 * pointer), then the new options: written at once from s->toa. */
+	__u16 old_word = *(__u16 *)(th + 12);
+	__builtin_memcpy(s->toa, th + 12, 8);
+	__u16 new_word = (old_word & bpf_htons(0x0fff)) | bpf_htons(((__u32)(20 + len) >> 2) << 12);
+	*(__u16 *)s->toa = new_word;
+	__builtin_memcpy(&s->toa[8], s->area, OPT_MAX);
+	if (p->family == 4) {
+		struct iphdr *ip = data + p->l3;
+		if ((void *)(ip + 1) > data_end)
 			return -1;
-		if (payload && move_payload(skb, s, p->l4 + p->hlen, payload, grow) < 0)
+		/* tot_len and the header checksum (RFC 1624), stored with their neighbours. */
+		struct iphdr copy = *ip;
+		__u16 old_tot = copy.tot_len, new_tot = bpf_htons(bpf_ntohs(old_tot) + grow);
+		__u32 sum = (__u16)~copy.check + (__u16)~old_tot + new_tot;
+		sum = (sum & 0xffff) + (sum >> 16);
+		sum = (sum & 0xffff) + (sum >> 16);
+		copy.tot_len = new_tot;
+		copy.check = ~sum;
+		if (bpf_skb_store_bytes(skb, p->l3, &copy, sizeof(copy), 0) < 0)
 			return -1;
-		/* The data offset shares a 16-bit word with the flags. */
-		__u16 word;
-		if (bpf_skb_load_bytes(skb, p->l4 + 12, &word, 2) < 0)
+	} else {
+		__u16 new_payload = bpf_htons(tcp_len + grow);
+		if (bpf_skb_store_bytes(skb, p->l3 + offsetof(struct ipv6hdr, payload_len), &new_payload, 2, 0) < 0)
 			return -1;
-		__u16 new_word = (word & bpf_htons(0x0fff)) | bpf_htons(((__u32)(20 + len) >> 2) << 12);
-		if (bpf_skb_store_bytes(skb, p->l4 + 12, &new_word, 2, 0) < 0)
-			return -1;
-		if (bpf_l4_csum_replace(skb, csum_at, word, new_word, 2) < 0)
-			return -1;
-		/* The TCP length is in the pseudo header. */
-		if (bpf_l4_csum_replace(skb, csum_at, bpf_htons(tcp_len), bpf_htons(tcp_len + grow),
-					BPF_F_PSEUDO_HDR | 2) < 0)
-			return -1;
-		if (p->family == 4) {
-			__u32 ip_len = p->end - p->l3;
-			__u16 old_tot = bpf_htons(ip_len), new_tot = bpf_htons(ip_len + grow);
-			if (bpf_skb_store_bytes(skb, p->l3 + offsetof(struct iphdr, tot_len), &new_tot, 2, 0) < 0)
-				return -1;
-			if (bpf_l3_csum_replace(skb, p->l3 + offsetof(struct iphdr, check), old_tot, new_tot, 2) < 0)
-				return -1;
-		} else {
-			__u16 new_payload = bpf_htons(tcp_len + grow);
-			if (bpf_skb_store_bytes(skb, p->l3 + offsetof(struct ipv6hdr, payload_len), &new_payload, 2,
-						0) < 0)
-				return -1;
-		}
 	}
-	/* The options on the wire (zero padded) against the new area: the sum of what changed. */
-	return rewrite_options(skb, p->l4 + 20, csum_at, s->opts, s->area, len);
+	if (bpf_skb_store_bytes(skb, p->l4 + 12, s->toa, SIZE64(8 + len), 0) < 0)
+		return -1;
+	/* The data: the options, and the data offset word. */
+	__u32 diff = options_diff(s->opts, s->area);
+	__u64 acc = (__u64)diff + new_word + (__u16)~old_word;
+	acc = (acc & 0xffffffff) + (acc >> 32);
+	if (bpf_l4_csum_replace(skb, csum_at, 0, (__u32)acc, 0) < 0)
+		return -1;
+	/* The TCP length is in the pseudo header. */
+	return bpf_l4_csum_replace(skb, csum_at, bpf_htons(tcp_len), bpf_htons(tcp_len + grow), BPF_F_PSEUDO_HDR | 2);
 }
 
 static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, const struct listener *l,
@@ -563,20 +659,13 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 		cur.placement = l->placement;
 		cur.kind = p->family == 4 ? l->kind4 : l->kind6;
 		cur.len = p->family == 4 ? 8 : 20;
-		if (bpf_map_update_elem(&toa_lb_flows, &key, &cur, BPF_NOEXIST) == 0) {
-			if (!admit(l->slot)) {
-				bpf_map_delete_elem(&toa_lb_flows, &key);
+		f = flow_find(&key, cfg);
+		if (f && f->isn == p->seq) {
+			cur = *f; /* a retransmission: the flow keeps what its first SYN had */
+		} else { /* a new connection (perhaps from a port used before) */
+			if (!admit(l->slot))
 				return TC_ACT_SHOT;
-			}
-		} else {
-			f = bpf_map_lookup_elem(&toa_lb_flows, &key);
-			if (f && f->isn == p->seq) {
-				cur = *f; /* a retransmission: the flow keeps what its first SYN had */
-			} else { /* the port again, a new connection */
-				if (!admit(l->slot))
-					return TC_ACT_SHOT;
-				bpf_map_update_elem(&toa_lb_flows, &key, &cur, BPF_ANY);
-			}
+			flow_put(&key, &cur, cfg);
 		}
 		want = cur.placement & PLACE_SYN;
 	} else {
@@ -586,11 +675,11 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 		if (!candidate && !(p->flags & (F_FIN | F_RST)))
 			return TC_ACT_OK;
 		flow_key_of(&key, p, 1);
-		f = bpf_map_lookup_elem(&toa_lb_flows, &key);
+		f = flow_find(&key, cfg);
 		if (!f)
 			return TC_ACT_OK;
 		if (p->flags & (F_FIN | F_RST)) {
-			bpf_map_delete_elem(&toa_lb_flows, &key);
+			flow_forget(&key, cfg);
 			return TC_ACT_OK;
 		}
 		cur = *f;
@@ -624,16 +713,16 @@ static __always_inline int udp_ingress(struct __sk_buff *skb, const struct pkt *
 	struct flow_key key;
 	flow_key_of(&key, p, 1);
 	__u64 now = bpf_ktime_get_ns();
-	struct flow *f = bpf_map_lookup_elem(&toa_lb_flows, &key);
+	struct flow *f = flow_find(&key, cfg);
 	if (f && now - f->seen < cfg->udp_timeout_ns) {
-		/* Refreshed at most every 100 ms: a map write per datagram costs. */
+		/* Refreshed at most every 100 ms: a write per datagram costs. */
 		if (now - f->seen > 100000000ULL)
 			f->seen = now;
 	} else {
 		if (!admit(l->slot))
 			return TC_ACT_SHOT;
 		struct flow cur = {.seen = now, .slot = l->slot, .placement = l->placement};
-		bpf_map_update_elem(&toa_lb_flows, &key, &cur, BPF_ANY);
+		flow_put(&key, &cur, cfg);
 	}
 	if (l->mode == MODE_TRANSPARENT && cfg->transparent_mark)
 		skb->mark |= cfg->transparent_mark;
@@ -673,13 +762,17 @@ int toa_lb_egress(struct __sk_buff *skb)
 	__u32 payload = p.end - p.l4 - p.hlen;
 	if (!synack) {
 		__u32 zero = 0;
-		const struct config *cfg = bpf_map_lookup_elem(&toa_lb_config, &zero);
-		if (!payload || !cfg || !(cfg->flags & CFG_DATA_PLACEMENT))
+		const struct config *c = bpf_map_lookup_elem(&toa_lb_config, &zero);
+		if (!payload || !c || !(c->flags & CFG_DATA_PLACEMENT))
 			return TC_ACT_OK;
 	}
+	__u32 zero = 0;
+	const struct config *cfg = bpf_map_lookup_elem(&toa_lb_config, &zero);
+	if (!cfg)
+		return TC_ACT_OK;
 	struct flow_key key;
 	flow_key_of(&key, &p, 0);
-	struct flow *f = bpf_map_lookup_elem(&toa_lb_flows, &key);
+	struct flow *f = flow_find(&key, cfg);
 	if (!f)
 		return TC_ACT_OK;
 	if (payload)

@@ -57,7 +57,7 @@ pub struct AttachOptions {
     pub format: Format,
     /// Which segments carry it.
     pub placement: Placement,
-    /// Flows remembered between SYN and handshake ACK (LRU).
+    /// Flows remembered between SYN and handshake ACK (slots of a direct-mapped table).
     pub flows: u32,
     /// Where to pin (default [`PIN_DIR`]).
     pub pin_dir: PathBuf,

@@ -453,6 +453,8 @@ pub(crate) mod bpf {
         pub(crate) transparent_mark: u32,
         pub(crate) flags: u32,
         pub(crate) udp_timeout_ns: u64,
+        pub(crate) flow_mask: u32,
+        pub(crate) pad: u32,
         pub(crate) kind_formats: [u8; 256],
     }
 

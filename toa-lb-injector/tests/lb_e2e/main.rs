@@ -122,7 +122,16 @@ impl Drop for Testbed {
 struct Lb(Child, Arc<Mutex<String>>);
 
 impl Drop for Lb {
+    /// SIGTERM, so that it cleans up after itself (the kernel datapath's state
+    /// file would outlive the namespace otherwise); SIGKILL if it hangs.
     fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -6,6 +6,11 @@
 //! undone at exit. A run that crashed leaves its file; the next start in
 //! that namespace undoes what it lists. An address that was already there
 //! is not added, so it is never removed; a sysctl goes back to the value it had.
+//!
+//! One `toa-lb` per namespace: a lock (`netns-<inode>.lock`, held while it
+//! runs, released by the kernel however it ends) keeps a second one from
+//! undoing the first one's changes. The files of namespaces that no longer
+//! exist (the inode is free for another) are removed at start.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -66,6 +71,9 @@ pub enum HostError {
     /// A command or a sysctl.
     #[error("{0}")]
     Change(String),
+    /// Another toa-lb runs in this network namespace.
+    #[error("another toa-lb is running in this network namespace ({0} is locked): stop it first")]
+    Running(String),
 }
 
 /// The changes this run made, kept in the state file as they happen.
@@ -73,14 +81,52 @@ pub enum HostError {
 pub struct Host {
     path: PathBuf,
     done: Vec<Change>,
+    /// Held while this run lives.
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
-/// The state file of this network namespace.
-fn state_path() -> PathBuf {
-    let ns =
-        std::fs::read_link("/proc/self/ns/net").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    let inode: String = ns.chars().filter(char::is_ascii_digit).collect();
-    PathBuf::from(STATE_DIR).join(format!("netns-{inode}.state"))
+/// The inode of a network namespace file (`net:[4026531840]`).
+fn netns_inode(link: &std::path::Path) -> Option<u64> {
+    let text = std::fs::read_link(link).ok()?.to_string_lossy().into_owned();
+    text.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// This network namespace's inode.
+fn this_netns() -> u64 {
+    netns_inode(std::path::Path::new("/proc/self/ns/net")).unwrap_or(0)
+}
+
+/// The inodes of every network namespace that exists: any process's, and
+/// those `ip netns` keeps (bind mounts under /run/netns).
+fn live_netns() -> std::collections::HashSet<u64> {
+    let mut live = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Some(inode) = netns_inode(&entry.path().join("ns/net")) {
+            live.insert(inode);
+        }
+    }
+    for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        if let Ok(meta) = std::fs::metadata(entry.path()) {
+            live.insert(std::os::unix::fs::MetadataExt::ino(&meta));
+        }
+    }
+    live
+}
+
+/// Removes the state and lock files of namespaces that are gone (their
+/// addresses and sysctls went with them).
+fn remove_dead_files() {
+    let live = live_netns();
+    for entry in std::fs::read_dir(STATE_DIR).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let inode = name
+            .strip_prefix("netns-")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        if inode.is_some_and(|i| !live.contains(&i)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn ip(args: &[&str]) -> Result<(), HostError> {
@@ -129,7 +175,19 @@ impl Host {
     /// Undoes what a crashed run in this namespace left (its state file),
     /// then starts a new record. Returns what was undone.
     pub fn recover() -> Result<(Host, Vec<Change>), HostError> {
-        let path = state_path();
+        std::fs::create_dir_all(STATE_DIR).map_err(|e| HostError::State(STATE_DIR.into(), e))?;
+        let inode = this_netns();
+        let lock_path = PathBuf::from(STATE_DIR).join(format!("netns-{inode}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| HostError::State(lock_path.display().to_string(), e))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| HostError::Running(lock_path.display().to_string()))?;
+        remove_dead_files();
+        let path = PathBuf::from(STATE_DIR).join(format!("netns-{inode}.state"));
         let mut undone = Vec::new();
         if let Ok(text) = std::fs::read_to_string(&path) {
             // Last change first.
@@ -140,9 +198,8 @@ impl Host {
                 undone.push(change);
             }
         }
-        std::fs::create_dir_all(STATE_DIR).map_err(|e| HostError::State(STATE_DIR.into(), e))?;
         std::fs::write(&path, "").map_err(|e| HostError::State(path.display().to_string(), e))?;
-        Ok((Host { path, done: Vec::new() }, undone))
+        Ok((Host { path, done: Vec::new(), _lock: lock }, undone))
     }
 
     fn record(&mut self, change: Change) -> Result<(), HostError> {
@@ -226,6 +283,8 @@ impl Host {
             }
         }
         let _ = std::fs::remove_file(&self.path);
+        // (The lock file stays: removing it while another start waits on it would
+        // let two runs hold two different locks.)
         first_error.map_or(Ok(()), Err)
     }
 }

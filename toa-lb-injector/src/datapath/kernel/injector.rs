@@ -74,7 +74,8 @@ fn bpf_err<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> I
 /// How the injector is set up.
 #[derive(Clone, Copy, Debug)]
 pub struct InjectorOptions {
-    /// Flows remembered from SYN to handshake ACK (an LRU: the oldest go first).
+    /// Flows remembered from SYN to handshake ACK (and UDP flows, for the
+    /// budget): the table gets the next power of two of slots, at most 2^22.
     pub flows: u32,
     /// The skb mark bit of transparent flows (0: never set).
     pub transparent_mark: u32,
@@ -221,14 +222,17 @@ impl Injector {
     /// configuration; nothing is attached yet.
     pub fn load(options: &InjectorOptions) -> Result<Injector, InjectError> {
         preflight()?;
+        let slots = options.flows.clamp(1024, 1 << 22).next_power_of_two();
         let mut ebpf = aya::EbpfLoader::new()
-            .map_max_entries("toa_lb_flows", options.flows.max(1024))
+            .map_max_entries("toa_lb_flows", slots)
             .load(OBJECT)
             .map_err(bpf_err("load the injector's eBPF object"))?;
         let config = RawConfig {
             transparent_mark: options.transparent_mark,
             flags: if options.data_placement { CFG_DATA_PLACEMENT } else { 0 },
             udp_timeout_ns: u64::try_from(options.udp_timeout.as_nanos()).unwrap_or(u64::MAX),
+            flow_mask: slots - 1,
+            pad: 0,
             kind_formats: kind_formats(),
         };
         let mut map: Array<_, RawConfig> =
@@ -451,7 +455,7 @@ mod tests {
     fn layouts_match_the_c_structs() {
         assert_eq!(size_of::<RawKey>(), 20);
         assert_eq!(size_of::<RawListener>(), 8);
-        assert_eq!(size_of::<RawConfig>(), 16 + 256);
+        assert_eq!(size_of::<RawConfig>(), 24 + 256);
     }
 
     #[test]
