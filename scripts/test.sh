@@ -78,3 +78,17 @@ cargo test --workspace --doc --locked
 step "tests (cargo nextest)"
 [ "$(id -u)" = 0 ] || echo "note: not root, end-to-end tests that need namespaces will skip"
 cargo nextest run --workspace --locked --no-fail-fast
+
+step "the demo, twice, each on a testbed it just created"
+# A first run on a new testbed once failed quietly (issue 14); demo.sh now
+# checks every answer and exits non-zero with toa-lb's log.
+if [ "$(id -u)" = 0 ]; then
+    for run in 1 2; do
+        DEMO_PROFILE=debug ./scripts/demo.sh >/tmp/toa-demo.$$.log 2>&1 \
+            || { cat /tmp/toa-demo.$$.log; die "the demo failed (run $run)"; }
+        echo "demo run $run: ok"
+    done
+    rm -f /tmp/toa-demo.$$.log
+else
+    echo "note: not root, the demo is skipped"
+fi

@@ -97,8 +97,10 @@ enum InjectAction {
 
 fn main() -> ExitCode {
     // Structured logs on stderr; RUST_LOG=debug (or toa_lb=trace) for more.
+    // Colours only on a terminal: a log file or journald gets plain text.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
