@@ -49,7 +49,6 @@
 struct scan {
 	int stripped;  /* TOA-format options overwritten with NOPs */
 	int malformed; /* 1: an option overran the area (EOL written there) */
-	int mss_at;    /* offset of the MSS option's value, or -1 */
 };
 
 /*
@@ -73,13 +72,13 @@ static __always_inline int toa_kind(const __u8 *kind_formats, __u8 kind, __u8 le
  * Walks opts[0..len) (len <= OPT_MAX): every TOA-format option is overwritten
  * with NOPs (no size change: nothing else moves), and an option that overruns
  * the area (length < 2, or past the end) ends it: an EOL is written over its
- * kind byte, so that no reader looks past it. Records where the MSS value is.
+ * kind byte, so that no reader looks past it.
  * (One pass to find, one to write: nested loops would exhaust the verifier.)
  */
 static __always_inline void scan_options(__u8 *opts, int len, const __u8 *kind_formats, struct scan *out)
 {
 	__u64 strip = 0; /* bit k: byte k becomes a NOP */
-	int i = 0, stripped = 0, malformed_at = -1, mss_at = -1;
+	int i = 0, stripped = 0, malformed_at = -1;
 
 	for (int n = 0; n < OPT_MAX; n++) {
 		if (i >= len)
@@ -99,8 +98,6 @@ static __always_inline void scan_options(__u8 *opts, int len, const __u8 *kind_f
 		if (toa_kind(kind_formats, kind, olen)) {
 			strip |= ((1ULL << olen) - 1) << i;
 			stripped++;
-		} else if (kind == OPT_MSS && olen == 4 && mss_at < 0) {
-			mss_at = i + 2;
 		}
 		i = (i + olen) & OPT_MASK;
 	}
@@ -111,7 +108,6 @@ static __always_inline void scan_options(__u8 *opts, int len, const __u8 *kind_f
 		opts[malformed_at & OPT_MASK] = OPT_EOL;
 	out->stripped = stripped;
 	out->malformed = malformed_at >= 0;
-	out->mss_at = mss_at;
 }
 
 /*
@@ -179,10 +175,12 @@ static __always_inline int build_with_toa(const __u8 *old, int old_len, const __
 	return n;
 }
 
-/* The MSS value's offset in a well-formed options area, or -1. */
+/* The first MSS value's offset in an options area, or -1: also when an
+ * option is malformed or an MSS option has another length than 4 (left
+ * alone, as toa_core::clamp_mss refuses such a header). */
 static __always_inline int find_mss(const __u8 *opts, int len)
 {
-	int i = 0;
+	int i = 0, at = -1;
 	for (int n = 0; n < OPT_MAX; n++) {
 		if (i >= len)
 			break;
@@ -196,11 +194,15 @@ static __always_inline int find_mss(const __u8 *opts, int len)
 		__u8 olen = opts[(i + 1) & OPT_MASK];
 		if (i + 1 >= len || olen < 2 || i + olen > len)
 			return -1;
-		if (kind == OPT_MSS && olen == 4)
-			return i + 2;
+		if (kind == OPT_MSS) {
+			if (olen != 4)
+				return -1;
+			if (at < 0)
+				at = i + 2;
+		}
 		i = (i + olen) & OPT_MASK;
 	}
-	return -1;
+	return at;
 }
 
 /*

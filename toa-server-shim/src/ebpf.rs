@@ -233,6 +233,20 @@ pub fn attach(options: &AttachOptions) -> Result<PathBuf, EbpfError> {
     result.map(|()| cgroup)
 }
 
+/// The helper's table of option kinds: for each kind, a bit per enabled
+/// format (in [`Format::ALL`] order) that uses it. `find_toa` in
+/// `bpf/find_toa.h` classifies options with one lookup in it; `toa-bpf-parity`
+/// checks the pair against [`toa_core::Options::first_toa`].
+pub fn kind_formats(formats: &Formats) -> [u8; 256] {
+    let mut table = [0u8; 256];
+    for (i, format) in Format::ALL.iter().enumerate() {
+        if formats.contains(*format) {
+            table[usize::from(formats.kind(*format))] |= 1 << i;
+        }
+    }
+    table
+}
+
 fn attach_pinned(options: &AttachOptions, cgroup: &Path) -> Result<(), EbpfError> {
     let mut ebpf = aya::EbpfLoader::new()
         .default_map_pin_directory(PIN_DIR)
@@ -242,13 +256,12 @@ fn attach_pinned(options: &AttachOptions, cgroup: &Path) -> Result<(), EbpfError
     // Configuration before programs: they must never run with an empty trust map.
     let mut config = RawConfig { trust_any: u8::from(options.policy.is_any()), ..Default::default() };
     for (i, format) in Format::ALL.iter().enumerate() {
-        let kind = options.formats.kind(*format);
         if options.formats.contains(*format) {
             config.enabled |= 1 << i;
-            config.kind_formats[usize::from(kind)] |= 1 << i;
         }
-        config.kinds[i] = kind;
+        config.kinds[i] = options.formats.kind(*format);
     }
+    config.kind_formats = kind_formats(&options.formats);
     let mut config_map: Array<_, RawConfig> =
         Array::try_from(ebpf.map_mut("toa_config").ok_or_else(missing("toa_config"))?)
             .map_err(map_err("toa_config"))?;

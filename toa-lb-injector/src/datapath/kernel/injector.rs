@@ -156,8 +156,10 @@ pub fn check_interface(interface: &str) -> Result<(), InjectError> {
 }
 
 /// The option kinds the injector strips from clients: every format at its
-/// default kind, and Tencent's companions.
-fn kind_formats() -> [u8; 256] {
+/// default kind (a bit per format, in [`Format::ALL`] order), and Tencent's
+/// companions (bit 5). `scan_options` in `bpf/options.h` reads it;
+/// `toa-bpf-parity` checks the pair against [`toa_core::strip`].
+pub fn kind_formats() -> [u8; 256] {
     let mut kinds = [0u8; 256];
     let all = Formats::ALL;
     for (i, format) in Format::ALL.iter().enumerate() {
