@@ -52,6 +52,8 @@ cargo fmt --all --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 (cd fuzz && cargo clippy --locked -- -D warnings)
+# A library user of the shim compiles no BPF loader, CLI or capture code.
+cargo clippy -p toa-server-shim --no-default-features --features tokio --locked -- -D warnings
 
 if [ "$FUZZ_SECONDS" != 0 ]; then
     step "fuzz smoke: ${FUZZ_SECONDS}s per target"

@@ -12,8 +12,8 @@
 //! - [`TrustPolicy`]: the load balancers allowed to speak for a client. There
 //!   is no default; trusting anyone must be asked for ([`TrustPolicy::any`]).
 //! - The operator tool `toa-shim inspect`, which decodes the TOA in packets
-//!   from a hex string, a pcap/pcapng file or a live interface ([`inspect`],
-//!   [`capture`]).
+//!   from a hex string, a pcap/pcapng file or a live interface (`inspect`,
+//!   `capture`, feature `inspect`).
 //!
 //! ```no_run
 //! use std::io::Write;
@@ -24,11 +24,32 @@
 //! writeln!(stream, "hello {}", peer.client)?;
 //! # Ok::<_, Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # Features
+//!
+//! The default, `cli`, builds the `toa-shim` binary and everything it needs.
+//! A library user who only wants the listeners turns it off, so that no BPF
+//! loader, argument parser or capture code is compiled:
+//!
+//! ```toml
+//! toa-server-shim = { version = "0.1", default-features = false, features = ["tokio"] }
+//! ```
+//!
+//! - `tokio`, `axum`: the tokio listener, and its `axum::serve::Listener`;
+//! - `ebpf`: [`ebpf`], loading and attaching the kernel helper (aya). The
+//!   listeners read the helper's record without it;
+//! - `inspect`: [`inspect`] and [`capture`], decoding TOAs in pcap files and
+//!   live traffic;
+//! - `cli` (default): `ebpf`, `inspect` and the `toa-shim` binary.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "inspect")]
 pub mod capture;
+#[cfg(feature = "ebpf")]
 pub mod ebpf;
+mod helper;
+#[cfg(feature = "inspect")]
 pub mod inspect;
 mod listener;
 mod peer;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use toa_core::Formats;
 
-use crate::ebpf::PeerStore;
+use crate::helper::PeerStore;
 use crate::peer::{PeerInfo, Resolver, SAVED_SYN_MAX, StatsSnapshot};
 use crate::sys;
 use crate::trust::TrustPolicy;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use toa_core::{Formats, TcpPacket, Toa};
 
-use crate::ebpf::Stored;
+use crate::helper::Stored;
 use crate::trust::TrustPolicy;
 
 /// Where [`PeerInfo::client`] came from.

@@ -62,6 +62,7 @@ pub(crate) mod bpf {
     }
 
     /// `struct toa_config`.
+    #[cfg(feature = "ebpf")]
     #[repr(C)]
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct Config {
@@ -72,6 +73,7 @@ pub(crate) mod bpf {
         pub(crate) kind_formats: [u8; 256],
     }
 
+    #[cfg(feature = "ebpf")]
     impl Default for Config {
         fn default() -> Self {
             Config { enabled: 0, kinds: [0; 5], trust_any: 0, pad: 0, kind_formats: [0; 256] }
@@ -79,6 +81,7 @@ pub(crate) mod bpf {
     }
 
     /// `struct toa_meta`.
+    #[cfg(feature = "ebpf")]
     #[repr(C)]
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct Meta {
@@ -88,9 +91,91 @@ pub(crate) mod bpf {
     // SAFETY: plain `repr(C)` structs of integers and integer arrays, with the
     // padding spelt out as fields: every bit pattern is a valid value, and the
     // layouts match the C structs byte for byte (checked in ebpf.rs tests).
+    #[cfg(feature = "ebpf")]
     unsafe impl aya::Pod for Peer {}
     // SAFETY: as above.
+    #[cfg(feature = "ebpf")]
     unsafe impl aya::Pod for Config {}
     // SAFETY: as above.
+    #[cfg(feature = "ebpf")]
     unsafe impl aya::Pod for Meta {}
+
+    /// `BPF_OBJ_GET` and `BPF_MAP_LOOKUP_ELEM`, the two commands a listener
+    /// needs to read the helper's socket storage.
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    /// `file_flags` of `BPF_OBJ_GET`: read only.
+    const BPF_F_RDONLY: u32 = 1 << 3;
+
+    /// The `BPF_OBJ_GET` member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+
+    /// The `BPF_MAP_*_ELEM` member of `union bpf_attr`.
+    #[repr(C)]
+    struct MapElem {
+        map_fd: u32,
+        pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+
+    /// Opens a pinned map, read only.
+    pub(crate) fn open_pinned_read_only(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let attr = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: BPF_F_RDONLY };
+        // SAFETY: `attr` is a live, fully initialised prefix of `union bpf_attr`
+        // for this command and its exact size is passed (the kernel zero-fills
+        // the rest); `pathname` points to a NUL-terminated string that outlives
+        // the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET,
+                &attr as *const ObjGet,
+                size_of::<ObjGet>() as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+    }
+
+    /// The socket storage's value for socket `sock` (None: no value, or any error).
+    pub(crate) fn lookup_peer(map: std::os::fd::BorrowedFd<'_>, sock: libc::c_int) -> Option<Peer> {
+        use std::os::fd::AsRawFd;
+        let mut value = Peer::default();
+        let attr = MapElem {
+            map_fd: map.as_raw_fd() as u32,
+            pad: 0,
+            key: &sock as *const libc::c_int as u64,
+            value: &mut value as *mut Peer as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a live, fully initialised prefix of `union bpf_attr`
+        // for this command, its exact size is passed; `key` points to a live
+        // c_int (the key of a socket storage map is a socket fd) and `value`
+        // to a live `Peer`, whose size is the map's value size (44 bytes,
+        // checked against the C struct in the tests); the kernel writes
+        // exactly that many bytes there.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_ELEM,
+                &attr as *const MapElem,
+                size_of::<MapElem>() as libc::c_uint,
+            )
+        };
+        (rc == 0).then_some(value)
+    }
 }
