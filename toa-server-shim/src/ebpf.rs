@@ -11,22 +11,21 @@
 
 use std::fs;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, MapData, PerCpuArray, SkStorage};
+use aya::maps::{Array, MapData, PerCpuArray};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use ipnet::IpNet;
 use toa_core::{Format, Formats};
 
-use crate::sys::bpf::{Config as RawConfig, Meta as RawMeta, Peer as RawPeer};
+use crate::sys::bpf::{Config as RawConfig, Meta as RawMeta};
 use crate::trust::TrustPolicy;
 
 /// Where the helper's maps and links are pinned.
-pub const PIN_DIR: &str = "/sys/fs/bpf/toa";
+pub const PIN_DIR: &str = crate::helper::PIN_DIR;
 
 /// The compiled programs (`scripts/build-bpf.sh`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/toa.bpf.o");
@@ -119,6 +118,86 @@ pub struct Counters {
     pub rewritten: u64,
 }
 
+/// One of the helper's counters: its name in `status`, its Prometheus
+/// series, its help, and where it is in [`Counters`]. The one table both read.
+pub struct CounterDef {
+    /// The name in `toa-shim ebpf status`.
+    pub name: &'static str,
+    /// The Prometheus series.
+    pub metric: &'static str,
+    /// The series' help text.
+    pub help: &'static str,
+    /// Reads it.
+    pub get: fn(&Counters) -> u64,
+}
+
+impl Counters {
+    /// Every counter, in the order `status` prints them.
+    pub const TABLE: [CounterDef; 5] = [
+        CounterDef {
+            name: "found",
+            metric: "toa_shim_ebpf_found_total",
+            help: "Trusted TOAs stored for a connection.",
+            get: |c| c.found,
+        },
+        CounterDef {
+            name: "untrusted",
+            metric: "toa_shim_ebpf_untrusted_total",
+            help: "TOAs from untrusted sources, ignored.",
+            get: |c| c.untrusted,
+        },
+        CounterDef {
+            name: "malformed",
+            metric: "toa_shim_ebpf_malformed_total",
+            help: "Malformed options where a TOA was looked for.",
+            get: |c| c.malformed,
+        },
+        CounterDef {
+            name: "v6_on_v4",
+            metric: "toa_shim_ebpf_v6_on_v4_total",
+            help: "IPv6 clients on IPv4 sockets, not rewritten.",
+            get: |c| c.v6_on_v4,
+        },
+        CounterDef {
+            name: "rewritten",
+            metric: "toa_shim_ebpf_rewritten_total",
+            help: "accept()/getpeername() answers rewritten.",
+            get: |c| c.rewritten,
+        },
+    ];
+}
+
+/// The gauge that says whether the helper is attached.
+const ATTACHED: &str = "toa_shim_ebpf_attached";
+
+/// Every series [`render_metrics`] exports (the dashboard test checks its queries against it).
+pub fn metric_series() -> Vec<&'static str> {
+    let mut all = vec![ATTACHED];
+    all.extend(Counters::TABLE.iter().map(|d| d.metric));
+    all
+}
+
+/// The helper's state in the Prometheus text format: `toa_shim_ebpf_attached`
+/// (1, with the cgroup as a label, or 0 when nothing is attached) and its
+/// counters, summed over CPUs.
+pub fn render_metrics(status: Option<&Status>) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP {ATTACHED} Whether the kernel helper is attached (label: its cgroup).");
+    let _ = writeln!(out, "# TYPE {ATTACHED} gauge");
+    let Some(status) = status else {
+        let _ = writeln!(out, "{ATTACHED} 0");
+        return out;
+    };
+    let cgroup = status.cgroup.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let _ = writeln!(out, "{ATTACHED}{{cgroup=\"{cgroup}\"}} 1");
+    for def in &Counters::TABLE {
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter", def.metric, def.help, def.metric);
+        let _ = writeln!(out, "{} {}", def.metric, (def.get)(&status.counters));
+    }
+    out
+}
+
 /// What `toa-shim ebpf status` shows.
 #[derive(Clone, Debug)]
 pub struct Status {
@@ -146,12 +225,9 @@ impl std::fmt::Display for Status {
         let formats: Vec<String> =
             self.formats.iter().map(|fmt| format!("{fmt} (kind {})", self.formats.kind(fmt))).collect();
         writeln!(f, "formats: {}", formats.join(", "))?;
-        let c = self.counters;
-        write!(
-            f,
-            "counters: found={} untrusted={} malformed={} v6_on_v4={} rewritten={}",
-            c.found, c.untrusted, c.malformed, c.v6_on_v4, c.rewritten
-        )
+        let counters: Vec<String> =
+            Counters::TABLE.iter().map(|d| format!("{}={}", d.name, (d.get)(&self.counters))).collect();
+        write!(f, "counters: {}", counters.join(" "))
     }
 }
 
@@ -176,17 +252,23 @@ pub fn preflight() -> Result<(), EbpfError> {
 /// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup`, or
 /// `/sys/fs/cgroup/unified` on hybrid systems).
 pub fn cgroup2_root() -> Result<PathBuf, EbpfError> {
+    cgroup2_mounts()?.into_iter().min_by_key(|p| p.as_os_str().len()).ok_or(EbpfError::NoCgroup2)
+}
+
+/// Every cgroup v2 mount point. In a container there are often two: its own
+/// cgroup namespace at /sys/fs/cgroup, and the node's tree mounted by the
+/// operator (the DaemonSet's /host/sys/fs/cgroup).
+fn cgroup2_mounts() -> Result<Vec<PathBuf>, EbpfError> {
     let mounts =
         fs::read_to_string("/proc/mounts").map_err(|e| EbpfError::Io("read /proc/mounts".into(), e))?;
-    mounts
+    Ok(mounts
         .lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
             let (_, path, kind) = (fields.next()?, fields.next()?, fields.next()?);
             (kind == "cgroup2").then(|| PathBuf::from(path))
         })
-        .min_by_key(|p| p.as_os_str().len())
-        .ok_or(EbpfError::NoCgroup2)
+        .collect())
 }
 
 /// Mounts bpffs at /sys/fs/bpf when it is not.
@@ -213,7 +295,8 @@ pub fn attach(options: &AttachOptions) -> Result<PathBuf, EbpfError> {
     let cgroup = options.cgroup.clone().unwrap_or_else(|| root.clone());
     let cgroup =
         fs::canonicalize(&cgroup).map_err(|e| EbpfError::Io(format!("cgroup {}", cgroup.display()), e))?;
-    if !cgroup.starts_with(&root) || !cgroup.join("cgroup.procs").exists() {
+    let under_a_mount = cgroup2_mounts()?.iter().any(|mount| cgroup.starts_with(mount));
+    if !under_a_mount || !cgroup.join("cgroup.procs").exists() {
         return Err(EbpfError::NotACgroup(cgroup, root));
     }
     ensure_bpffs()?;
@@ -409,74 +492,10 @@ pub fn detach() -> Result<usize, EbpfError> {
     Ok(removed)
 }
 
-/// The helper's per-socket storage, for [`crate::ToaListener`] in auto mode.
-pub(crate) struct PeerStore {
-    map: SkStorage<MapData, RawPeer>,
-}
-
-impl std::fmt::Debug for PeerStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PeerStore")
-    }
-}
-
-/// What the helper knows about one socket.
-pub(crate) enum Stored {
-    /// A trusted TOA: the client and the real peer.
-    Client { client: SocketAddr, lb: SocketAddr },
-    /// The helper saw the connection but found no trusted TOA (yet).
-    Nothing { lb: SocketAddr },
-}
-
-impl PeerStore {
-    /// Opens the pinned storage, when the helper is attached and readable.
-    pub(crate) fn open() -> Option<PeerStore> {
-        let data = MapData::from_pin(Path::new(PIN_DIR).join("toa_peers")).ok()?;
-        let map = SkStorage::try_from(aya::maps::Map::SkStorage(data)).ok()?;
-        Some(PeerStore { map })
-    }
-
-    /// The helper's record of the accepted socket `fd` (None: the socket is
-    /// not in the helper's cgroup, or the helper came after the connection).
-    pub(crate) fn get(&self, fd: &impl AsRawFd, local_v6: bool) -> Option<Stored> {
-        let raw = self.map.get(fd, 0).ok()?;
-        let lb_ip = Ipv6Addr::from(u128::from_be_bytes(words_to_bytes(raw.lb_addr)));
-        let lb_port = u16::from_be(raw.lb_port);
-        let lb = match (lb_ip.to_ipv4_mapped(), local_v6) {
-            (Some(v4), false) => SocketAddr::new(IpAddr::V4(v4), lb_port),
-            _ => SocketAddr::V6(SocketAddrV6::new(lb_ip, lb_port, 0, 0)),
-        };
-        const ST_FOUND: u8 = 2;
-        if raw.state != ST_FOUND {
-            return Some(Stored::Nothing { lb });
-        }
-        let port = u16::from_be(raw.port);
-        let client = if raw.family == 2 {
-            let v4 = Ipv4Addr::from(raw.addr[0].to_ne_bytes());
-            if local_v6 {
-                SocketAddr::V6(SocketAddrV6::new(v4.to_ipv6_mapped(), port, 0, 0))
-            } else {
-                SocketAddr::new(IpAddr::V4(v4), port)
-            }
-        } else {
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(words_to_bytes(raw.addr))), port)
-        };
-        Some(Stored::Client { client, lb })
-    }
-}
-
-/// Network-order words as stored by the kernel, back to bytes.
-fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
-    let mut bytes = [0u8; 16];
-    for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    bytes
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::bpf::Peer as RawPeer;
 
     #[test]
     fn layouts_match_the_c_structs() {
@@ -493,6 +512,38 @@ mod tests {
         assert_eq!(Ipv6Addr::from(key).to_string(), "::ffff:100.125.0.0");
         let (prefix, _) = trie_key(&"2001:db8::/32".parse().unwrap());
         assert_eq!(prefix, 32);
+    }
+
+    #[test]
+    fn metrics_name_every_counter_once() {
+        assert_eq!(
+            render_metrics(None),
+            format!(
+                "# HELP {ATTACHED} Whether the kernel helper is attached (label: its cgroup).\n# TYPE {ATTACHED} gauge\n{ATTACHED} 0\n"
+            )
+        );
+        let status = Status {
+            cgroup: "/sys/fs/cgroup/a \"b\"".into(),
+            trust: vec!["100.125.0.0/16".parse().unwrap()],
+            trust_any: false,
+            formats: Formats::default(),
+            counters: Counters { found: 1, untrusted: 2, malformed: 3, v6_on_v4: 4, rewritten: 5 },
+        };
+        let text = render_metrics(Some(&status));
+        assert!(text.contains("toa_shim_ebpf_attached{cgroup=\"/sys/fs/cgroup/a \\\"b\\\"\"} 1\n"), "{text}");
+        for (def, value) in Counters::TABLE.iter().zip(1..) {
+            assert_eq!(text.matches(&format!("# TYPE {} counter\n", def.metric)).count(), 1, "{text}");
+            assert!(text.contains(&format!("\n{} {value}\n", def.metric)), "{text}");
+        }
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(['{', ' ']).next().unwrap())
+            .collect();
+        assert_eq!(samples, metric_series());
+        assert!(
+            status.to_string().ends_with("counters: found=1 untrusted=2 malformed=3 v6_on_v4=4 rewritten=5")
+        );
     }
 
     #[test]

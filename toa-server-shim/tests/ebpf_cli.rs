@@ -37,6 +37,31 @@ fn programs_loaded() -> bool {
 /// Detaches on drop, also when the test fails.
 struct Cleanup;
 
+/// Runs `toa-shim ebpf metrics` on a loopback port and returns one scrape.
+fn scrape_metrics() -> String {
+    use std::io::{Read, Write};
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_toa-shim"))
+        .args(["ebpf", "metrics", "--listen", &addr])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn metrics");
+    let mut line = String::new();
+    BufReader::new(server.stderr.take().expect("piped")).read_line(&mut line).expect("read");
+    assert!(line.contains(&format!("serving the helper's metrics on http://{addr}/metrics")), "{line}");
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect to the metrics endpoint");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = toa_shim(&["ebpf", "detach"]);
@@ -92,6 +117,17 @@ fn attach_status_detach() {
     assert!(shown.contains("counters: found=0 untrusted=0 malformed=0 v6_on_v4=0 rewritten=0"), "{shown}");
     assert!(programs_loaded());
 
+    // The same counters for Prometheus: a textfile, and over HTTP on loopback.
+    let dir = std::env::temp_dir().join(format!("toa-metrics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = toa_shim(&["ebpf", "metrics", "--textfile", dir.to_str().unwrap(), "--once"]);
+    assert!(out.status.success(), "{out:?}");
+    let file = std::fs::read_to_string(dir.join("toa_shim.prom")).unwrap();
+    assert!(file.contains(&format!("toa_shim_ebpf_attached{{cgroup=\"{path}\"}} 1\n")), "{file}");
+    assert!(file.contains("\ntoa_shim_ebpf_found_total 0\n"), "{file}");
+    let served = scrape_metrics();
+    assert_eq!(served, file, "the textfile and the endpoint say the same");
+
     // Only root may look.
     let nobody = Command::new("setpriv")
         .args([
@@ -116,6 +152,12 @@ fn attach_status_detach() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("not attached"));
     assert_eq!(text(&toa_shim(&["ebpf", "detach"]).stdout), "nothing attached\n");
+    // Nothing attached is a value (0), not an error.
+    let out = toa_shim(&["ebpf", "metrics", "--textfile", dir.to_str().unwrap(), "--once"]);
+    assert!(out.status.success(), "{out:?}");
+    let file = std::fs::read_to_string(dir.join("toa_shim.prom")).unwrap();
+    assert!(file.ends_with("\ntoa_shim_ebpf_attached 0\n"), "{file}");
+    std::fs::remove_dir_all(&dir).unwrap();
 
     // Killed halfway: maps pinned, no program attached yet.
     let mut child = Command::new(env!("CARGO_BIN_EXE_toa-shim"))

@@ -39,6 +39,26 @@ enum EbpfCommand {
     Status,
     /// Detach the helper and remove every pin (also after an interrupted attach).
     Detach,
+    /// Serve the helper's counters to Prometheus, or write them for node_exporter (root).
+    Metrics(MetricsArgs),
+}
+
+#[derive(Args)]
+struct MetricsArgs {
+    /// Serve `GET /metrics` here (default 127.0.0.1:9948 unless only --textfile is given).
+    /// Loopback by default: put a non-loopback address only where the network is trusted.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Also (or only) write DIR/toa_shim.prom for node_exporter's textfile collector,
+    /// atomically, every --interval.
+    #[arg(long, value_name = "DIR")]
+    textfile: Option<PathBuf>,
+    /// How often the textfile is rewritten (e.g. 15s).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    interval: Duration,
+    /// With --textfile: write it once and exit.
+    #[arg(long, requires = "textfile")]
+    once: bool,
 }
 
 #[derive(Args)]
@@ -152,6 +172,7 @@ fn ebpf(command: EbpfCommand) -> ExitCode {
             0 => println!("nothing attached"),
             n => println!("detached: removed {n} pins under {}", ebpf::PIN_DIR),
         }),
+        EbpfCommand::Metrics(args) => return metrics(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,6 +181,99 @@ fn ebpf(command: EbpfCommand) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The helper's metrics now: `attached 0` when nothing is attached.
+fn render_metrics() -> Result<String, toa_server_shim::ebpf::EbpfError> {
+    use toa_server_shim::ebpf;
+    match ebpf::status() {
+        Ok(status) => Ok(ebpf::render_metrics(Some(&status))),
+        Err(ebpf::EbpfError::NotAttached) => Ok(ebpf::render_metrics(None)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes DIR/toa_shim.prom through a temporary file and a rename, so that
+/// node_exporter never reads half of it.
+fn write_textfile(dir: &std::path::Path) -> Result<(), String> {
+    let text = render_metrics().map_err(|e| e.to_string())?;
+    let tmp = dir.join(".toa_shim.prom.tmp");
+    std::fs::write(&tmp, text).map_err(|e| format!("write {}: {e}", tmp.display()))?;
+    let path = dir.join("toa_shim.prom");
+    std::fs::rename(&tmp, &path).map_err(|e| format!("rename to {}: {e}", path.display()))
+}
+
+fn metrics(args: MetricsArgs) -> ExitCode {
+    // Fail at start on what would fail every scrape (not root, unreadable pins).
+    if let Err(e) = render_metrics() {
+        eprintln!("toa-shim: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(dir) = &args.textfile {
+        if let Err(e) = write_textfile(dir) {
+            eprintln!("toa-shim: {e}");
+            return ExitCode::FAILURE;
+        }
+        if args.once {
+            return ExitCode::SUCCESS;
+        }
+    }
+    let listen = match (args.listen, &args.textfile) {
+        (Some(addr), _) => Some(addr),
+        (None, None) => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9948))),
+        (None, Some(_)) => None,
+    };
+    if let Some(dir) = args.textfile.clone() {
+        let interval = args.interval;
+        let file = dir.join("toa_shim.prom");
+        let writer = std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                if let Err(e) = write_textfile(&dir) {
+                    eprintln!("toa-shim: {e}");
+                }
+            }
+        });
+        if listen.is_none() {
+            eprintln!("toa-shim: writing {} every {interval:?}", file.display());
+            let _ = writer.join();
+            return ExitCode::FAILURE;
+        }
+    }
+    let Some(addr) = listen else { return ExitCode::SUCCESS };
+    let listener = match std::net::TcpListener::bind(addr) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("toa-shim: listen on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !addr.ip().is_loopback() {
+        eprintln!("toa-shim: note: {addr} is not loopback; the counters are readable from other hosts");
+    }
+    eprintln!("toa-shim: serving the helper's metrics on http://{addr}/metrics");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        // One short request at a time: a scraper, not the world.
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        let mut request = String::new();
+        let _ = io::BufRead::read_line(&mut io::BufReader::new(&stream), &mut request);
+        let (status, body) = if !request.starts_with("GET /metrics ") {
+            ("404 Not Found", "try /metrics\n".to_owned())
+        } else {
+            match render_metrics() {
+                Ok(text) => ("200 OK", text),
+                Err(e) => ("500 Internal Server Error", format!("{e}\n")),
+            }
+        };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    ExitCode::FAILURE
 }
 
 /// Prints records as they come; keeps the summary.
