@@ -272,3 +272,79 @@ fn unmodified_servers_see_the_client() {
     assert_eq!(answers(&bed, &[conn]), ["client=100.125.0.1:20030 lb=100.125.0.1:20030 source=none\n"]);
     let _ = http.0.stderr.take().map(|mut e| e.read(&mut [0u8; 1]));
 }
+
+/// Kubernetes' shape: the helper attached once at a parent cgroup (as the
+/// DaemonSet does at the node's root, or at kubepods.slice) serves servers
+/// in nested child cgroups that each live in their own network namespace
+/// with their own veth and the same addresses. A pod outside the parent is
+/// untouched.
+#[test]
+fn pods_in_nested_cgroups_and_their_own_namespaces() {
+    require_root!();
+    let _lock = toa_testkit::helper_lock();
+    if ebpf::is_attached() {
+        eprintln!("SKIP: the kernel helper is attached on this machine; not touching it");
+        return;
+    }
+    let kubepods = Cgroup::new("kubepods");
+    let burstable = kubepods.child("burstable");
+    let pod_a = burstable.child("pod-a");
+    let pod_b = kubepods.child("pod-b");
+    let elsewhere = Cgroup::new("not-a-pod");
+    // As the DaemonSet does: the node's cgroup tree mounted a second time
+    // (its /host/sys/fs/cgroup), in a mount namespace of its own, and the
+    // attach made through that path.
+    let toa_shim = std::path::Path::new(env!("CARGO_BIN_EXE_whoami")).with_file_name("toa-shim");
+    assert!(toa_shim.exists(), "{} is not built (cargo build -p toa-server-shim)", toa_shim.display());
+    let root = toa_testkit::cgroup::root();
+    let relative = kubepods.path().strip_prefix(&root).unwrap().display().to_string();
+    let host = format!("/tmp/toa-host-cgroup-{}", std::process::id());
+    let script = format!(
+        "mkdir -p {host} && mount -t cgroup2 none {host} && exec \"$0\" ebpf attach --cgroup {host}/{relative} --trust-preset huawei-elb"
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(&toa_shim)
+        .output()
+        .expect("unshare");
+    let _ = std::fs::remove_dir(&host);
+    let _attached = Attached;
+    assert!(out.status.success(), "attach through a second cgroup2 mount: {out:?}");
+
+    let whoami = env!("CARGO_BIN_EXE_whoami");
+    let args = ["--listen", "192.0.2.10:8080", "--source", "none", "--trust", "huawei-elb"];
+    let pods = [(&pod_a, "pod-a", "203.0.113.21:41000"), (&pod_b, "pod-b", "203.0.113.22:42000")];
+    let beds: Vec<Bed> = pods.iter().map(|(_, tag, _)| Bed::new(tag)).collect();
+    let outside_bed = Bed::new("not-a-pod");
+    let mut servers = Vec::new();
+    for ((cgroup, _, _), bed) in pods.iter().zip(&beds) {
+        servers.push(spawn(cgroup.command_in(bed.ns.name(), whoami, &args)));
+    }
+    servers.push(spawn(elsewhere.command_in(outside_bed.ns.name(), whoami, &args)));
+    for bed in beds.iter().chain([&outside_bed]) {
+        wait_listening(bed, 8080);
+    }
+
+    let server = sock(SERVER_V4, 8080);
+    for (i, ((_, tag, client), bed)) in pods.iter().zip(&beds).enumerate() {
+        let port = 21000 + i as u16;
+        // Each pod twice: TOA in the SYN, and in the handshake's ACK only.
+        let conns = [
+            Conn::new(sock(LB_V4, port), server).toa_in_syn(&toa(Format::Toa, client)),
+            Conn::new(sock(LB_V4, port + 100), server).toa_in_ack(&toa(Format::Toa, client)),
+        ];
+        for answer in answers(bed, &conns) {
+            assert_eq!(answer.trim_end(), format!("client={client} lb={client} source=none"), "{tag}");
+        }
+    }
+    let conn = Conn::new(sock(LB_V4, 21999), server).toa_in_ack(&toa(Format::Toa, "203.0.113.23:43000"));
+    assert_eq!(
+        answers(&outside_bed, &[conn]),
+        ["client=100.125.0.1:21999 lb=100.125.0.1:21999 source=none\n"],
+        "a server outside the parent cgroup is untouched"
+    );
+    let status = ebpf::status().expect("status");
+    assert_eq!(status.counters.found, 4, "{status}");
+    assert_eq!(status.counters.rewritten, 4, "{status}");
+    drop(servers);
+}

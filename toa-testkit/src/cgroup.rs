@@ -31,6 +31,14 @@ impl Cgroup {
         Cgroup { path }
     }
 
+    /// Creates `NAME` inside this cgroup, as Kubernetes nests a pod's cgroup
+    /// under `kubepods.slice`. Drop it before its parent.
+    pub fn child(&self, name: &str) -> Cgroup {
+        let path = self.path.join(name);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        Cgroup { path }
+    }
+
     /// The cgroup's directory.
     pub fn path(&self) -> &Path {
         &self.path
