@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one test command. On a fresh Debian 12 machine as root it installs what
-# is missing, then runs: a check that the committed eBPF object is current,
-# rustfmt, clippy -D warnings, a fuzz smoke of every
-# cargo-fuzz target, the doctests, and the whole test suite (unit, property,
-# golden and end-to-end tests) with cargo-nextest, whose summary ends the output.
+# is missing, then runs: a check that the committed eBPF objects are current,
+# rustfmt, clippy -D warnings, a fuzz smoke of every cargo-fuzz target, the
+# docs (no warnings) and doctests, `cargo publish --dry-run` of toa-core, the
+# whole test suite (unit, property, golden and end-to-end tests) with
+# cargo-nextest, the demo twice, and the Debian package built, installed and
+# removed (scripts/package.sh --test).
 #
 # FUZZ_SECONDS (default 30) sets the fuzz time per target; 0 skips the smoke.
 set -euo pipefail
@@ -74,8 +76,12 @@ if [ "$FUZZ_SECONDS" != 0 ]; then
     done
 fi
 
-step "doctests"
+step "docs (no warnings) and doctests"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 cargo test --workspace --doc --locked
+
+step "cargo publish --dry-run -p toa-core"
+cargo publish --dry-run -p toa-core --locked --quiet
 
 step "tests (cargo nextest)"
 [ "$(id -u)" = 0 ] || echo "note: not root, end-to-end tests that need namespaces will skip"
@@ -93,4 +99,11 @@ if [ "$(id -u)" = 0 ]; then
     rm -f /tmp/toa-demo.$$.log
 else
     echo "note: not root, the demo is skipped"
+fi
+
+step "the Debian package: built, installed, removed, nothing left; cargo install --path"
+if [ "$(id -u)" = 0 ]; then
+    ./scripts/package.sh --test
+else
+    echo "note: not root, the package test is skipped"
 fi

@@ -2,12 +2,12 @@
 
 use clap::Args;
 use toa_core::{Format, Formats};
-use toa_server_shim::{Config, Mode, NoTrustConfigured, TrustPolicy, TrustedSources};
+use toa_server_shim::{Config, Mode, NoTrustConfigured, ProxyProtocol, TrustPolicy, TrustedSources};
 
 /// The options of `whoami` and `whoami-http`.
 #[derive(Args, Debug)]
 pub struct Options {
-    /// Address to listen on, e.g. 0.0.0.0:8080 or [::]:8080.
+    /// Address to listen on, e.g. `0.0.0.0:8080` or `[::]:8080`.
     #[arg(long)]
     pub listen: String,
     /// A trusted load-balancer source: CIDR, address or `huawei-elb` (repeatable).
@@ -22,6 +22,9 @@ pub struct Options {
     /// TOA formats to accept, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "toa,toa6")]
     pub formats: Vec<Format>,
+    /// Read a PROXY protocol header (v1 or v2) from trusted peers: off, optional or required.
+    #[arg(long, default_value = "off")]
+    pub proxy_protocol: ProxyProtocol,
 }
 
 impl Options {
@@ -42,6 +45,6 @@ impl Options {
             TrustPolicy::new(self.trust.iter().cloned().collect())?
         };
         let formats = self.formats.iter().fold(Formats::NONE, |f, format| f.with(*format));
-        Ok(Config::new(policy).formats(formats).mode(self.source))
+        Ok(Config::new(policy).formats(formats).mode(self.source).proxy_protocol(self.proxy_protocol))
     }
 }

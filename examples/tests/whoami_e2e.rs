@@ -122,6 +122,100 @@ fn whoami_http_through_axum() {
 }
 
 #[test]
+fn whoami_proxy_protocol() {
+    require_root!();
+    let bed = Bed::new("whoami-proxy");
+    let v2 = {
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+        h.extend_from_slice(&[203, 0, 113, 8, 192, 0, 2, 10, 0x9c, 0x41, 0x1f, 0x90]);
+        h
+    };
+    for (runtime, port) in [("std", 8082), ("tokio", 8083)] {
+        let listen = format!("{SERVER_V4}:{port}");
+        let args = [
+            "--listen",
+            &listen,
+            "--trust",
+            "huawei-elb",
+            "--runtime",
+            runtime,
+            "--proxy-protocol",
+            "required",
+        ];
+        let _server = start(&bed, env!("CARGO_BIN_EXE_whoami"), &args);
+        let server = sock(SERVER_V4, port);
+        let mut conns = [Conn::new(sock(LB_V4, 13000), server), Conn::new(sock(LB_V4, 13001), server)];
+        conns[0].request = b"PROXY TCP4 203.0.113.7 192.0.2.10 40000 8080\r\n".to_vec();
+        conns[1].request = v2.clone();
+        let answers = bed.client().run(&conns, 2, Duration::from_secs(10));
+        let lines: Vec<String> =
+            answers.into_iter().map(|a| String::from_utf8(a.expect(runtime)).unwrap()).collect();
+        assert_eq!(
+            lines,
+            [
+                "client=203.0.113.7:40000 lb=100.125.0.1:13000 source=proxy-v1\n",
+                "client=203.0.113.8:40001 lb=100.125.0.1:13001 source=proxy-v2\n",
+            ],
+            "{runtime}"
+        );
+    }
+}
+
+#[test]
+fn whoami_http_x_forwarded_for() {
+    require_root!();
+    let bed = Bed::new("whoami-xff");
+    let _server = start(
+        &bed,
+        env!("CARGO_BIN_EXE_whoami-http"),
+        &["--listen", "192.0.2.10:8084", "--trust", "huawei-elb"],
+    );
+    let get = |xff: &str| format!("GET / HTTP/1.1\r\nHost: b\r\n{xff}Connection: close\r\n\r\n").into_bytes();
+    let server = sock(SERVER_V4, 8084);
+    let stranger = toa_testkit::bed::STRANGER_V4;
+    let cases = [
+        // An HTTP LB (trusted) appended the client it saw; a forged entry to its left is ignored.
+        (
+            sock(LB_V4, 14000),
+            get("X-Forwarded-For: 192.0.2.66, 203.0.113.7\r\n"),
+            "client=203.0.113.7:0 lb=100.125.0.1:14000 source=xff",
+        ),
+        // Two header lines, the right one a trusted hop.
+        (
+            sock(LB_V4, 14001),
+            get("X-Forwarded-For: 203.0.113.9:5555\r\nX-Forwarded-For: 100.125.9.9\r\n"),
+            "client=203.0.113.9:5555 lb=100.125.0.1:14001 source=xff",
+        ),
+        // From a stranger: the header is not believed.
+        (
+            sock(stranger, 14002),
+            get("X-Forwarded-For: 203.0.113.7\r\n"),
+            "client=198.51.100.9:14002 lb=198.51.100.9:14002 source=none",
+        ),
+        // Garbage: ignored.
+        (
+            sock(LB_V4, 14003),
+            get("X-Forwarded-For: 203.0.113.7, <script>\r\n"),
+            "client=100.125.0.1:14003 lb=100.125.0.1:14003 source=none",
+        ),
+    ];
+    let conns: Vec<Conn> = cases
+        .iter()
+        .map(|(src, request, _)| {
+            let mut conn = Conn::new(*src, server);
+            conn.request = request.clone();
+            conn
+        })
+        .collect();
+    let answers = bed.client().run(&conns, 4, Duration::from_secs(10));
+    for ((_, _, expect), answer) in cases.iter().zip(answers) {
+        let response = String::from_utf8(answer.expect("http response")).unwrap();
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        assert_eq!(body.trim_end(), *expect, "{response}");
+    }
+}
+
+#[test]
 fn whoami_refuses_to_start_without_trust() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_whoami"))
         .args(["--listen", "127.0.0.1:0"])

@@ -392,6 +392,14 @@ impl LbConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_packaged_example_is_valid() {
+        // deploy/debian/lb.toml is installed as /etc/toa-lb/lb.toml.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/debian/lb.toml");
+        let config = LbConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.engine.listeners.len(), 1);
+    }
+
     const GOOD: &str = r#"
 client_interface = "toa-c"
 backend_interface = "toa-b"

@@ -13,7 +13,7 @@
 //!   [`datapath::Balancer`].
 //! - [`control`]: the control socket (`toa-lb ctl`), Prometheus metrics,
 //!   health checks and reload, the same for every datapath.
-//! - [`file`]: the TOML configuration; [`inject`]: `toa-lb inject`.
+//! - [`mod@file`]: the TOML configuration; [`inject`]: `toa-lb inject`.
 // Unsafe code only in `sys` (AF_PACKET rings, batch sends, ethtool ioctls).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

@@ -53,11 +53,14 @@ mod helper;
 pub mod inspect;
 mod listener;
 mod peer;
+pub mod proxy;
 mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 pub mod trust;
+pub mod xff;
 
-pub use listener::{Config, Mode, TcpListenerExt, ToaListener};
+pub use listener::{Config, Mode, Pending, TcpListenerExt, ToaListener};
 pub use peer::{PeerInfo, Source, StatsSnapshot};
+pub use proxy::{ProxyHeader, ProxyProtocol};
 pub use trust::{NoTrustConfigured, TrustPolicy, TrustedSources};

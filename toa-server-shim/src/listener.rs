@@ -6,11 +6,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use toa_core::Formats;
 
 use crate::helper::PeerStore;
 use crate::peer::{PeerInfo, Resolver, SAVED_SYN_MAX, StatsSnapshot};
+use crate::proxy::{self, ProxyError, ProxyHeader, ProxyProtocol, Step};
 use crate::sys;
 use crate::trust::TrustPolicy;
 
@@ -71,12 +73,44 @@ pub struct Config {
     policy: TrustPolicy,
     formats: Formats,
     mode: Mode,
+    proxy: ProxyProtocol,
+    proxy_timeout: Duration,
 }
 
 impl Config {
-    /// The default formats (`toa`, `toa6`) and mode (auto), trusting `policy`.
+    /// The default formats (`toa`, `toa6`) and mode (auto), trusting
+    /// `policy`; no PROXY protocol.
     pub fn new(policy: TrustPolicy) -> Self {
-        Self { policy, formats: Formats::default(), mode: Mode::Auto }
+        Self {
+            policy,
+            formats: Formats::default(),
+            mode: Mode::Auto,
+            proxy: ProxyProtocol::Off,
+            proxy_timeout: proxy::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Whether connections start with a PROXY protocol header (v1 or v2),
+    /// honoured only from peers the trust policy trusts. With both a PROXY
+    /// header and a TOA, the header's client wins (the TOA stays in
+    /// [`PeerInfo::toa`]).
+    #[must_use]
+    pub fn proxy_protocol(mut self, setting: ProxyProtocol) -> Self {
+        self.proxy = setting;
+        self
+    }
+
+    /// The trust policy.
+    pub fn policy(&self) -> &TrustPolicy {
+        &self.policy
+    }
+
+    /// How long a connection may take to send its PROXY header (default 3 s);
+    /// then it is closed and counted.
+    #[must_use]
+    pub fn proxy_timeout(mut self, timeout: Duration) -> Self {
+        self.proxy_timeout = timeout;
+        self
     }
 
     /// The TOA formats to accept.
@@ -99,6 +133,8 @@ impl Config {
 pub(crate) struct Shared {
     resolver: Resolver,
     mode: Mode,
+    pub(crate) proxy: ProxyProtocol,
+    pub(crate) proxy_timeout: Duration,
     local_v6: bool,
     /// The kernel helper's socket storage, when it is attached and readable.
     store: Option<PeerStore>,
@@ -120,7 +156,14 @@ impl Shared {
             Mode::SavedSyn | Mode::None => None,
         };
         let resolver = Resolver { policy: config.policy, formats: config.formats, stats: Default::default() };
-        Ok(Arc::new(Shared { resolver, mode: config.mode, local_v6: local.is_ipv6(), store }))
+        Ok(Arc::new(Shared {
+            resolver,
+            mode: config.mode,
+            proxy: config.proxy,
+            proxy_timeout: config.proxy_timeout,
+            local_v6: local.is_ipv6(),
+            store,
+        }))
     }
 
     /// The peer of the accepted socket `fd`, whose real peer is `peer`.
@@ -143,6 +186,73 @@ impl Shared {
     pub(crate) fn stats(&self) -> StatsSnapshot {
         self.resolver.stats.snapshot()
     }
+
+    /// Whether the policy trusts the connection's real peer to send a PROXY header.
+    pub(crate) fn trusts(&self, info: &PeerInfo) -> bool {
+        self.resolver.policy.trusts(info.lb.ip())
+    }
+
+    /// Applies (and counts) what reading the header gave.
+    pub(crate) fn with_proxy(
+        &self,
+        info: PeerInfo,
+        read: Result<Option<ProxyHeader>, ProxyError>,
+    ) -> Result<PeerInfo, ProxyError> {
+        self.resolver.resolve_proxy(info, read, self.local_v6)
+    }
+}
+
+/// Reads the PROXY header at the start of `stream` (std, blocking, bounded
+/// by the timeout): exactly the header is consumed.
+fn read_proxy_header(
+    stream: &TcpStream,
+    shared: &Shared,
+    info: &PeerInfo,
+) -> Result<Option<ProxyHeader>, ProxyError> {
+    let peer = info.lb;
+    let trusted = shared.trusts(info);
+    let deadline = Instant::now() + shared.proxy_timeout;
+    let mut buf = vec![0u8; proxy::MAX_HEADER];
+    let mut last = usize::MAX;
+    let result = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(ProxyError::Timeout(peer, shared.proxy_timeout));
+        }
+        stream.set_read_timeout(Some(left)).map_err(|e| ProxyError::Io(peer, e))?;
+        // Required and untrusted is refused before a byte is read.
+        let seen = if shared.proxy == ProxyProtocol::Required && !trusted {
+            0
+        } else {
+            match stream.peek(&mut buf) {
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+                Err(e) => break Err(ProxyError::Io(peer, e)),
+            }
+        };
+        match proxy::step(shared.proxy, trusted, peer, &buf[..seen], seen == 0) {
+            Step::Absent => break Ok(None),
+            Step::Refuse(e) => break Err(e),
+            Step::Consume(len) => {
+                break io::Read::read_exact(&mut &*stream, &mut buf[..len])
+                    .map_err(|e| ProxyError::Io(peer, e))
+                    .and_then(|()| {
+                        proxy::parse(&buf[..len]).map(Some).map_err(|why| ProxyError::Malformed(peer, why))
+                    });
+            }
+            // The bytes so far are a header's beginning: wait for more. A
+            // peek returns at once while data is queued, so pause while
+            // nothing new came (headers come in one segment; this is rare).
+            Step::Wait => {
+                if seen == last {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                last = seen;
+            }
+        }
+    };
+    let _ = stream.set_read_timeout(None);
+    result
 }
 
 /// A TCP listener whose `accept()` returns the original client behind a TOA
@@ -180,10 +290,47 @@ impl ToaListener {
     }
 
     /// Accepts a connection and tells who is behind it.
+    ///
+    /// With [`Config::proxy_protocol`] on, this also reads the connection's
+    /// header, and a connection that is refused (untrusted, missing or
+    /// malformed header, timeout) is closed, counted, and skipped: the next
+    /// one is accepted. A peer that sends its header slowly holds this call
+    /// for up to [`Config::proxy_timeout`]; a server that must not wait
+    /// uses [`ToaListener::accept_pending`] and reads the header on the
+    /// connection's own thread.
     pub fn accept(&self) -> io::Result<(TcpStream, PeerInfo)> {
+        loop {
+            match self.accept_pending()?.finish() {
+                Ok(accepted) => return Ok(accepted),
+                Err(e) if e.get_ref().is_some_and(|inner| inner.is::<ProxyError>()) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Accepts a connection without reading its PROXY header yet: call
+    /// [`Pending::finish`] where waiting is fine (a thread of its own), so a
+    /// slow peer cannot stall the accept loop.
+    ///
+    /// ```no_run
+    /// use toa_server_shim::{Config, ProxyProtocol, ToaListener, TrustPolicy};
+    ///
+    /// let policy = TrustPolicy::new("huawei-elb".parse()?)?;
+    /// let config = Config::new(policy).proxy_protocol(ProxyProtocol::Required);
+    /// let listener = ToaListener::bind("0.0.0.0:8080", config)?;
+    /// loop {
+    ///     let pending = listener.accept_pending()?;
+    ///     std::thread::spawn(move || match pending.finish() {
+    ///         Ok((stream, peer)) => println!("{peer}"),
+    ///         Err(e) => eprintln!("{e}"), // refused: closed and counted
+    ///     });
+    /// }
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn accept_pending(&self) -> io::Result<Pending> {
         let (stream, peer) = self.inner.accept()?;
         let info = self.shared.peer_info(stream.as_fd(), peer);
-        Ok((stream, info))
+        Ok(Pending { stream, info, shared: self.shared.clone() })
     }
 
     /// An endless iterator of [`ToaListener::accept`].
@@ -204,6 +351,35 @@ impl ToaListener {
     /// The wrapped listener.
     pub fn get_ref(&self) -> &TcpListener {
         &self.inner
+    }
+}
+
+/// An accepted connection whose PROXY header (if the listener expects one)
+/// is not read yet; see [`ToaListener::accept_pending`].
+#[derive(Debug)]
+pub struct Pending {
+    stream: TcpStream,
+    info: PeerInfo,
+    shared: Arc<Shared>,
+}
+
+impl Pending {
+    /// The connection's real peer.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.info.lb
+    }
+
+    /// Reads the PROXY header (when the listener expects one; bounded in
+    /// size and by [`Config::proxy_timeout`]) and tells who is behind the
+    /// connection. A refused connection is closed and counted, and the error
+    /// says why (its inner error is a [`ProxyError`]).
+    pub fn finish(self) -> io::Result<(TcpStream, PeerInfo)> {
+        if self.shared.proxy == ProxyProtocol::Off {
+            return Ok((self.stream, self.info));
+        }
+        let read = read_proxy_header(&self.stream, &self.shared, &self.info);
+        let info = self.shared.with_proxy(self.info, read)?;
+        Ok((self.stream, info))
     }
 }
 

@@ -3,11 +3,13 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use toa_core::{Formats, TcpPacket, Toa};
 
 use crate::helper::Stored;
+use crate::proxy::{ProxyError, ProxyHeader};
 use crate::trust::TrustPolicy;
 
 /// Where [`PeerInfo::client`] came from.
@@ -17,16 +19,25 @@ pub enum Source {
     SavedSyn,
     /// A trusted TOA found by the kernel helper (eBPF).
     Ebpf,
-    /// No trusted TOA: `client` is the real peer.
+    /// A PROXY protocol v1 header from a trusted peer.
+    ProxyV1,
+    /// A PROXY protocol v2 header from a trusted peer.
+    ProxyV2,
+    /// An `X-Forwarded-For` header behind a trusted peer ([`crate::xff`]).
+    Xff,
+    /// No trusted TOA or header: `client` is the real peer.
     None,
 }
 
 impl Source {
-    /// The name used in output: `saved-syn`, `ebpf`, `none`.
+    /// The name used in output: `saved-syn`, `ebpf`, `proxy-v1`, `proxy-v2`, `xff`, `none`.
     pub fn name(self) -> &'static str {
         match self {
             Source::SavedSyn => "saved-syn",
             Source::Ebpf => "ebpf",
+            Source::ProxyV1 => "proxy-v1",
+            Source::ProxyV2 => "proxy-v2",
+            Source::Xff => "xff",
             Source::None => "none",
         }
     }
@@ -39,7 +50,7 @@ impl fmt::Display for Source {
 }
 
 /// The peer of an accepted connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PeerInfo {
     /// The original client: the TOA's address when a trusted one was found,
     /// else the real peer. A v4 TOA on an IPv6 (dual-stack) listener is given
@@ -53,12 +64,16 @@ pub struct PeerInfo {
     /// The TOA as decoded, when a trusted one was found. For an IPv6 TOA on
     /// an IPv4 listener (NAT64) this is the only faithful record of the client.
     pub toa: Option<Toa>,
+    /// The PROXY protocol header, when a trusted peer sent one (also the
+    /// LOCAL command of a health check, which leaves `client` the real peer):
+    /// its addresses and v2 TLVs.
+    pub proxy: Option<Arc<ProxyHeader>>,
 }
 
 impl PeerInfo {
     /// A peer without TOA: `client` and `lb` are both the real peer.
     pub fn direct(peer: SocketAddr) -> Self {
-        PeerInfo { client: peer, lb: peer, source: Source::None, toa: None }
+        PeerInfo { client: peer, lb: peer, source: Source::None, toa: None, proxy: None }
     }
 }
 
@@ -79,9 +94,17 @@ pub(crate) struct Stats {
     malformed: AtomicU64,
     v6_on_v4: AtomicU64,
     no_saved_syn: AtomicU64,
+    proxy_v1: AtomicU64,
+    proxy_v2: AtomicU64,
+    proxy_local: AtomicU64,
+    proxy_absent: AtomicU64,
+    proxy_untrusted: AtomicU64,
+    proxy_missing: AtomicU64,
+    proxy_malformed: AtomicU64,
+    proxy_timeout: AtomicU64,
 }
 
-/// A copy of a listener's [`Stats`].
+/// A copy of a listener's counters ([`crate::ToaListener::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
     /// Connections accepted.
@@ -99,6 +122,22 @@ pub struct StatsSnapshot {
     pub v6_on_v4: u64,
     /// Connections without a saved SYN (SYN cookies, or the option set late).
     pub no_saved_syn: u64,
+    /// PROXY protocol v1 headers honoured.
+    pub proxy_v1: u64,
+    /// PROXY protocol v2 headers honoured.
+    pub proxy_v2: u64,
+    /// Of those, LOCAL commands (health checks) and `UNKNOWN` addresses: the real peer stands.
+    pub proxy_local: u64,
+    /// `Optional`: connections without a header.
+    pub proxy_absent: u64,
+    /// Refused: a header (or, `Required`, any connection) from an untrusted peer.
+    pub proxy_untrusted: u64,
+    /// Refused: `Required`, and no header.
+    pub proxy_missing: u64,
+    /// Refused: a malformed or oversized header.
+    pub proxy_malformed: u64,
+    /// Refused: the header did not arrive in time (or the peer went away first).
+    pub proxy_timeout: u64,
 }
 
 impl Stats {
@@ -113,6 +152,14 @@ impl Stats {
             malformed: get(&self.malformed),
             v6_on_v4: get(&self.v6_on_v4),
             no_saved_syn: get(&self.no_saved_syn),
+            proxy_v1: get(&self.proxy_v1),
+            proxy_v2: get(&self.proxy_v2),
+            proxy_local: get(&self.proxy_local),
+            proxy_absent: get(&self.proxy_absent),
+            proxy_untrusted: get(&self.proxy_untrusted),
+            proxy_missing: get(&self.proxy_missing),
+            proxy_malformed: get(&self.proxy_malformed),
+            proxy_timeout: get(&self.proxy_timeout),
         }
     }
 
@@ -133,7 +180,25 @@ impl fmt::Display for StatsSnapshot {
             self.malformed,
             self.v6_on_v4,
             self.no_saved_syn
-        )
+        )?;
+        let proxy = [
+            self.proxy_v1,
+            self.proxy_v2,
+            self.proxy_local,
+            self.proxy_absent,
+            self.proxy_untrusted,
+            self.proxy_missing,
+            self.proxy_malformed,
+            self.proxy_timeout,
+        ];
+        if proxy.iter().any(|&n| n > 0) {
+            write!(
+                f,
+                " proxy_v1={} proxy_v2={} proxy_local={} proxy_absent={} proxy_untrusted={} proxy_missing={} proxy_malformed={} proxy_timeout={}",
+                proxy[0], proxy[1], proxy[2], proxy[3], proxy[4], proxy[5], proxy[6], proxy[7]
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -149,13 +214,56 @@ pub(crate) struct Resolver {
 }
 
 impl Resolver {
+    /// Applies what reading the PROXY header gave to `info` (the TOA's
+    /// verdict): a header with addresses wins over a TOA (the documented
+    /// order: it is in the stream, from the peer itself), LOCAL keeps the
+    /// real peer; a refusal is counted and returned.
+    pub(crate) fn resolve_proxy(
+        &self,
+        mut info: PeerInfo,
+        read: Result<Option<ProxyHeader>, ProxyError>,
+        local_v6: bool,
+    ) -> Result<PeerInfo, ProxyError> {
+        let header = match read {
+            Ok(Some(header)) => header,
+            Ok(None) => {
+                Stats::bump(&self.stats.proxy_absent);
+                return Ok(info);
+            }
+            Err(e) => {
+                Stats::bump(match e {
+                    ProxyError::Untrusted(_) => &self.stats.proxy_untrusted,
+                    ProxyError::Missing(_) => &self.stats.proxy_missing,
+                    ProxyError::Malformed(..) => &self.stats.proxy_malformed,
+                    ProxyError::Timeout(..) | ProxyError::Io(..) => &self.stats.proxy_timeout,
+                });
+                return Err(e);
+            }
+        };
+        Stats::bump(if header.version == 1 { &self.stats.proxy_v1 } else { &self.stats.proxy_v2 });
+        match header.addresses {
+            Some((client, _)) => {
+                info.client = match (client, local_v6) {
+                    (SocketAddr::V4(v4), true) => {
+                        SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+                    }
+                    (client, _) => client,
+                };
+                info.source = if header.version == 1 { Source::ProxyV1 } else { Source::ProxyV2 };
+            }
+            None => Stats::bump(&self.stats.proxy_local),
+        }
+        info.proxy = Some(Arc::new(header));
+        Ok(info)
+    }
+
     /// The helper's record of a socket.
     pub(crate) fn resolve_helper(&self, stored: Stored) -> PeerInfo {
         Stats::bump(&self.stats.accepted);
         match stored {
             Stored::Client { client, lb } => {
                 Stats::bump(&self.stats.toa);
-                PeerInfo { client, lb, source: Source::Ebpf, toa: None }
+                PeerInfo { client, lb, source: Source::Ebpf, toa: None, proxy: None }
             }
             Stored::Nothing { lb } => {
                 Stats::bump(&self.stats.absent);
@@ -207,7 +315,7 @@ impl Resolver {
             }
             (ip, _) => SocketAddr::new(ip, port),
         };
-        PeerInfo { client, lb: peer, source: Source::SavedSyn, toa: Some(toa) }
+        PeerInfo { client, lb: peer, source: Source::SavedSyn, toa: Some(toa), proxy: None }
     }
 }
 

@@ -56,18 +56,22 @@ fn main() -> ExitCode {
 fn serve_std(listen: &str, config: toa_server_shim::Config) -> std::io::Result<()> {
     let listener = ToaListener::bind(listen, config)?;
     eprintln!("whoami: listening on {} (std)", listener.local_addr()?);
-    for conn in listener.incoming() {
-        match conn {
-            Ok((mut stream, peer)) => {
-                // Short writes to a client that went away are its business, not ours.
-                std::thread::spawn(move || {
-                    let _ = stream.write_all(line(&peer).as_bytes());
+    loop {
+        match listener.accept_pending() {
+            // The PROXY header (if any) is read on the connection's own thread,
+            // so a slow peer holds up no one else.
+            Ok(pending) => {
+                std::thread::spawn(move || match pending.finish() {
+                    // Short writes to a client that went away are its business, not ours.
+                    Ok((mut stream, peer)) => {
+                        let _ = stream.write_all(line(&peer).as_bytes());
+                    }
+                    Err(e) => eprintln!("whoami: {e}"),
                 });
             }
             Err(e) => eprintln!("whoami: accept: {e}"),
         }
     }
-    Ok(())
 }
 
 fn serve_tokio(listen: &str, config: toa_server_shim::Config) -> std::io::Result<()> {

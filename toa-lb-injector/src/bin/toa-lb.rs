@@ -1,6 +1,8 @@
 //! `toa-lb`: a FULLNAT L4 load balancer that writes the client's address
 //! into a TOA option ("Obtain Client IP Address"), and `toa-lb inject`, the
 //! TOA injector alone for a NAT someone else runs.
+// The doc comments below are clap's help text (`[WEIGHT]` is an optional argument, not a link).
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +54,24 @@ enum Command {
     Inject {
         #[command(subcommand)]
         action: InjectAction,
+    },
+    /// Shell completions and man pages.
+    #[command(subcommand)]
+    Assets(Assets),
+}
+
+/// Shell completions and man pages, for packagers (`scripts/package.sh`).
+#[derive(Subcommand)]
+enum Assets {
+    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (section 1) into DIR.
+    Manpages {
+        /// The directory.
+        dir: PathBuf,
     },
 }
 
@@ -115,6 +135,7 @@ fn main() -> ExitCode {
         }
         Command::Ctl { socket, request } => run_ctl(&socket, &request.join(" ")),
         Command::Inject { action } => run_inject(action),
+        Command::Assets(what) => assets(what),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,6 +145,40 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+const NAME: &str = "toa-lb";
+
+/// `completions SHELL`: the shell's completion script on stdout.
+/// `manpages DIR`: a page for the command and one for each subcommand.
+fn assets(what: Assets) -> Result<(), String> {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    match what {
+        Assets::Completions { shell } => {
+            clap_complete::generate(shell, &mut command, NAME, &mut std::io::stdout());
+            Ok(())
+        }
+        Assets::Manpages { dir } => {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            command.build();
+            write_pages(&command, NAME, &dir)
+        }
+    }
+}
+
+/// Writes NAME.1 for `command`, then NAME-SUB.1 for each (visible) subcommand, down the tree.
+fn write_pages(command: &clap::Command, name: &str, dir: &std::path::Path) -> Result<(), String> {
+    let path = dir.join(format!("{name}.1"));
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command.clone().name(name.to_owned()))
+        .render(&mut page)
+        .map_err(|e| format!("render {name}: {e}"))?;
+    std::fs::write(&path, page).map_err(|e| format!("{}: {e}", path.display()))?;
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+        write_pages(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+    }
+    Ok(())
 }
 
 fn run_ctl(socket: &std::path::Path, request: &str) -> Result<(), String> {

@@ -1,8 +1,8 @@
-//! The ring datapath (the default): one worker per CPU, nothing shared on
-//! the hot path.
+//! The ring datapath (user space, for hosts without BPF): one worker per
+//! CPU, nothing shared on the hot path.
 //!
 //! Each worker owns a PACKET_MMAP (TPACKET_V2) receive ring on both
-//! interfaces, a `sendmmsg` batch per interface, and its own [`Engine`]
+//! interfaces, a `sendmmsg` batch per interface, and its own [`Engine`](crate::engine::Engine)
 //! (see [`Shards`]). While frames wait in its rings a worker makes no system
 //! call to receive them, and it sends what a round produced in one call per
 //! interface; it sleeps in `poll` only when both rings are empty.
