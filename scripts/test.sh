@@ -81,7 +81,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 cargo test --workspace --doc --locked
 
 step "cargo publish --dry-run -p toa-core"
-cargo publish --dry-run -p toa-core --locked --quiet
+cargo publish --dry-run -p toa-core --locked --quiet --allow-dirty  # (a developer's tree may be dirty; CI's clone is not)
 
 step "tests (cargo nextest)"
 [ "$(id -u)" = 0 ] || echo "note: not root, end-to-end tests that need namespaces will skip"
