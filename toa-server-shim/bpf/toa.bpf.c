@@ -32,7 +32,7 @@
 
 /* Counters (toa_counters indexes). */
 #define CNT_FOUND 0     /* trusted TOA stored for a connection */
-#define CNT_UNTRUSTED 1 /* TOA from an untrusted source, ignored */
+#define CNT_UNTRUSTED 1 /* connections from peers outside the trust list: not searched */
 #define CNT_MALFORMED 2 /* malformed options where a TOA was looked for */
 #define CNT_V6_ON_V4 3  /* IPv6 client on an IPv4 socket: no rewrite */
 #define CNT_REWRITTEN 4 /* getpeername()/accept() answers rewritten */
@@ -177,14 +177,9 @@ static __always_inline int trusted(const struct bpf_sock_ops *skops, const struc
 	return bpf_map_lookup_elem(&toa_trust, &key) != NULL;
 }
 
-/* Records a TOA found in a packet of this connection, if its source is trusted. */
-static __always_inline void record(struct bpf_sock_ops *skops, const struct toa_config *cfg,
-				   struct toa_peer *peer, const struct found *f, __u8 source)
+/* Records a TOA found in a packet of a connection from a trusted peer. */
+static __always_inline void record(struct toa_peer *peer, const struct found *f, __u8 source)
 {
-	if (!trusted(skops, cfg)) {
-		count(CNT_UNTRUSTED);
-		return;
-	}
 	peer->state = ST_FOUND;
 	peer->source = source;
 	peer->family = f->family;
@@ -228,6 +223,12 @@ static __always_inline void established(struct bpf_sock_ops *skops, const struct
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
 		return;
+	/* Connections from anyone but a trusted LB cost one trie lookup and a
+	 * counter: no socket storage, no option parsing, no watching. */
+	if (!trusted(skops, cfg)) {
+		count(CNT_UNTRUSTED);
+		return;
+	}
 	struct toa_peer *peer = bpf_sk_storage_get(&toa_peers, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!peer)
 		return;
@@ -244,7 +245,7 @@ static __always_inline void established(struct bpf_sock_ops *skops, const struct
 		if (len >= 0) {
 			find_toa(opts, len, cfg->kind_formats, &f);
 			if (f.result == 1) {
-				record(skops, cfg, peer, &f, SRC_SYN);
+				record(peer, &f, SRC_SYN);
 				return;
 			}
 			if (f.result < 0)
@@ -259,7 +260,7 @@ static __always_inline void established(struct bpf_sock_ops *skops, const struct
 	if (len >= 0) {
 		find_toa(opts, len, cfg->kind_formats, &f);
 		if (f.result == 1) {
-			record(skops, cfg, peer, &f, SRC_ACK);
+			record(peer, &f, SRC_ACK);
 			return;
 		}
 		if (f.result < 0)
@@ -285,7 +286,7 @@ static __always_inline void segment(struct bpf_sock_ops *skops, const struct toa
 	if (len >= 0) {
 		find_toa(opts, len, cfg->kind_formats, &f);
 		if (f.result == 1) {
-			record(skops, cfg, peer, &f, SRC_DATA);
+			record(peer, &f, SRC_DATA);
 			watch(skops, 0);
 			return;
 		}

@@ -108,7 +108,7 @@ pub struct AttachOptions {
 pub struct Counters {
     /// Trusted TOAs stored for a connection.
     pub found: u64,
-    /// TOAs from untrusted sources, ignored.
+    /// Connections from peers outside the trust list: not searched for a TOA (one trie lookup).
     pub untrusted: u64,
     /// Malformed options where a TOA was looked for.
     pub malformed: u64,
@@ -143,7 +143,7 @@ impl Counters {
         CounterDef {
             name: "untrusted",
             metric: "toa_shim_ebpf_untrusted_total",
-            help: "TOAs from untrusted sources, ignored.",
+            help: "Connections from peers outside the trust list, not searched for a TOA.",
             get: |c| c.untrusted,
         },
         CounterDef {

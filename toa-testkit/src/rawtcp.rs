@@ -214,7 +214,26 @@ impl Client {
                     states[i] = State::Done(Err("connection refused (RST to SYN)".into()));
                     active -= 1;
                 }
-                State::Established { server_next, data, fin_at, .. } => {
+                State::Established { server_next, data, fin_at, request_at } => {
+                    if flags.contains(TcpFlags::SYN.union(TcpFlags::ACK)) {
+                        // The server retransmits its SYN-ACK: our ACK was lost (a full
+                        // accept queue drops it). Send it again, and the request if it went.
+                        let ack = Segment {
+                            flags: TcpFlags::ACK,
+                            seq: ISN + 1,
+                            ack: *server_next,
+                            options: &conn.ack_options,
+                            payload: &[],
+                        };
+                        send_on(&mut self.tx, self.mac, self.peer_mac, conn, ack);
+                        if request_at.is_none() && !conn.request.is_empty() {
+                            let flags = TcpFlags::ACK.union(TcpFlags::PSH);
+                            let (options, payload) = (&conn.data_options[..], &conn.request[..]);
+                            let data = Segment { flags, seq: ISN + 1, ack: *server_next, options, payload };
+                            send_on(&mut self.tx, self.mac, self.peer_mac, conn, data);
+                        }
+                        continue;
+                    }
                     if flags.contains(TcpFlags::RST) {
                         // A server that closes without reading our request resets the
                         // connection: what it sent before is its answer.
