@@ -16,7 +16,7 @@ pub struct Options {
     /// Honour a TOA from any source (a client could forge its address).
     #[arg(long, conflicts_with = "trust")]
     pub trust_any: bool,
-    /// How to learn the client: auto, saved-syn, ebpf or none.
+    /// How to learn the client: auto, saved-syn, ebpf, capture or none.
     #[arg(long, default_value = "auto")]
     pub source: Mode,
     /// TOA formats to accept, comma-separated.

@@ -215,6 +215,62 @@ fn whoami_http_x_forwarded_for() {
     }
 }
 
+/// Capture mode as an unprivileged user with only CAP_NET_RAW (setpriv, an
+/// ambient capability): whoami on a dual-stack socket sees TOAs in the SYN
+/// and in the handshake's ACK only, IPv4 and IPv6; an untrusted one is
+/// ignored. (TOAs in data: listener_e2e, with a server that accepts late.)
+#[test]
+fn whoami_capture_mode_with_cap_net_raw_only() {
+    require_root!();
+    let bed = Bed::new("whoami-cap");
+    let whoami = env!("CARGO_BIN_EXE_whoami");
+    let trust = ["--trust", "huawei-elb", "--trust", "2001:db8:64::/48"];
+    let mut args = vec![
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=+net_raw",
+        "--ambient-caps=+net_raw",
+        whoami,
+        "--listen",
+        "[::]:8085",
+        "--source",
+        "capture",
+    ];
+    args.extend(trust);
+    let _server = start(&bed, "setpriv", &args);
+    let v4 = Toa::new(Format::Toa, "203.0.113.7:40000".parse().unwrap()).unwrap();
+    let v6 = Toa::new(Format::Toa6, "[2001:db8:c::7]:40000".parse().unwrap()).unwrap();
+    let (s4, s6) = (sock(SERVER_V4, 8085), sock(SERVER_V6, 8085));
+    let cases = [
+        (
+            Conn::new(sock(LB_V4, 15000), s4).toa_in_ack(&v4),
+            "client=[::ffff:203.0.113.7]:40000 lb=[::ffff:100.125.0.1]:15000 source=capture",
+        ),
+        (
+            Conn::new(sock(LB_V4, 15001), s4).toa_in_syn(&v4),
+            "client=[::ffff:203.0.113.7]:40000 lb=[::ffff:100.125.0.1]:15001 source=saved-syn",
+        ),
+        (
+            Conn::new(sock(LB_V6, 15002), s6).toa_in_ack(&v6),
+            "client=[2001:db8:c::7]:40000 lb=[2001:db8:64::1]:15002 source=capture",
+        ),
+        (
+            Conn::new(sock(LB_V4, 15004), s4),
+            "client=[::ffff:100.125.0.1]:15004 lb=[::ffff:100.125.0.1]:15004 source=none",
+        ),
+        (
+            Conn::new(sock(toa_testkit::bed::STRANGER_V4, 15005), s4).toa_in_ack(&v4),
+            "client=[::ffff:198.51.100.9]:15005 lb=[::ffff:198.51.100.9]:15005 source=none",
+        ),
+    ];
+    let conns: Vec<Conn> = cases.iter().map(|(c, _)| c.clone()).collect();
+    let answers = bed.client().run(&conns, 8, Duration::from_secs(10));
+    for ((_, expect), answer) in cases.iter().zip(answers) {
+        assert_eq!(String::from_utf8(answer.expect(expect)).unwrap().trim_end(), *expect);
+    }
+}
+
 #[test]
 fn whoami_refuses_to_start_without_trust() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_whoami"))

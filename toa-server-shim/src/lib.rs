@@ -55,6 +55,7 @@ mod listener;
 mod peer;
 pub mod proxy;
 mod sys;
+pub mod tap;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 pub mod trust;

@@ -14,13 +14,15 @@ use crate::helper::PeerStore;
 use crate::peer::{PeerInfo, Resolver, SAVED_SYN_MAX, StatsSnapshot};
 use crate::proxy::{self, ProxyError, ProxyHeader, ProxyProtocol, Step};
 use crate::sys;
+use crate::tap::Tap;
 use crate::trust::TrustPolicy;
 
 /// How a listener learns the client.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// The kernel helper's record when it is attached (and readable: root)
-    /// and the socket is in its cgroup, else the saved SYN.
+    /// and the socket is in its cgroup; else the saved SYN, and capture mode
+    /// when CAP_NET_RAW is held.
     #[default]
     Auto,
     /// Read the TOA from the connection's SYN (`TCP_SAVED_SYN`). Unprivileged,
@@ -29,6 +31,11 @@ pub enum Mode {
     /// Only the kernel helper's record (`toa-shim ebpf attach`); binding fails
     /// when the helper is not attached or not readable.
     Ebpf,
+    /// The saved SYN, and a packet socket that sees the TOA in the handshake's
+    /// ACK or first data ([`crate::tap`]): CAP_NET_RAW, no root, no BPF
+    /// program. Binding fails without CAP_NET_RAW. `Auto` uses it when the
+    /// helper is not there and the capability is held.
+    Capture,
     /// Do not look for a TOA: `client` is always the real peer.
     None,
 }
@@ -41,8 +48,11 @@ impl FromStr for Mode {
             "auto" => Ok(Mode::Auto),
             "saved-syn" => Ok(Mode::SavedSyn),
             "ebpf" => Ok(Mode::Ebpf),
+            "capture" => Ok(Mode::Capture),
             "none" => Ok(Mode::None),
-            other => Err(format!("unknown source {other:?}: expected auto, saved-syn, ebpf or none")),
+            other => {
+                Err(format!("unknown source {other:?}: expected auto, saved-syn, ebpf, capture or none"))
+            }
         }
     }
 }
@@ -53,6 +63,7 @@ impl fmt::Display for Mode {
             Mode::Auto => "auto",
             Mode::SavedSyn => "saved-syn",
             Mode::Ebpf => "ebpf",
+            Mode::Capture => "capture",
             Mode::None => "none",
         })
     }
@@ -138,12 +149,14 @@ pub(crate) struct Shared {
     local_v6: bool,
     /// The kernel helper's socket storage, when it is attached and readable.
     store: Option<PeerStore>,
+    /// Capture mode's packet socket.
+    tap: Option<std::sync::Mutex<Tap>>,
 }
 
 impl Shared {
     /// Prepares the listening socket `fd` (local address `local`) for `config`.
     pub(crate) fn new(fd: BorrowedFd<'_>, local: SocketAddr, config: Config) -> io::Result<Arc<Shared>> {
-        if matches!(config.mode, Mode::Auto | Mode::SavedSyn) {
+        if matches!(config.mode, Mode::Auto | Mode::SavedSyn | Mode::Capture) {
             sys::set_save_syn(fd)?;
         }
         let store = match config.mode {
@@ -153,7 +166,18 @@ impl Shared {
                     "source ebpf: the kernel helper is not attached or not readable (run `toa-shim ebpf attach` as root)",
                 )
             })?),
-            Mode::SavedSyn | Mode::None => None,
+            Mode::SavedSyn | Mode::Capture | Mode::None => None,
+        };
+        let tap = match config.mode {
+            Mode::Capture => Some(Tap::open(local.port(), &config.policy, &config.formats).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("source capture: opening a packet socket (needs CAP_NET_RAW): {e}"),
+                )
+            })?),
+            // Without the helper, and only when the capability is there.
+            Mode::Auto if store.is_none() => Tap::open(local.port(), &config.policy, &config.formats).ok(),
+            _ => None,
         };
         let resolver = Resolver { policy: config.policy, formats: config.formats, stats: Default::default() };
         Ok(Arc::new(Shared {
@@ -163,11 +187,18 @@ impl Shared {
             proxy_timeout: config.proxy_timeout,
             local_v6: local.is_ipv6(),
             store,
+            tap: tap.map(std::sync::Mutex::new),
         }))
     }
 
-    /// The peer of the accepted socket `fd`, whose real peer is `peer`.
-    pub(crate) fn peer_info(&self, fd: BorrowedFd<'_>, peer: SocketAddr) -> PeerInfo {
+    /// The peer of the accepted socket `fd`, whose real peer is `peer`
+    /// (`local`: its local address, asked for only in capture mode).
+    pub(crate) fn peer_info(
+        &self,
+        fd: BorrowedFd<'_>,
+        peer: SocketAddr,
+        local: impl FnOnce() -> Option<SocketAddr>,
+    ) -> PeerInfo {
         // The helper has the last word on sockets in its cgroup: their accept()
         // and getpeername() already answer with its client, so only its record
         // knows the LB.
@@ -178,13 +209,28 @@ impl Shared {
         let len = match self.mode {
             Mode::None | Mode::Ebpf => 0,
             // A failure to read it is the same as no saved SYN: the peer is used, and counted.
-            Mode::Auto | Mode::SavedSyn => sys::saved_syn(fd, &mut syn).unwrap_or(0),
+            Mode::Auto | Mode::SavedSyn | Mode::Capture => sys::saved_syn(fd, &mut syn).unwrap_or(0),
         };
-        self.resolver.resolve(&syn[..len], peer, self.local_v6)
+        let info = self.resolver.resolve(&syn[..len], peer, self.local_v6);
+        let Some(tap) = &self.tap else { return info };
+        // Taken also when the SYN had the TOA, so that the entry goes.
+        let captured = local().and_then(|local| {
+            tap.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(peer, local)
+        });
+        match captured {
+            Some(toa) if info.toa.is_none() => self.resolver.resolve_captured(toa, peer, self.local_v6),
+            _ => info,
+        }
     }
 
     pub(crate) fn stats(&self) -> StatsSnapshot {
-        self.resolver.stats.snapshot()
+        let mut stats = self.resolver.stats.snapshot();
+        if let Some(tap) = &self.tap {
+            let tap = tap.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            stats.capture_pending = tap.len() as u64;
+            stats.capture_dropped = tap.drops + tap.overflow;
+        }
+        stats
     }
 
     /// Whether the policy trusts the connection's real peer to send a PROXY header.
@@ -329,7 +375,7 @@ impl ToaListener {
     /// ```
     pub fn accept_pending(&self) -> io::Result<Pending> {
         let (stream, peer) = self.inner.accept()?;
-        let info = self.shared.peer_info(stream.as_fd(), peer);
+        let info = self.shared.peer_info(stream.as_fd(), peer, || stream.local_addr().ok());
         Ok(Pending { stream, info, shared: self.shared.clone() })
     }
 

@@ -19,6 +19,8 @@ pub enum Source {
     SavedSyn,
     /// A trusted TOA found by the kernel helper (eBPF).
     Ebpf,
+    /// A trusted TOA in the handshake's ACK or first data, seen by capture mode.
+    Capture,
     /// A PROXY protocol v1 header from a trusted peer.
     ProxyV1,
     /// A PROXY protocol v2 header from a trusted peer.
@@ -30,11 +32,12 @@ pub enum Source {
 }
 
 impl Source {
-    /// The name used in output: `saved-syn`, `ebpf`, `proxy-v1`, `proxy-v2`, `xff`, `none`.
+    /// The name used in output: `saved-syn`, `ebpf`, `capture`, `proxy-v1`, `proxy-v2`, `xff`, `none`.
     pub fn name(self) -> &'static str {
         match self {
             Source::SavedSyn => "saved-syn",
             Source::Ebpf => "ebpf",
+            Source::Capture => "capture",
             Source::ProxyV1 => "proxy-v1",
             Source::ProxyV2 => "proxy-v2",
             Source::Xff => "xff",
@@ -94,6 +97,7 @@ pub(crate) struct Stats {
     malformed: AtomicU64,
     v6_on_v4: AtomicU64,
     no_saved_syn: AtomicU64,
+    capture: AtomicU64,
     proxy_v1: AtomicU64,
     proxy_v2: AtomicU64,
     proxy_local: AtomicU64,
@@ -122,6 +126,14 @@ pub struct StatsSnapshot {
     pub v6_on_v4: u64,
     /// Connections without a saved SYN (SYN cookies, or the option set late).
     pub no_saved_syn: u64,
+    /// Capture mode: TOAs found in the handshake's ACK or first data (the
+    /// SYN had none; these connections are also in `absent`).
+    pub capture: u64,
+    /// Capture mode: connections whose TOA waits for their `accept()` now.
+    pub capture_pending: u64,
+    /// Capture mode: segments lost because the packet socket's queue was full,
+    /// or because [`crate::tap::MAX_ENTRIES`] live entries filled the table.
+    pub capture_dropped: u64,
     /// PROXY protocol v1 headers honoured.
     pub proxy_v1: u64,
     /// PROXY protocol v2 headers honoured.
@@ -152,6 +164,9 @@ impl Stats {
             malformed: get(&self.malformed),
             v6_on_v4: get(&self.v6_on_v4),
             no_saved_syn: get(&self.no_saved_syn),
+            capture: get(&self.capture),
+            capture_pending: 0,
+            capture_dropped: 0,
             proxy_v1: get(&self.proxy_v1),
             proxy_v2: get(&self.proxy_v2),
             proxy_local: get(&self.proxy_local),
@@ -181,6 +196,13 @@ impl fmt::Display for StatsSnapshot {
             self.v6_on_v4,
             self.no_saved_syn
         )?;
+        if self.capture + self.capture_pending + self.capture_dropped > 0 {
+            write!(
+                f,
+                " capture={} capture_pending={} capture_dropped={}",
+                self.capture, self.capture_pending, self.capture_dropped
+            )?;
+        }
         let proxy = [
             self.proxy_v1,
             self.proxy_v2,
@@ -306,6 +328,17 @@ impl Resolver {
             return direct;
         }
         Stats::bump(&self.stats.toa);
+        self.with_toa(toa, peer, local_v6, Source::SavedSyn)
+    }
+
+    /// A trusted TOA that capture mode found in the handshake's ACK or the
+    /// first data of the connection from `peer` (whose SYN had none).
+    pub(crate) fn resolve_captured(&self, toa: Toa, peer: SocketAddr, local_v6: bool) -> PeerInfo {
+        Stats::bump(&self.stats.capture);
+        self.with_toa(toa, peer, local_v6, Source::Capture)
+    }
+
+    fn with_toa(&self, toa: Toa, peer: SocketAddr, local_v6: bool, source: Source) -> PeerInfo {
         let port = toa.port().unwrap_or(0);
         let client = match (toa.ip(), local_v6) {
             (IpAddr::V4(ip), true) => SocketAddr::V6(SocketAddrV6::new(ip.to_ipv6_mapped(), port, 0, 0)),
@@ -315,13 +348,13 @@ impl Resolver {
             }
             (ip, _) => SocketAddr::new(ip, port),
         };
-        PeerInfo { client, lb: peer, source: Source::SavedSyn, toa: Some(toa), proxy: None }
+        PeerInfo { client, lb: peer, source, toa: Some(toa), proxy: None }
     }
 }
 
 /// Lowers the IP length field of the saved headers in `headers` to their own
 /// size when it declares more (the data of a SYN is not saved).
-fn fit_ip_length(headers: &mut [u8]) {
+pub(crate) fn fit_ip_length(headers: &mut [u8]) {
     let len = headers.len();
     let (field, base) = match headers.first().map(|b| b >> 4) {
         Some(4) if len >= 20 => (2..4, 0),

@@ -179,3 +179,95 @@ pub(crate) mod bpf {
         (rc == 0).then_some(value)
     }
 }
+
+/// The packet socket of capture mode (`crate::tap`).
+pub(crate) mod tap {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+    use crate::tap::filter::Insn;
+
+    fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    }
+
+    /// A `SOCK_DGRAM` packet socket (IP packets, no link header) on every
+    /// interface of this network namespace, with `program` attached before it
+    /// is bound, so that nothing unfiltered is ever queued. Needs CAP_NET_RAW.
+    pub(crate) fn open(program: &[Insn]) -> io::Result<OwnedFd> {
+        // SAFETY: plain socket(2); the result is checked before it is owned.
+        let fd = check(unsafe {
+            libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+        })?;
+        // SAFETY: a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut filter: Vec<libc::sock_filter> =
+            program.iter().map(|i| libc::sock_filter { code: i.code, jt: i.jt, jf: i.jf, k: i.k }).collect();
+        let fprog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_mut_ptr() };
+        // SAFETY: fprog points to `len` live sock_filter entries for the call;
+        // the kernel copies them.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&fprog as *const libc::sock_fprog).cast(),
+                size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        })?;
+        // Room for bursts of handshakes between two accept() calls (capped by net.core.rmem_max).
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: a live c_int and its size.
+        let _ = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        addr.sll_ifindex = 0; // every interface
+        // SAFETY: a live sockaddr_ll and its exact size.
+        check(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        })?;
+        Ok(fd)
+    }
+
+    /// One queued packet into `buf` (truncated to it), or None when none is queued.
+    pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: buf is valid for writes of its length; the kernel writes at most that.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(Some((n as usize).min(buf.len())));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) }
+    }
+
+    /// Packets dropped for a full queue since the last call (PACKET_STATISTICS resets them).
+    pub(crate) fn drops(fd: BorrowedFd<'_>) -> io::Result<u64> {
+        let mut stats = libc::tpacket_stats { tp_packets: 0, tp_drops: 0 };
+        let mut len = size_of::<libc::tpacket_stats>() as libc::socklen_t;
+        // SAFETY: a live tpacket_stats and its size; the kernel writes at most `len` bytes.
+        check(unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut stats as *mut libc::tpacket_stats).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(u64::from(stats.tp_drops))
+    }
+}

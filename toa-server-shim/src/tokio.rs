@@ -76,7 +76,7 @@ impl ToaListener {
     pub async fn accept(&self) -> io::Result<(TcpStream, PeerInfo)> {
         let Some(ready) = &self.ready else {
             let (stream, peer) = self.inner.accept().await?;
-            let info = self.shared.peer_info(stream.as_fd(), peer);
+            let info = self.shared.peer_info(stream.as_fd(), peer, || stream.local_addr().ok());
             return Ok((stream, info));
         };
         let mut ready = ready.lock().await;
@@ -113,7 +113,7 @@ async fn acceptor(listener: Arc<TcpListener>, shared: Arc<Shared>, tx: mpsc::Sen
         let Ok(permit) = limit.clone().acquire_owned().await else { return };
         match listener.accept().await {
             Ok((mut stream, peer)) => {
-                let info = shared.peer_info(stream.as_fd(), peer);
+                let info = shared.peer_info(stream.as_fd(), peer, || stream.local_addr().ok());
                 let (shared, tx) = (shared.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::time::Duration;
 
 use toa_core::{Format, Toa};
-use toa_server_shim::{Config, StatsSnapshot, TcpListenerExt, ToaListener, TrustPolicy};
+use toa_server_shim::{Config, Mode, StatsSnapshot, TcpListenerExt, ToaListener, TrustPolicy};
 use toa_testkit::bed::{Bed, LB_V4, LB_V6, SERVER_V4, SERVER_V6, STRANGER_V4, sock};
 use toa_testkit::rawtcp::Conn;
 use toa_testkit::require_root;
@@ -15,6 +15,11 @@ use toa_testkit::require_root;
 fn policy() -> TrustPolicy {
     let sources = ["huawei-elb", "2001:db8:64::/48"].iter().map(|s| s.parse().unwrap()).collect();
     TrustPolicy::new(sources).unwrap()
+}
+
+/// The saved-SYN path alone (`auto` would add capture mode as root).
+fn saved_syn() -> Config {
+    Config::new(policy()).mode(Mode::SavedSyn)
 }
 
 fn toa(format: Format, addr: &str) -> Toa {
@@ -42,9 +47,40 @@ fn serve_std(listener: ToaListener, n: usize) -> std::thread::JoinHandle<StatsSn
 /// Serves `n` connections on the tokio listener; returns once it is ready
 /// (TCP_SAVE_SYN set), so that no SYN of the test arrives before.
 fn serve_tokio(listener: TcpListener, config: Config, n: usize) -> std::thread::JoinHandle<StatsSnapshot> {
+    serve_tokio_in(None, listener, config, n)
+}
+
+/// The same, the listener made inside the network namespace `netns` (capture
+/// mode's packet socket sees the namespace it was opened in).
+fn serve_tokio_in(
+    netns: Option<String>,
+    listener: TcpListener,
+    config: Config,
+    n: usize,
+) -> std::thread::JoinHandle<StatsSnapshot> {
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let serve = move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            serve_tokio_body(runtime, listener, config, n, ready_tx)
+        };
+        match netns {
+            Some(name) => toa_testkit::netns::run_in(&name, serve),
+            None => serve(),
+        }
+    });
+    ready.recv().expect("the tokio listener starts");
+    handle
+}
+
+fn serve_tokio_body(
+    runtime: tokio::runtime::Runtime,
+    listener: TcpListener,
+    config: Config,
+    n: usize,
+    ready_tx: std::sync::mpsc::Sender<()>,
+) -> StatsSnapshot {
+    {
         runtime.block_on(async move {
             use tokio::io::AsyncWriteExt;
             listener.set_nonblocking(true).unwrap();
@@ -57,9 +93,7 @@ fn serve_tokio(listener: TcpListener, config: Config, n: usize) -> std::thread::
             }
             listener.stats()
         })
-    });
-    ready.recv().expect("the tokio listener starts");
-    handle
+    }
 }
 
 /// The cases for a listener at `server`; `dual` when it is `[::]` and v4 clients come mapped.
@@ -135,7 +169,7 @@ fn std_ipv4() {
     require_root!();
     let bed = Bed::new("shim-v4");
     let server = sock(SERVER_V4, 8080);
-    let listener = bed.listen(server).with_toa(Config::new(policy())).unwrap();
+    let listener = bed.listen(server).with_toa(saved_syn()).unwrap();
     let cases = cases(server, false);
     let served = serve_std(listener, cases.len());
     check(&bed, &cases);
@@ -148,7 +182,7 @@ fn std_ipv6() {
     require_root!();
     let bed = Bed::new("shim-v6");
     let server = sock(SERVER_V6, 8080);
-    let listener = bed.listen(server).with_toa(Config::new(policy())).unwrap();
+    let listener = bed.listen(server).with_toa(saved_syn()).unwrap();
     let cases = cases(server, false);
     let served = serve_std(listener, cases.len());
     check(&bed, &cases);
@@ -159,7 +193,7 @@ fn std_ipv6() {
 fn std_dual_stack_maps_v4_toa() {
     require_root!();
     let bed = Bed::new("shim-dual");
-    let listener = bed.listen("[::]:8080".parse().unwrap()).with_toa(Config::new(policy())).unwrap();
+    let listener = bed.listen("[::]:8080".parse().unwrap()).with_toa(saved_syn()).unwrap();
     let cases = cases("[::]:8080".parse().unwrap(), true);
     let served = serve_std(listener, cases.len());
     check(&bed, &cases);
@@ -172,7 +206,7 @@ fn tokio_ipv4_and_ipv6() {
     let bed = Bed::new("shim-tokio");
     for server in [sock(SERVER_V4, 8081), sock(SERVER_V6, 8082)] {
         let cases = cases(server, false);
-        let served = serve_tokio(bed.listen(server), Config::new(policy()), cases.len());
+        let served = serve_tokio(bed.listen(server), saved_syn(), cases.len());
         check(&bed, &cases);
         assert_eq!(served.join().unwrap().toa, 3, "{server}");
     }
@@ -183,7 +217,7 @@ fn v6_toa_on_a_v4_listener() {
     require_root!();
     let bed = Bed::new("shim-nat64");
     let server = sock(SERVER_V4, 8080);
-    let listener = bed.listen(server).with_toa(Config::new(policy())).unwrap();
+    let listener = bed.listen(server).with_toa(saved_syn()).unwrap();
     let served = serve_std(listener, 1);
     let nat64 = toa(Format::Toa6, "[2001:db8:c::7]:40000");
     let conn = Conn::new(sock(LB_V4, 10001), server).toa_in_syn(&nat64);
@@ -207,26 +241,49 @@ fn a_thousand_concurrent_clients_tokio() {
 }
 
 fn many_clients(tokio: bool) {
+    many(tokio, Mode::SavedSyn, "saved-syn");
+}
+
+#[test]
+fn capture_mode_a_thousand_concurrent_ack_only_toas_std() {
+    require_root!();
+    many(false, Mode::Capture, "capture");
+}
+
+#[test]
+fn capture_mode_a_thousand_concurrent_ack_only_toas_tokio() {
+    require_root!();
+    many(true, Mode::Capture, "capture");
+}
+
+/// 1200 connections at once from one LB address, each naming its own
+/// client: in the SYN for the saved SYN, in the handshake's ACK only for
+/// capture mode (the ACK that completes the handshake must be in the packet
+/// socket's queue when accept() returns the connection).
+fn many(tokio: bool, mode: Mode, source: &str) {
     let bed = Bed::new("shim-many");
     let server = sock(SERVER_V4, 8080);
     const N: u16 = 1200;
+    let config = Config::new(policy()).mode(mode);
+    // The packet socket must be opened inside the namespace: bind there.
+    let listener = bed.listen(server);
     let served = if tokio {
-        serve_tokio(bed.listen(server), Config::new(policy()), usize::from(N))
+        serve_tokio_in(Some(bed.ns.name().to_owned()), listener, config, usize::from(N))
     } else {
-        serve_std(bed.listen(server).with_toa(Config::new(policy())).unwrap(), usize::from(N))
+        serve_std(bed.ns.run(|| listener.with_toa(config)).unwrap(), usize::from(N))
     };
-    // Every connection from the same LB address, each carrying its own client.
     let conns: Vec<Conn> = (0..N)
         .map(|i| {
             let client = toa(Format::Toa, &format!("203.0.{}.{}:{}", 113 + i / 250, i % 250 + 1, 20000 + i));
-            Conn::new(sock(LB_V4, 30000 + i), server).toa_in_syn(&client)
+            let conn = Conn::new(sock(LB_V4, 30000 + i), server);
+            if mode == Mode::Capture { conn.toa_in_ack(&client) } else { conn.toa_in_syn(&client) }
         })
         .collect();
     let answers = bed.client().run(&conns, 400, Duration::from_secs(60));
     for (i, answer) in (0..N).zip(answers) {
         let line = String::from_utf8(answer.unwrap_or_else(|e| panic!("connection {i}: {e}"))).unwrap();
         let expected = format!(
-            "client=203.0.{}.{}:{} lb=100.125.0.1:{} source=saved-syn",
+            "client=203.0.{}.{}:{} lb=100.125.0.1:{} source={source}",
             113 + i / 250,
             i % 250 + 1,
             20000 + i,
@@ -234,5 +291,39 @@ fn many_clients(tokio: bool) {
         );
         assert_eq!(line.trim_end(), expected);
     }
-    assert_eq!(served.join().unwrap().toa, u64::from(N));
+    let stats = served.join().unwrap();
+    if mode == Mode::Capture {
+        assert_eq!(stats.capture, u64::from(N), "{stats}");
+        assert_eq!(stats.capture_dropped, 0, "{stats}");
+    } else {
+        assert_eq!(stats.toa, u64::from(N), "{stats}");
+    }
+}
+
+/// Capture mode with the TOA in the first data segment (DPVS): seen when the
+/// data is in before `accept()` returns, here by a server that accepts late.
+#[test]
+fn capture_mode_toa_in_data_for_a_late_accept() {
+    require_root!();
+    let bed = Bed::new("shim-capdata");
+    let server = sock(SERVER_V4, 8080);
+    let listener = bed.listen(server);
+    let listener = bed.ns.run(|| listener.with_toa(Config::new(policy()).mode(Mode::Capture))).unwrap();
+    let served = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let (mut stream, peer) = listener.accept().expect("accept");
+        // Read the request first: a close with unread data is a reset.
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line);
+        let _ = stream.write_all(format!("{peer}\n").as_bytes());
+        listener.stats()
+    });
+    let client = toa(Format::Toa, "203.0.113.7:40000");
+    let conn = Conn::new(sock(LB_V4, 10100), server).toa_in_data(&client, b"hello\n");
+    let answer = bed.client().run(&[conn], 1, Duration::from_secs(10)).remove(0).expect("answer");
+    assert_eq!(
+        String::from_utf8(answer).unwrap().trim_end(),
+        "client=203.0.113.7:40000 lb=100.125.0.1:10100 source=capture"
+    );
+    assert_eq!(served.join().unwrap().capture, 1);
 }
