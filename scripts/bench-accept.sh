@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Accepted connections per second on loopback, plain listener vs ToaListener
-# (saved SYN), std and tokio, interleaved in one run; prints the ratios.
+# (saved SYN) and vs capture mode (as root or with CAP_NET_RAW), std and
+# tokio, interleaved in one run; prints the ratios.
 # Arguments go to the benchmark (default: --seconds 3 --rounds 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,7 @@
 //! Accepted connections per second on loopback: a plain listener against
-//! `ToaListener` (saved SYN), std and tokio, measured in the same run with the
-//! rounds interleaved, so that the machine's noise hits both sides alike.
+//! `ToaListener` (saved SYN; and capture mode, whose packet socket needs
+//! CAP_NET_RAW), std and tokio, measured in the same run with the rounds
+//! interleaved, so that the machine's noise hits every side alike.
 //!
 //! `cargo run --release -p toa-examples --bin accept-bench -- [--seconds S] [--rounds N]`
 
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use toa_server_shim::{Config, TcpListenerExt, TrustPolicy};
+use toa_server_shim::{Config, Mode, TcpListenerExt, TrustPolicy};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
@@ -18,6 +19,8 @@ enum Variant {
     ToaStd,
     PlainTokio,
     ToaTokio,
+    CaptureStd,
+    CaptureTokio,
 }
 
 impl Variant {
@@ -27,12 +30,21 @@ impl Variant {
             Variant::ToaStd => "std ToaListener",
             Variant::PlainTokio => "tokio TcpListener",
             Variant::ToaTokio => "tokio ToaListener",
+            Variant::CaptureStd => "std capture",
+            Variant::CaptureTokio => "tokio capture",
         }
     }
-}
 
-fn config() -> Config {
-    Config::new(TrustPolicy::new("127.0.0.0/8".parse().expect("cidr")).expect("non-empty"))
+    /// The listener's mode (loopback is trusted, so capture's filter walks
+    /// every segment's options to the port; none carries a TOA).
+    fn config(self) -> Config {
+        let mode = if matches!(self, Variant::CaptureStd | Variant::CaptureTokio) {
+            Mode::Capture
+        } else {
+            Mode::SavedSyn
+        };
+        Config::new(TrustPolicy::new("127.0.0.0/8".parse().expect("cidr")).expect("non-empty")).mode(mode)
+    }
 }
 
 /// Runs a server of `variant` for `seconds` against `clients` connecting threads;
@@ -89,9 +101,9 @@ fn reset(stream: &impl std::os::fd::AsFd) {
 
 fn serve(variant: Variant, listener: TcpListener, stop: &AtomicBool, accepted: &AtomicU64) {
     match variant {
-        Variant::PlainStd | Variant::ToaStd => {
-            let toa = (variant == Variant::ToaStd).then(|| {
-                listener.try_clone().expect("clone listener").with_toa(config()).expect("TCP_SAVE_SYN")
+        Variant::PlainStd | Variant::ToaStd | Variant::CaptureStd => {
+            let toa = (variant != Variant::PlainStd).then(|| {
+                listener.try_clone().expect("clone listener").with_toa(variant.config()).expect("ToaListener")
             });
             while !stop.load(Ordering::Relaxed) {
                 // The same loop for both: only the accept call differs.
@@ -107,16 +119,17 @@ fn serve(variant: Variant, listener: TcpListener, stop: &AtomicBool, accepted: &
                 }
             }
         }
-        Variant::PlainTokio | Variant::ToaTokio => {
+        Variant::PlainTokio | Variant::ToaTokio | Variant::CaptureTokio => {
             let runtime =
                 tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             runtime.block_on(async {
                 use tokio::io::AsyncWriteExt;
                 listener.set_nonblocking(true).expect("nonblocking");
-                let toa = (variant == Variant::ToaTokio).then(|| {
+                let toa = (variant != Variant::PlainTokio).then(|| {
                     let clone = listener.try_clone().expect("clone listener");
                     let clone = tokio::net::TcpListener::from_std(clone).expect("tokio listener");
-                    toa_server_shim::tokio::ToaListener::from_tokio(clone, config()).expect("TCP_SAVE_SYN")
+                    toa_server_shim::tokio::ToaListener::from_tokio(clone, variant.config())
+                        .expect("ToaListener")
                 });
                 let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
                 while !stop.load(Ordering::Relaxed) {
@@ -147,7 +160,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let usage = || -> ! {
         eprintln!(
-            "usage: accept-bench [--seconds S] [--rounds N] [--only plain-std|toa-std|plain-tokio|toa-tokio]\n       accept-bench --serve ADDR [--seconds S] | --load ADDR [--clients N] [--seconds S]"
+            "usage: accept-bench [--seconds S] [--rounds N] [--only plain-std|toa-std|plain-tokio|toa-tokio|capture-std|capture-tokio]\n       accept-bench --serve ADDR [--seconds S] | --load ADDR [--clients N] [--seconds S]"
         );
         std::process::exit(2);
     };
@@ -162,6 +175,8 @@ fn main() {
                     "toa-std" => Variant::ToaStd,
                     "plain-tokio" => Variant::PlainTokio,
                     "toa-tokio" => Variant::ToaTokio,
+                    "capture-std" => Variant::CaptureStd,
+                    "capture-tokio" => Variant::CaptureTokio,
                     _ => usage(),
                 })
             }
@@ -219,11 +234,25 @@ fn main() {
         return;
     }
     let clients = 2;
-    let variants = [Variant::PlainStd, Variant::ToaStd, Variant::PlainTokio, Variant::ToaTokio];
-    let mut totals = [0.0f64; 4];
+    // Capture mode needs CAP_NET_RAW: measured only when the packet socket opens.
+    let capture =
+        TcpListener::bind("127.0.0.1:0").and_then(|l| l.with_toa(Variant::CaptureStd.config())).is_ok();
+    let variants = [
+        Variant::PlainStd,
+        Variant::ToaStd,
+        Variant::PlainTokio,
+        Variant::ToaTokio,
+        Variant::CaptureStd,
+        Variant::CaptureTokio,
+    ];
+    let mut totals = [0.0f64; 6];
     for round in 1..=rounds {
-        // Alternate the order, so that neither side always runs first (warm caches, drift).
-        let order: Vec<usize> = if round % 2 == 1 { vec![0, 1, 2, 3] } else { vec![1, 0, 3, 2] };
+        // Rotate the order, so that no side always runs first (warm caches, drift).
+        let mut order: Vec<usize> =
+            if round % 2 == 1 { vec![0, 1, 4, 2, 3, 5] } else { vec![4, 1, 0, 5, 3, 2] };
+        if !capture {
+            order.retain(|&i| i < 4);
+        }
         for i in order {
             let variant = &variants[i];
             let rate = measure(*variant, seconds, clients);
@@ -238,4 +267,10 @@ fn main() {
     }
     println!("ratio std   ToaListener / TcpListener: {:.3}", mean(1) / mean(0));
     println!("ratio tokio ToaListener / TcpListener: {:.3}", mean(3) / mean(2));
+    if capture {
+        println!("ratio std   capture / TcpListener:     {:.3}", mean(4) / mean(0));
+        println!("ratio tokio capture / TcpListener:     {:.3}", mean(5) / mean(2));
+    } else {
+        println!("(capture mode not measured: no CAP_NET_RAW)");
+    }
 }
