@@ -173,6 +173,25 @@ pub enum Error {
         /// The length it would have.
         len: usize,
     },
+    /// A UOA that does not parse: an `opp` header with a bad version,
+    /// reserved bits or length, a UOA option of another length than 8 or 20,
+    /// or a malformed option list around it.
+    UoaMalformed {
+        /// Where the header or option starts.
+        offset: usize,
+    },
+    /// The IPv4 header has no room for the option (options are at most 40 bytes).
+    IpOptionsFull {
+        /// Option bytes needed.
+        need: usize,
+        /// Option bytes left.
+        available: usize,
+    },
+    /// A packet shape this codec does not handle.
+    NotSupported {
+        /// What it is.
+        what: &'static str,
+    },
 }
 
 impl fmt::Display for Error {
@@ -236,6 +255,11 @@ impl fmt::Display for Error {
                 write!(f, "buffer too small: need {need} bytes, capacity {capacity}")
             }
             Error::TooLong { len } => write!(f, "packet would be {len} bytes, over 65535"),
+            Error::UoaMalformed { offset } => write!(f, "malformed uoa at offset {offset}"),
+            Error::IpOptionsFull { need, available } => {
+                write!(f, "no room in the ipv4 options: need {need} bytes, {available} available")
+            }
+            Error::NotSupported { what } => write!(f, "not supported: {what}"),
         }
     }
 }
@@ -260,7 +284,8 @@ impl Error {
             | Error::OptionLength { offset, .. }
             | Error::OptionOverrun { offset, .. }
             | Error::ToaLength { offset, .. }
-            | Error::MssLength { offset, .. } => Some(offset),
+            | Error::MssLength { offset, .. }
+            | Error::UoaMalformed { offset } => Some(offset),
             Error::UnknownIpVersion { .. }
             | Error::Ipv4HeaderLength { .. }
             | Error::IpLength { .. }
@@ -269,7 +294,9 @@ impl Error {
             | Error::AddressFamily
             | Error::NoRoom { .. }
             | Error::Capacity { .. }
-            | Error::TooLong { .. } => None,
+            | Error::TooLong { .. }
+            | Error::IpOptionsFull { .. }
+            | Error::NotSupported { .. } => None,
         }
     }
 }

@@ -59,6 +59,7 @@ mod nat;
 mod option;
 mod packet;
 mod udp;
+pub mod uoa;
 
 pub use edit::{Stripped, insert, strip};
 pub use error::{Error, Layer};

@@ -4,7 +4,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use serde::Serialize;
-use toa_core::{Error, Formats, TcpPacket, ToaOption};
+use toa_core::{Error, Formats, TcpPacket, ToaOption, UdpPacket, uoa};
 
 use crate::trust::TrustedSources;
 
@@ -38,6 +38,30 @@ pub enum Record {
     Segment(Segment),
     /// A packet that claims to be IP/TCP but is malformed.
     Malformed(Malformed),
+    /// A UDP datagram that carries a UOA (`ipo` or `opp`).
+    Datagram(Datagram),
+}
+
+/// A UDP datagram and the UOA in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Datagram {
+    /// Source address and port.
+    pub src: String,
+    /// Destination address and port.
+    pub dst: String,
+    /// The UOA (one per datagram).
+    pub uoa: Vec<UoaRecord>,
+    /// Whether the packet's IP source is a trusted load balancer.
+    pub trusted: bool,
+}
+
+/// One UOA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UoaRecord {
+    /// `ipo` or `opp`.
+    pub format: &'static str,
+    /// The client, `IP:PORT`.
+    pub addr: String,
 }
 
 /// A TCP packet and the TOA options in it.
@@ -84,10 +108,12 @@ impl Inspector {
     }
 
     /// Decodes one packet that starts at its IP header. Returns `None` for a
-    /// packet that does not carry TCP (and for fragments of other protocols).
+    /// packet that carries neither TCP nor a UOA (and for fragments of other
+    /// protocols).
     pub fn inspect(&self, ip_packet: &[u8]) -> Option<Record> {
         let packet = match TcpPacket::new_checked(ip_packet) {
             Ok(packet) => packet,
+            Err(Error::NotTcp { protocol: 17 | uoa::IPPROTO_OPT, .. }) => return self.inspect_udp(ip_packet),
             Err(Error::NotTcp { .. }) => return None,
             Err(Error::Fragment { offset }) if !is_tcp_fragment(ip_packet, offset) => return None,
             Err(err) => return Some(Record::Malformed(Malformed::from(err))),
@@ -105,6 +131,32 @@ impl Inspector {
             flags: packet.tcp().flags().to_string(),
             toa,
             trusted: self.trust.contains(packet.src_addr()),
+        }))
+    }
+}
+
+impl Inspector {
+    /// A UDP datagram (or an `opp` one): a record when it carries a UOA.
+    fn inspect_udp(&self, ip_packet: &[u8]) -> Option<Record> {
+        let found = match uoa::find_uoa(ip_packet) {
+            Ok(Some(found)) => found,
+            Ok(None) => return None,
+            Err(err) => return Some(Record::Malformed(Malformed::from(err))),
+        };
+        // The ports are in the UDP header, after an opp header if there is one.
+        let mut plain = ip_packet.to_vec();
+        let len = plain.len();
+        let udp = uoa::strip_uoa(&mut plain, len)
+            .and_then(|(n, _)| UdpPacket::new_checked(&plain[..n]).map(|u| (u.src(), u.dst())));
+        let (src, dst) = match udp {
+            Ok(ends) => ends,
+            Err(err) => return Some(Record::Malformed(Malformed::from(err))),
+        };
+        Some(Record::Datagram(Datagram {
+            src: src.to_string(),
+            dst: dst.to_string(),
+            uoa: vec![UoaRecord { format: found.format.name(), addr: found.client.to_string() }],
+            trusted: self.trust.contains(src.ip()),
         }))
     }
 }
@@ -144,6 +196,7 @@ impl Record {
         let json = match self {
             Record::Segment(segment) => serde_json::to_string(segment),
             Record::Malformed(malformed) => serde_json::to_string(malformed),
+            Record::Datagram(datagram) => serde_json::to_string(datagram),
         };
         // Strings and integers only: serialisation cannot fail.
         json.unwrap_or_else(|err| format!(r#"{{"error":"internal: {err}","offset":0}}"#))
@@ -155,6 +208,13 @@ impl fmt::Display for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Record::Malformed(m) => write!(f, "malformed packet (offset {}): {}", m.offset, m.error),
+            Record::Datagram(d) => {
+                write!(f, "{} > {} udp", d.src, d.dst)?;
+                for u in &d.uoa {
+                    write!(f, " uoa {} ({})", u.addr, u.format)?;
+                }
+                Ok(())
+            }
             Record::Segment(s) => {
                 write!(f, "{} > {} [{}]", s.src, s.dst, s.flags)?;
                 match s.toa.split_first() {
@@ -231,6 +291,10 @@ pub struct Summary {
     pub untrusted_toa: usize,
     /// Malformed packets.
     pub malformed: usize,
+    /// UDP datagrams with a UOA.
+    pub with_uoa: usize,
+    /// Of those, from untrusted sources.
+    pub untrusted_uoa: usize,
 }
 
 impl Summary {
@@ -238,6 +302,10 @@ impl Summary {
     pub fn count(&mut self, record: &Record) {
         match record {
             Record::Malformed(_) => self.malformed += 1,
+            Record::Datagram(d) => {
+                self.with_uoa += 1;
+                self.untrusted_uoa += usize::from(!d.trusted);
+            }
             Record::Segment(s) => {
                 self.segments += 1;
                 if !s.toa.is_empty() {
@@ -255,6 +323,14 @@ impl fmt::Display for Summary {
             f,
             "{} tcp packets, {} with toa ({} from untrusted sources), {} malformed",
             self.segments, self.with_toa, self.untrusted_toa, self.malformed
-        )
+        )?;
+        if self.with_uoa > 0 {
+            write!(
+                f,
+                "; {} udp datagrams with uoa ({} from untrusted sources)",
+                self.with_uoa, self.untrusted_uoa
+            )?;
+        }
+        Ok(())
     }
 }

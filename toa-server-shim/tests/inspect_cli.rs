@@ -97,6 +97,44 @@ fn hex_input() {
     assert!(text.contains("toa 203.0.113.7:40000 (toa 254/8), UNTRUSTED"), "{text}");
 }
 
+/// UOA in both formats, as text and JSON; from a stranger, flagged.
+#[test]
+fn hex_uoa_both_formats() {
+    use toa_core::uoa::{UoaFormat, insert_uoa};
+    // IPv4 UDP 100.125.1.1:40000 -> 100.125.2.1:53, "ping".
+    let datagram = [
+        0x45u8, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0, 100, 125, 1, 1, 100, 125, 2, 1, 0x9c, 0x40, 0, 0x35,
+        0, 12, 0, 0, b'p', b'i', b'n', b'g',
+    ];
+    let hex_of = |format: UoaFormat, client: &str| -> String {
+        let mut buf = [0u8; 96];
+        buf[..32].copy_from_slice(&datagram);
+        let len = insert_uoa(&mut buf, 32, client.parse().unwrap(), format).unwrap();
+        buf[..len].iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let opp = hex_of(UoaFormat::Opp, "203.0.113.7:40000");
+    let out = toa_shim(&["inspect", "--hex", &opp, "--json", "--trust", "huawei-elb"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout_lines(&out),
+        [
+            r#"{"src":"100.125.1.1:40000","dst":"100.125.2.1:53","uoa":[{"format":"opp","addr":"203.0.113.7:40000"}],"trusted":true}"#
+        ]
+    );
+    let ipo = hex_of(UoaFormat::Ipo, "[2001:db8::7]:40000");
+    let out = toa_shim(&["inspect", "--hex", &ipo, "--trust", "198.51.100.0/24"]);
+    assert_eq!(
+        stdout_lines(&out),
+        [
+            "100.125.1.1:40000 > 100.125.2.1:53 udp uoa [2001:db8::7]:40000 (ipo), UNTRUSTED source: a backend must ignore it"
+        ]
+    );
+    // Plain UDP carries nothing to show.
+    let plain: String = datagram.iter().map(|b| format!("{b:02x}")).collect();
+    let out = toa_shim(&["inspect", "--hex", &plain]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
 #[test]
 fn hex_malformed_exits_2() {
     // The toa claims 10 bytes; only 8 are left in the header.

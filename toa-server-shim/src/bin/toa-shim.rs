@@ -350,14 +350,17 @@ impl<W: Write> Printer<W> {
         } else {
             match record {
                 Record::Segment(s) if !s.toa.is_empty() => {
-                    let trust =
-                        if s.trusted { "trusted LB" } else { "UNTRUSTED source: a backend must ignore it" };
-                    writeln!(self.out, "{record}, {trust}")
+                    writeln!(self.out, "{record}, {}", trust_note(s.trusted))
                 }
+                Record::Datagram(d) => writeln!(self.out, "{record}, {}", trust_note(d.trusted)),
                 _ => writeln!(self.out, "{record}"),
             }
         }
     }
+}
+
+fn trust_note(trusted: bool) -> &'static str {
+    if trusted { "trusted LB" } else { "UNTRUSTED source: a backend must ignore it" }
 }
 
 fn inspect(args: InspectArgs) -> ExitCode {
@@ -386,7 +389,7 @@ fn inspect(args: InspectArgs) -> ExitCode {
         };
         match inspector.inspect(&bytes) {
             None => {
-                eprintln!("toa-shim: the packet does not carry TCP");
+                eprintln!("toa-shim: the packet carries neither TCP nor a UOA");
                 return ExitCode::from(2);
             }
             Some(record) => {
