@@ -7,11 +7,11 @@
 # cargo-nextest, the demo twice, and the Debian package built, installed and
 # removed (scripts/package.sh --test).
 #
-# FUZZ_SECONDS (default 30) sets the fuzz time per target; 0 skips the smoke.
+# FUZZ_SECONDS (default 20) sets the fuzz time per target; 0 skips the smoke.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FUZZ_SECONDS=${FUZZ_SECONDS:-30}
+FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'test.sh: %s\n' "$*" >&2; exit 1; }
 
