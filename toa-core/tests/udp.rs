@@ -1,41 +1,12 @@
 //! UDP: the view and endpoint rewriting, with etherparse as the checksum oracle.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
-use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use proptest::prelude::*;
 use toa_core::{Error, Layer, UdpPacket, rewrite_endpoints};
 
-fn datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let builder = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
-        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
-        _ => unreachable!("one family"),
-    }
-    .udp(src.port(), dst.port());
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).expect("build");
-    out
-}
-
-/// The UDP checksum etherparse computes for `packet`, and the one it carries.
-fn oracle(packet: &[u8]) -> (u16, u16) {
-    let sliced = SlicedPacket::from_ip(packet).expect("slice");
-    let Some(TransportSlice::Udp(udp)) = sliced.transport else { panic!("no udp") };
-    let expected = match sliced.net {
-        Some(etherparse::NetSlice::Ipv4(ip)) => {
-            let h = ip.header();
-            assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum());
-            udp.to_header().calc_checksum_ipv4_raw(h.source(), h.destination(), udp.payload())
-        }
-        Some(etherparse::NetSlice::Ipv6(ip)) => {
-            let h = ip.header();
-            udp.to_header().calc_checksum_ipv6_raw(h.source(), h.destination(), udp.payload())
-        }
-        None => panic!("no ip"),
-    };
-    (udp.checksum(), expected.expect("length fits"))
-}
+mod common;
+use common::{datagram, oracle};
 
 fn v4() -> impl Strategy<Value = SocketAddr> {
     (any::<[u8; 4]>(), any::<u16>()).prop_map(|(a, p)| SocketAddr::from((a, p)))

@@ -1,7 +1,9 @@
 //! Shared test helpers: an independent checksum oracle (etherparse) and packet builders.
 #![allow(dead_code, unreachable_pub)]
 
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use std::net::{IpAddr, SocketAddr};
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
 /// Asserts, with etherparse as an independent implementation, that the IPv4
 /// header checksum (if any) and the TCP checksum of `packet` are valid.
@@ -56,4 +58,37 @@ pub fn fix_checksums(packet: &mut [u8]) {
         let csum = header.calc_header_checksum();
         packet[10..12].copy_from_slice(&csum.to_be_bytes());
     }
+}
+
+/// An IPv4 or IPv6 UDP datagram from `src` to `dst`, built by etherparse.
+pub fn datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let builder = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
+        _ => unreachable!("one family"),
+    }
+    .udp(src.port(), dst.port());
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).expect("build");
+    out
+}
+
+/// The UDP checksum etherparse computes for `packet`, and the one it carries
+/// (and the IPv4 header checksum checked on the way).
+pub fn oracle(packet: &[u8]) -> (u16, u16) {
+    let sliced = SlicedPacket::from_ip(packet).expect("slice");
+    let Some(TransportSlice::Udp(udp)) = sliced.transport else { panic!("no udp") };
+    let expected = match sliced.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum());
+            udp.to_header().calc_checksum_ipv4_raw(h.source(), h.destination(), udp.payload())
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header();
+            udp.to_header().calc_checksum_ipv6_raw(h.source(), h.destination(), udp.payload())
+        }
+        None => panic!("no ip"),
+    };
+    (udp.checksum(), expected.expect("length fits"))
 }
