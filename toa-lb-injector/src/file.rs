@@ -76,6 +76,8 @@ struct RawFile {
     offloads: Offloads,
     #[serde(default = "default_transparent_mark")]
     transparent_mark: u32,
+    #[serde(default = "default_mtu")]
+    mtu: usize,
     #[serde(rename = "listener", default)]
     listeners: Vec<RawListener>,
 }
@@ -129,6 +131,18 @@ fn default_transparent_mark() -> u32 {
     0x2000_0000
 }
 
+fn default_mtu() -> usize {
+    1500
+}
+
+fn default_uoa_format() -> String {
+    "opp".into()
+}
+
+fn default_uoa_datagrams() -> u8 {
+    3
+}
+
 fn default_max_flows() -> usize {
     100_000
 }
@@ -156,6 +170,10 @@ struct RawListener {
     obtain_client_ip: RawObtain,
     #[serde(default = "default_format")]
     toa_format: String,
+    #[serde(default = "default_uoa_format")]
+    uoa_format: String,
+    #[serde(default = "default_uoa_datagrams")]
+    uoa_datagrams: u8,
     #[serde(default)]
     placement: RawPlacement,
     #[serde(rename = "backend", default)]
@@ -186,6 +204,7 @@ enum RawObtain {
     Off,
     Toa,
     Transparent,
+    Uoa,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +315,21 @@ impl LbConfig {
                     RawObtain::Off => ObtainClientIp::Off,
                     RawObtain::Toa => ObtainClientIp::Toa(format),
                     RawObtain::Transparent => ObtainClientIp::Transparent,
+                    RawObtain::Uoa => {
+                        let format = l.uoa_format.parse().map_err(|_| {
+                            invalid(format!(
+                                "listener {}: uoa_format must be opp or ipo, not {:?}",
+                                l.vip, l.uoa_format
+                            ))
+                        })?;
+                        if l.uoa_datagrams == 0 {
+                            return Err(invalid(format!(
+                                "listener {}: uoa_datagrams must be at least 1",
+                                l.vip
+                            )));
+                        }
+                        ObtainClientIp::Uoa { format, datagrams: l.uoa_datagrams }
+                    }
                 },
                 placement: Placement {
                     syn: l.placement.syn,
@@ -321,6 +355,9 @@ impl LbConfig {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
         };
+        if !(576..=65535).contains(&raw.mtu) {
+            return Err(invalid(format!("mtu {} must be between 576 and 65535", raw.mtu)));
+        }
         let engine = EngineConfig {
             listeners,
             snat: raw.snat,
@@ -331,6 +368,7 @@ impl LbConfig {
             snat_seed: 0,
             // Set by the driver per worker.
             shard: Shard::default(),
+            mtu: raw.mtu,
         };
         engine.validate().map_err(|e| invalid(e.to_string()))?;
         if raw.client_interface == raw.backend_interface {
@@ -457,7 +495,29 @@ weight = 3
         assert_eq!((l.protocol, l.obtain_client_ip), (Protocol::Udp, ObtainClientIp::Transparent));
         let toa = udp.replace("obtain_client_ip = \"transparent\"", "obtain_client_ip = \"toa\"");
         let err = LbConfig::parse("lb.toml", &toa).unwrap_err().to_string();
-        assert!(err.contains("203.0.113.10:80 is UDP") && err.contains("TOA is a TCP option"), "{err}");
+        assert!(err.contains("203.0.113.10:80") && err.contains("toa is for TCP, uoa for UDP"), "{err}");
+        let uoa = udp.replace(
+            "obtain_client_ip = \"transparent\"",
+            "obtain_client_ip = \"uoa\"\nuoa_format = \"ipo\"\nuoa_datagrams = 2",
+        );
+        let l = LbConfig::parse("lb.toml", &uoa).unwrap().engine.listeners[1].clone();
+        assert_eq!(
+            l.obtain_client_ip,
+            ObtainClientIp::Uoa { format: toa_core::uoa::UoaFormat::Ipo, datagrams: 2 }
+        );
+        let bad = uoa.replace("uoa_format = \"ipo\"", "uoa_format = \"gre\"");
+        assert!(
+            LbConfig::parse("lb.toml", &bad)
+                .unwrap_err()
+                .to_string()
+                .contains("uoa_format must be opp or ipo")
+        );
+        let on_tcp = GOOD.replace("obtain_client_ip = \"toa\"", "obtain_client_ip = \"uoa\"");
+        if on_tcp != GOOD {
+            assert!(LbConfig::parse("lb.toml", &on_tcp).is_err(), "uoa on a TCP listener");
+        }
+        let mtu = format!("mtu = 100\n{udp}");
+        assert!(LbConfig::parse("lb.toml", &mtu).unwrap_err().to_string().contains("mtu 100"));
         let sctp = udp.replace("protocol = \"udp\"", "protocol = \"sctp\"");
         let err = LbConfig::parse("lb.toml", &sctp).unwrap_err().to_string();
         assert!(err.contains("protocol \"sctp\" is not tcp or udp"), "{err}");

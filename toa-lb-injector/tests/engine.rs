@@ -53,6 +53,7 @@ fn config(mode: ObtainClientIp, placement: Placement, backends: &[&str]) -> Engi
         timeouts: Timeouts::default(),
         snat_seed: 0,
         shard: Shard::default(),
+        mtu: 1500,
     }
 }
 
@@ -578,4 +579,82 @@ fn udp_flood_stays_bounded_and_answered_flows_survive() {
     // The answered flow is still there, with its SNAT address.
     let (_, again) = handle(&mut e, 2, &datagram(real, vip, b"q2"));
     assert_eq!(inspect_udp(&again).0, snat);
+}
+
+/// UOA: the first `datagrams` datagrams of a flow carry the client, in the
+/// configured format (opp always for IPv6); a client's own UOA is stripped in
+/// both formats; past the MTU a datagram goes without, counted; the mode is
+/// switched live for new flows; TCP listeners refuse it.
+#[test]
+fn udp_uoa_first_datagrams_carry_the_client() {
+    use toa_core::uoa::{IPPROTO_OPT, UoaFormat, find_uoa, insert_uoa};
+    for format in [UoaFormat::Opp, UoaFormat::Ipo] {
+        let mode = ObtainClientIp::Uoa { format, datagrams: 3 };
+        let mut e = Engine::new(udp_config(mode)).unwrap();
+        let (client, vip) = (sock(CLIENT), sock("198.51.100.10:53"));
+        for i in 0..5u64 {
+            let (v, out) = handle(&mut e, i, &datagram(client, vip, b"ping"));
+            assert!(matches!(v, Verdict::ToBackend { .. }), "{v:?}");
+            let found = find_uoa(&out).unwrap();
+            if i < 3 {
+                let found = found.unwrap_or_else(|| panic!("datagram {i} has no UOA"));
+                assert_eq!((found.client, found.format), (client, format));
+                // And it is still the datagram underneath: strip, then etherparse.
+                let mut plain = out.clone();
+                let (n, _) = toa_core::uoa::strip_uoa(&mut plain, out.len()).unwrap();
+                let (_, dst, body) = inspect_udp(&plain[..n]);
+                assert_eq!((dst, body), (sock("192.0.2.10:5353"), b"ping".to_vec()));
+            } else {
+                assert_eq!(found, None, "datagram {i} carries a UOA");
+                inspect_udp(&out);
+            }
+            if format == UoaFormat::Opp && i < 3 {
+                assert_eq!(out[9], IPPROTO_OPT);
+            }
+        }
+        let c = e.counters(2).unwrap();
+        assert_eq!((c.uoa_injected, c.uoa_no_room, c.uoa_stripped), (3, 0, 0));
+
+        // A client that sends its own UOA (either format) is stripped before ours.
+        let forged: SocketAddr = "192.0.2.66:1".parse().unwrap();
+        for own in [UoaFormat::Ipo, UoaFormat::Opp] {
+            let client2 = sock(&format!("203.0.113.9:{}", 41000 + own as u16));
+            let mut buf = datagram(client2, vip, b"x");
+            let len = buf.len();
+            buf.resize(len + 64, 0);
+            let len = insert_uoa(&mut buf, len, forged, own).unwrap();
+            let (v, out) = handle(&mut e, 10, &buf[..len]);
+            assert!(matches!(v, Verdict::ToBackend { .. }), "{own:?}: {v:?}");
+            assert_eq!(find_uoa(&out).unwrap().map(|f| f.client), Some(client2), "{own:?}");
+        }
+        assert_eq!(e.counters(2).unwrap().uoa_stripped, 2);
+
+        // A full-sized datagram has no room under the MTU: sent without, counted.
+        let big: Vec<u8> = vec![7; 1472];
+        let client3 = sock("203.0.113.9:42000");
+        let (_, out) = handle(&mut e, 20, &datagram(client3, vip, &big));
+        assert_eq!((out.len(), find_uoa(&out).unwrap()), (1500, None));
+        assert_eq!(e.counters(2).unwrap().uoa_no_room, 1);
+    }
+    // IPv6: opp whatever the format (ipo does not exist there). A v6 UDP listener:
+    let mut c = udp_config(ObtainClientIp::Uoa { format: UoaFormat::Ipo, datagrams: 1 });
+    c.listeners.push(ListenerConfig {
+        vip: sock("[2001:db8::53]:53"),
+        protocol: Protocol::Udp,
+        backends: vec![Backend { addr: sock("[2001:db8:be::a]:5353"), weight: 1 }],
+        scheduler: Scheduler::RoundRobin,
+        obtain_client_ip: ObtainClientIp::Uoa { format: UoaFormat::Ipo, datagrams: 1 },
+        placement: Placement::default(),
+    });
+    let mut e = Engine::new(c).unwrap();
+    let client6 = sock("[2001:db8:c::7]:40000");
+    let (_, out) = handle(&mut e, 0, &datagram(client6, sock("[2001:db8::53]:53"), b"ping"));
+    let found = find_uoa(&out).unwrap().unwrap();
+    assert_eq!((found.client, found.format), (client6, UoaFormat::Opp));
+    // Live switch: off for new flows; TCP listeners refuse UOA.
+    let mut e = Engine::new(udp_config(ObtainClientIp::Off)).unwrap();
+    e.set_obtain_client_ip(2, ObtainClientIp::Uoa { format: UoaFormat::Opp, datagrams: 3 }).unwrap();
+    let (_, out) = handle(&mut e, 0, &datagram(sock(CLIENT), sock("198.51.100.10:53"), b"ping"));
+    assert!(find_uoa(&out).unwrap().is_some());
+    assert!(e.set_obtain_client_ip(0, ObtainClientIp::Uoa { format: UoaFormat::Opp, datagrams: 3 }).is_err());
 }

@@ -39,7 +39,7 @@ enum Command {
         config: PathBuf,
     },
     /// Talk to a running toa-lb: listeners | backends | stats | set LISTENER obtain-client-ip
-    /// off|toa|transparent | add-backend LISTENER ADDR [WEIGHT] | remove-backend LISTENER ADDR |
+    /// off|toa|transparent|uoa | add-backend LISTENER ADDR [WEIGHT] | remove-backend LISTENER ADDR |
     /// drain|undrain LISTENER ADDR | reload (re-read the file, as SIGHUP does, and say why not).
     Ctl {
         /// The control socket.

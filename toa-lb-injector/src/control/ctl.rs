@@ -52,6 +52,9 @@ pub enum ModeRequest {
     Toa,
     /// `transparent`
     Transparent,
+    /// `uoa` (UDP listeners; the format and count from the configuration,
+    /// else `opp`, 3)
+    Uoa,
 }
 
 /// One control request.
@@ -158,6 +161,7 @@ impl FromStr for ModeRequest {
             "off" => Ok(ModeRequest::Off),
             "toa" => Ok(ModeRequest::Toa),
             "transparent" => Ok(ModeRequest::Transparent),
+            "uoa" => Ok(ModeRequest::Uoa),
             other => Err(RequestError::Mode(other.to_owned())),
         }
     }
@@ -169,6 +173,7 @@ impl fmt::Display for ModeRequest {
             ModeRequest::Off => "off",
             ModeRequest::Toa => "toa",
             ModeRequest::Transparent => "transparent",
+            ModeRequest::Uoa => "uoa",
         })
     }
 }
@@ -325,6 +330,10 @@ pub fn handle(balancer: &dyn Balancer, request: Request) -> Reply {
                         _ => Format::Toa,
                     })
                 }
+                ModeRequest::Uoa => match snapshot.listeners[i].config.obtain_client_ip {
+                    uoa @ ObtainClientIp::Uoa { .. } => uoa,
+                    _ => ObtainClientIp::Uoa { format: toa_core::uoa::UoaFormat::Opp, datagrams: 3 },
+                },
             };
             balancer.set_mode(i, mode).map_err(|e| e.to_string())?;
             Ok(format!("{} obtain-client-ip={} (new flows)\n", name(i), mode_name(mode)))
@@ -430,12 +439,13 @@ pub(crate) fn key_name(proto: Protocol, vip: SocketAddr) -> String {
     }
 }
 
-/// A mode as `ctl` shows it: `off`, `transparent`, `toa(FORMAT)`.
+/// A mode as `ctl` shows it: `off`, `transparent`, `toa(FORMAT)`, `uoa(FORMAT,N)`.
 pub fn mode_name(mode: ObtainClientIp) -> String {
     match mode {
         ObtainClientIp::Off => "off".into(),
         ObtainClientIp::Transparent => "transparent".into(),
         ObtainClientIp::Toa(format) => format!("toa({format})"),
+        ObtainClientIp::Uoa { format, datagrams } => format!("uoa({format},{datagrams})"),
     }
 }
 

@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use toa_core::Format;
+use toa_core::uoa::UoaFormat;
 
 /// How a listener passes the client's address to its backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +17,27 @@ pub enum ObtainClientIp {
     /// DNAT only: the client's own address stays the source, as dedicated
     /// ELBs pass it. The backends must route replies through the LB.
     Transparent,
+    /// UDP: a UOA (DPVS's format) in the first `datagrams` datagrams of each
+    /// flow, as an IPv4 option (`ipo`) or a protocol-248 header (`opp`; IPv6
+    /// packets always use it). SNAT as `Off`.
+    Uoa {
+        /// `ipo` or `opp`.
+        format: UoaFormat,
+        /// How many datagrams of a flow carry it (DPVS: 3).
+        datagrams: u8,
+    },
+}
+
+impl ObtainClientIp {
+    /// Whether this mode fits a listener of `protocol`: TOA is a TCP option,
+    /// UOA a UDP one.
+    pub fn fits(self, protocol: Protocol) -> bool {
+        match self {
+            ObtainClientIp::Toa(_) => protocol == Protocol::Tcp,
+            ObtainClientIp::Uoa { .. } => protocol == Protocol::Udp,
+            ObtainClientIp::Off | ObtainClientIp::Transparent => true,
+        }
+    }
 }
 
 /// Which client segments carry the TOA.
@@ -57,7 +79,7 @@ pub enum Protocol {
     #[default]
     Tcp,
     /// UDP: a flow per client address and port, kept while datagrams pass
-    /// (`Timeouts::udp`); `ObtainClientIp::Off` or `Transparent` only.
+    /// (`Timeouts::udp`); `ObtainClientIp::Off`, `Transparent` or `Uoa`.
     Udp,
 }
 
@@ -141,6 +163,9 @@ pub struct EngineConfig {
     /// Which share of the SNAT ports this engine allocates, when a datapath
     /// runs one engine per worker (see [`Shard`]).
     pub shard: Shard,
+    /// The largest IP packet sent to backends (the backend interface's MTU):
+    /// a datagram a UOA would push past it goes without one, counted.
+    pub mtu: usize,
 }
 
 /// One engine's share of the SNAT ports: those whose [`Shard::steer`] value
@@ -193,8 +218,8 @@ pub enum ConfigError {
     /// Two listeners on the same VIP, port and protocol.
     #[error("listeners overlap: {0} is configured twice")]
     Overlap(SocketAddr),
-    /// TOA asked of a UDP listener.
-    #[error("listener {0} is UDP: obtain_client_ip may be off or transparent (TOA is a TCP option)")]
+    /// TOA asked of a UDP listener, or UOA of a TCP one.
+    #[error("listener {0}: obtain_client_ip does not fit its protocol (toa is for TCP, uoa for UDP)")]
     ToaOnUdp(SocketAddr),
     /// A backend of weight 0.
     #[error("backend {backend} of listener {listener} has weight 0 (use at least 1, or remove it)")]
@@ -257,9 +282,7 @@ impl EngineConfig {
             if self.listeners[..i].iter().any(same) {
                 return Err(ConfigError::Overlap(listener.vip));
             }
-            if listener.protocol == Protocol::Udp
-                && matches!(listener.obtain_client_ip, ObtainClientIp::Toa(_))
-            {
+            if !listener.obtain_client_ip.fits(listener.protocol) {
                 return Err(ConfigError::ToaOnUdp(listener.vip));
             }
             if listener.backends.is_empty() {
@@ -316,6 +339,7 @@ mod tests {
                         timeouts: Timeouts::default(),
                         snat_seed: 0,
                         shard: Shard { index, count },
+                        mtu: 1500,
                     };
                     config.engine_bound()
                 })

@@ -72,6 +72,12 @@ counters! {
         no_room => "toa_lb_toa_no_room_total", "Segments with no room for the TOA.";
         /// TOA-format options removed from what clients sent.
         stripped => "toa_lb_toa_stripped_total", "TOA options removed from what clients sent.";
+        /// UOAs written into client datagrams.
+        uoa_injected => "toa_lb_uoa_injected_total", "UOAs written into client datagrams.";
+        /// Datagrams that should have carried a UOA but would have exceeded the MTU.
+        uoa_no_room => "toa_lb_uoa_no_room_total", "Datagrams with no room under the MTU for the UOA.";
+        /// UOAs removed from what clients sent.
+        uoa_stripped => "toa_lb_uoa_stripped_total", "UOAs removed from what clients sent.";
         /// SYN-ACKs whose MSS was lowered.
         mss_clamped => "toa_lb_mss_clamped_total", "SYN-ACKs whose MSS was lowered.";
         /// Client segments whose options overran the header, passed with an
@@ -134,26 +140,29 @@ mod tests {
             injected: 4,
             no_room: 5,
             stripped: 6,
-            mss_clamped: 7,
-            options_malformed: 8,
-            to_backend: 9,
-            to_client: 10,
-            bytes_to_backend: 11,
-            bytes_to_client: 12,
-            health_changes: 13,
-            dropped_malformed: 14,
-            dropped_no_flow: 15,
-            dropped_table_full: 16,
-            dropped_no_snat: 17,
-            dropped_no_backend: 18,
+            uoa_injected: 7,
+            uoa_no_room: 8,
+            uoa_stripped: 9,
+            mss_clamped: 10,
+            options_malformed: 11,
+            to_backend: 12,
+            to_client: 13,
+            bytes_to_backend: 14,
+            bytes_to_client: 15,
+            health_changes: 16,
+            dropped_malformed: 17,
+            dropped_no_flow: 18,
+            dropped_table_full: 19,
+            dropped_no_snat: 20,
+            dropped_no_backend: 21,
         };
         let values: Vec<u64> = Counters::TABLE.iter().map(|d| (d.get)(&c)).collect();
-        assert_eq!(values, (1..=18).collect::<Vec<u64>>());
+        assert_eq!(values, (1..=21).collect::<Vec<u64>>());
         let names: Vec<&str> = Counters::TABLE.iter().map(|d| d.name).collect();
         assert!(names.contains(&"mss_clamped") && names.contains(&"health_changes"));
         let mut sum = c;
         sum += &c;
         assert_eq!((Counters::TABLE[17].get)(&sum), 36);
-        assert_eq!(Counters::TABLE[15].reason, Some("table_full"));
+        assert_eq!(Counters::TABLE[18].reason, Some("table_full"));
     }
 }

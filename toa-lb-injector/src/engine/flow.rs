@@ -40,6 +40,8 @@ pub(crate) struct Flow {
     pub(crate) created: Duration,
     pub(crate) last_seen: Duration,
     pub(crate) backend_sent_data: bool,
+    /// UDP with UOA: datagrams still to carry it.
+    pub(crate) uoa_left: u8,
 }
 
 impl Flow {

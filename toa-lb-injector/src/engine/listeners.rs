@@ -145,10 +145,11 @@ impl Listeners {
         map
     }
 
-    /// Switches listener `index`'s mode for new flows. A UDP listener cannot use TOA.
+    /// Switches listener `index`'s mode for new flows. TOA is for TCP
+    /// listeners, UOA for UDP ones.
     pub fn set_mode(&mut self, index: usize, mode: ObtainClientIp) -> Result<(), ConfigError> {
         let listener = self.all.get_mut(index).ok_or(ConfigError::Limits("no such listener"))?;
-        if listener.config.protocol == Protocol::Udp && matches!(mode, ObtainClientIp::Toa(_)) {
+        if !mode.fits(listener.config.protocol) {
             return Err(ConfigError::ToaOnUdp(listener.config.vip));
         }
         listener.config.obtain_client_ip = mode;

@@ -277,6 +277,10 @@ impl Engine {
                     return Verdict::Drop(DropReason::Malformed);
                 }
             },
+            // A client's own opp header (protocol 248): plain UDP again, then served.
+            Err(toa_core::Error::NotTcp { protocol: toa_core::uoa::IPPROTO_OPT, .. }) => {
+                return self.handle_client_opp(now, buf, len);
+            }
             // Other protocols and fragments are someone else's business.
             Err(toa_core::Error::NotTcp { .. } | toa_core::Error::Fragment { .. }) => {
                 return Verdict::NotMine;
@@ -298,6 +302,33 @@ impl Engine {
         }
     }
 
+    /// A datagram with an opp header: to a UDP listener, the header goes
+    /// (a client may not speak for itself) and it is served as plain UDP.
+    fn handle_client_opp(&mut self, now: Duration, buf: &mut [u8], len: usize) -> Verdict {
+        let mut plain = buf[..len].to_vec();
+        let Ok((stripped_len, _)) = toa_core::uoa::strip_uoa(&mut plain, len) else {
+            self.unparsed += 1;
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let Ok(packet) = UdpPacket::new_checked(&plain[..stripped_len]) else {
+            self.unparsed += 1;
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let segment = Segment {
+            proto: Protocol::Udp,
+            src: packet.src(),
+            dst: packet.dst(),
+            flags: TcpFlags::default(),
+            payload: packet.payload().len(),
+        };
+        let Some(listener) = self.listeners.for_packet(Protocol::Udp, segment.dst) else {
+            return Verdict::NotMine;
+        };
+        buf[..stripped_len].copy_from_slice(&plain[..stripped_len]);
+        self.counters[listener].uoa_stripped += 1;
+        self.handle_udp_client(now, buf, stripped_len, listener, segment)
+    }
+
     /// A datagram from a client: find or make its flow, rewrite, count.
     fn handle_udp_client(
         &mut self,
@@ -308,6 +339,14 @@ impl Engine {
         segment: Segment,
     ) -> Verdict {
         let (client, vip) = (segment.src, segment.dst);
+        // A client may not speak for itself: its own UOA (an IPv4 option) goes.
+        let len = match toa_core::uoa::strip_uoa(buf, len) {
+            Ok((len, found)) => {
+                self.counters[listener].uoa_stripped += u64::from(found.is_some());
+                len
+            }
+            Err(_) => return drop(&mut self.counters[listener], DropReason::Malformed),
+        };
         let id = match self.flows.by_client(Protocol::Udp, client, vip) {
             Some(id) => id,
             None => match self.new_flow(now, listener, Protocol::Udp, client, vip) {
@@ -319,9 +358,25 @@ impl Engine {
             return drop(&mut self.counters[listener], DropReason::NoFlow);
         };
         flow.last_seen = now;
-        let (snat, backend, stats) = (flow.snat, flow.backend, flow.stats);
+        let (snat, backend, stats, mode) = (flow.snat, flow.backend, flow.stats, flow.mode);
         if rewrite_endpoints(buf, len, snat, backend).is_err() {
             return drop(&mut self.counters[listener], DropReason::Malformed);
+        }
+        let mut len = len;
+        if let (ObtainClientIp::Uoa { format, .. }, true) = (mode, flow.uoa_left > 0) {
+            // IPv6 packets have no header options: opp there.
+            let format = if backend.is_ipv6() { toa_core::uoa::UoaFormat::Opp } else { format };
+            let mtu = self.config.mtu.min(buf.len());
+            match toa_core::uoa::insert_uoa(&mut buf[..mtu], len, client, format) {
+                Ok(new_len) => {
+                    len = new_len;
+                    flow.uoa_left -= 1;
+                    self.counters[listener].uoa_injected += 1;
+                }
+                // Past the MTU, or no room among the IPv4 options: this one goes
+                // without; the next datagram tries again.
+                Err(_) => self.counters[listener].uoa_no_room += 1,
+            }
         }
         self.count_to_backend(listener, stats, len);
         Verdict::ToBackend { len, next_hop: backend.ip() }
@@ -471,6 +526,10 @@ impl Engine {
             created: now,
             last_seen: now,
             backend_sent_data: false,
+            uoa_left: match config.obtain_client_ip {
+                ObtainClientIp::Uoa { datagrams, .. } => datagrams,
+                _ => 0,
+            },
         };
         let id = self.flows.insert(flow).map_err(|full| match full {
             Full::Table => DropReason::TableFull,

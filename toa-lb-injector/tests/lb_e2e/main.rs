@@ -898,7 +898,7 @@ fn udp_echo_off_and_transparent(dp: Dp) {
     }
     let toa = ctl_output(dir, &format!("set udp/{UDP_VIP} obtain-client-ip toa"));
     assert!(!toa.status.success(), "TOA on a UDP listener must be refused");
-    assert!(String::from_utf8_lossy(&toa.stderr).contains("TOA is a TCP option"));
+    assert!(String::from_utf8_lossy(&toa.stderr).contains("toa is for TCP, uoa for UDP"));
     let stats = String::from_utf8(ctl_output(dir, "stats").stdout).unwrap();
     let udp = stats.lines().find(|l| l.starts_with(&format!("udp/{UDP_VIP} "))).expect("udp stats");
     assert!(udp.contains(" flows=") && !udp.contains(" to_client=0 "), "{udp}");

@@ -194,6 +194,8 @@ fn raw_listener(l: &InjectListener) -> RawListener {
         ObtainClientIp::Off => (0, Format::Toa),
         ObtainClientIp::Toa(format) => (1, format),
         ObtainClientIp::Transparent => (2, Format::Toa),
+        // Refused before it gets here (KernelLb::check_modes): SNAT, no option.
+        ObtainClientIp::Uoa { .. } => (0, Format::Toa),
     };
     let all = Formats::ALL;
     // As the engine's `toa_for`: an IPv4 client gets toa (or tencent), an IPv6 one toa6 (or ali-v6).

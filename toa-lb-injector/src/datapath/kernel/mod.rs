@@ -61,6 +61,17 @@ pub enum KernelError {
     Other(String),
 }
 
+/// What the kernel datapath cannot do yet: write UOA (the injector adds TCP
+/// options only).
+fn check_mode(vip: std::net::SocketAddr, mode: ObtainClientIp) -> Result<(), String> {
+    match mode {
+        ObtainClientIp::Uoa { .. } => Err(format!(
+            "listener {vip}: obtain_client_ip = \"uoa\" needs datapath = \"ring\" or \"pnet\" (the kernel datapath does not write UOA yet)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// How old the flow counts may be before a snapshot dumps conntrack again.
 const FLOWS_TTL: Duration = Duration::from_millis(500);
 
@@ -237,6 +248,9 @@ impl KernelLb {
     /// enables forwarding, adds the addresses, installs the table, loads and
     /// attaches the injector. On failure, what was done is undone.
     pub fn start(config: &LbConfig) -> Result<KernelLb, KernelError> {
+        for l in &config.engine.listeners {
+            check_mode(l.vip, l.obtain_client_ip).map_err(KernelError::Other)?;
+        }
         injector::preflight()?;
         injector::check_interface(&config.client_interface)?;
         injector::check_interface(&config.backend_interface)?;
@@ -451,6 +465,9 @@ impl Balancer for KernelLb {
 
     fn set_mode(&self, listener: usize, mode: ObtainClientIp) -> Result<(), ControlError> {
         let mut state = self.lock();
+        if let Some(l) = state.listeners.all().get(listener) {
+            check_mode(l.config.vip, mode).map_err(ControlError::Datapath)?;
+        }
         let before = state.listeners.clone();
         state.listeners.set_mode(listener, mode)?;
         // One map element: every new flow sees the old mode or the new one.
@@ -498,6 +515,9 @@ impl Balancer for KernelLb {
     }
 
     fn reconfigure(&self, config: &LbConfig) -> Result<Option<usize>, ControlError> {
+        for l in &config.engine.listeners {
+            check_mode(l.vip, l.obtain_client_ip).map_err(ControlError::Datapath)?;
+        }
         let mut state = self.lock();
         let datapath = |e: &dyn std::fmt::Display| ControlError::Datapath(e.to_string());
         let before = (state.listeners.clone(), state.ids.clone(), state.config.clone());
