@@ -168,10 +168,14 @@ const UDP_VIP6: &str = "[2001:db8:c::10]:53";
 /// Starts toa-lb with the test configuration on the case's datapath; `extra`
 /// goes at the top (e.g. `max_flows = 500`).
 fn start_lb_with(case: &Case, mode: &str, extra: &str) -> Lb {
+    start_lb_text(case, mode, &config_text(mode, &format!("{}{extra}", case.dp.config())))
+}
+
+/// Starts toa-lb with the configuration `text` (written as `lb-NAME.toml`).
+fn start_lb_text(case: &Case, name: &str, text: &str) -> Lb {
     let (bed, dir) = (&case.bed, &case.dir);
-    let config = dir.join(format!("lb-{mode}.toml"));
-    std::fs::write(&config, config_text(mode, &format!("{}{extra}", case.dp.config())))
-        .expect("write config");
+    let config = dir.join(format!("lb-{name}.toml"));
+    std::fs::write(&config, text).expect("write config");
     let mut child = Command::new("ip")
         .args(["netns", "exec", &bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
         .arg(&config)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use toa_testkit::netns::run_in;
 use toa_testkit::require_root;
 
-use super::{Case, Dp, UDP_VIP, ask, ask_vip, leftovers, start_lb};
+use super::{Case, Dp, UDP_VIP, ask, ask_vip, config_text, ctl_output, leftovers, start_lb, start_lb_text};
 
 /// The pnet fallback datapath (`datapath = "pnet"`) serves the same: TOA over
 /// IPv4 and IPv6, and UDP.
@@ -84,4 +84,83 @@ fn ring_checks_offloads() {
         features.contains("tx-checksumming: off") && features.contains("generic-segmentation-offload: off"),
         "{features}"
     );
+}
+
+/// UOA on the ring datapath: a UDP listener with `obtain_client_ip = "uoa"`
+/// (`ipo`, which an unmodified backend's IP stack accepts) echoes as
+/// before, and the first 3 datagrams of the flow reach the backend carrying
+/// the client, as `toa-shim inspect` decodes them on the backend's link;
+/// the kernel datapath refuses the mode, naming the datapaths that can.
+#[test]
+fn ring_writes_uoa() {
+    require_root!();
+    let case = Case::new("o", Dp::Ring);
+    let bed = &case.bed;
+    let text = config_text("toa", Dp::Ring.config()).replacen(
+        &format!("vip = \"{UDP_VIP}\"\nprotocol = \"udp\"\n"),
+        &format!(
+            "vip = \"{UDP_VIP}\"\nprotocol = \"udp\"\nobtain_client_ip = \"uoa\"\nuoa_format = \"ipo\"\n"
+        ),
+        1,
+    );
+    assert!(text.contains("uoa_format"), "the UDP listener block moved");
+    let _lb = start_lb_text(&case, "uoa", &text);
+    // Watch the backend's link while the client sends 5 datagrams.
+    let toa_shim = std::path::Path::new(env!("CARGO_BIN_EXE_toa-lb")).with_file_name("toa-shim");
+    assert!(toa_shim.exists(), "{} is not built (cargo build -p toa-server-shim)", toa_shim.display());
+    let (client, echoes, capture) = std::thread::scope(|scope| {
+        let capture = scope.spawn(|| {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &bed.ns("be1"),
+                    toa_shim.to_str().unwrap(),
+                    "inspect",
+                    "--iface",
+                    "b0",
+                ])
+                .args(["--json", "--timeout", "4s", "--trust", "100.125.0.0/16"])
+                .output()
+                .expect("toa-shim inspect")
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let (client, echoes) = run_in(&bed.ns("client"), || {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect(UDP_VIP).unwrap();
+            socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            let mut buf = [0u8; 64];
+            let mut echoes = 0;
+            for i in 0..5u8 {
+                socket.send(&[b'p', i]).unwrap();
+                if socket.recv(&mut buf).is_ok_and(|n| buf[..n] == [b'p', i]) {
+                    echoes += 1;
+                }
+            }
+            (socket.local_addr().unwrap(), echoes)
+        });
+        (client, echoes, capture.join().expect("capture thread"))
+    });
+    assert_eq!(echoes, 5, "every datagram echoed through the LB");
+    let seen = String::from_utf8_lossy(&capture.stdout).into_owned();
+    let carried = format!(r#""uoa":[{{"format":"ipo","addr":"{client}"}}],"trusted":true"#);
+    assert_eq!(seen.lines().filter(|l| l.contains(&carried)).count(), 3, "{seen}");
+    let out = ctl_output(&case.dir, "stats");
+    let stats = String::from_utf8_lossy(&out.stdout).into_owned();
+    let udp = stats.lines().find(|l| l.starts_with(&format!("udp/{UDP_VIP} "))).expect("udp stats");
+    assert!(udp.contains(" uoa_injected=3 "), "{udp}");
+
+    // The kernel datapath cannot write UOA yet: it says so and which can.
+    let kernel = text.replace(Dp::Ring.config(), Dp::Kernel.config());
+    let path = case.dir.join("lb-uoa-kernel.toml");
+    std::fs::write(&path, kernel).unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
+        .arg(&path)
+        .arg("--socket")
+        .arg(case.dir.join("kernel.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("needs datapath = \"ring\" or \"pnet\""), "{err}");
 }
