@@ -158,6 +158,18 @@ fn find_in_options(opts: &[u8], base: usize) -> Result<Option<(SocketAddr, usize
     Ok(None)
 }
 
+/// The UOA in an IPv4 options area (what `IP_RECVOPTS` hands a UDP socket),
+/// or `None`; a malformed area is an error (offsets count from its start).
+///
+/// ```
+/// let opts = [0x1f, 8, 0x9c, 0x40, 203, 0, 113, 7];
+/// let client = toa_core::uoa::find_uoa_in_options(&opts).unwrap();
+/// assert_eq!(client, Some("203.0.113.7:40000".parse().unwrap()));
+/// ```
+pub fn find_uoa_in_options(opts: &[u8]) -> Result<Option<SocketAddr>, Error> {
+    Ok(find_in_options(opts, 0)?.map(|(client, _)| client))
+}
+
 /// The opp header at `at`: (its length, the next protocol). Checked: version
 /// 1 or 2, reserved bits zero, a length that covers the fixed part and fits.
 fn opp_header(buf: &[u8], at: usize, end: usize) -> Result<(usize, u8), Error> {

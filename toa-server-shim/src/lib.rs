@@ -59,6 +59,7 @@ pub mod tap;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 pub mod trust;
+pub mod uoa;
 pub mod xff;
 
 pub use listener::{Config, Mode, Pending, TcpListenerExt, ToaListener};

@@ -27,12 +27,14 @@ pub enum Source {
     ProxyV2,
     /// An `X-Forwarded-For` header behind a trusted peer ([`crate::xff`]).
     Xff,
+    /// A UOA from a trusted load balancer, for a UDP datagram ([`crate::uoa`]).
+    Uoa,
     /// No trusted TOA or header: `client` is the real peer.
     None,
 }
 
 impl Source {
-    /// The name used in output: `saved-syn`, `ebpf`, `capture`, `proxy-v1`, `proxy-v2`, `xff`, `none`.
+    /// The name used in output: `saved-syn`, `ebpf`, `capture`, `proxy-v1`, `proxy-v2`, `xff`, `uoa`, `none`.
     pub fn name(self) -> &'static str {
         match self {
             Source::SavedSyn => "saved-syn",
@@ -41,6 +43,7 @@ impl Source {
             Source::ProxyV1 => "proxy-v1",
             Source::ProxyV2 => "proxy-v2",
             Source::Xff => "xff",
+            Source::Uoa => "uoa",
             Source::None => "none",
         }
     }

@@ -271,3 +271,88 @@ pub(crate) mod tap {
         Ok(u64::from(stats.tp_drops))
     }
 }
+
+/// `IP_RECVOPTS` and `recvmsg` for `crate::uoa::UoaSocket`.
+pub(crate) mod udp {
+    use std::io;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    /// Asks the kernel to hand over the IPv4 options of each datagram.
+    pub(crate) fn set_recv_opts(fd: BorrowedFd<'_>) -> io::Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket for the borrow; a live c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVOPTS,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    }
+
+    /// One datagram into `buf`: (its length, its source, its IPv4 options, up to 40 bytes).
+    pub(crate) fn recv_with_opts(
+        fd: BorrowedFd<'_>,
+        buf: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, [u8; 40], usize)> {
+        // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut control = [0u64; 16]; // 128 bytes, aligned for cmsghdr
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: msghdr is plain data; all-zero is valid, the fields are set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of_val(&control);
+        // SAFETY: every pointer in msg refers to a live local (addr, iov over
+        // buf, control) of the size given; the kernel writes within them.
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut opts = [0u8; 40];
+        let mut opts_len = 0;
+        // SAFETY: msg was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR walk within
+        // msg_controllen, and each header's data is read only up to its cmsg_len.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_RECVOPTS {
+                    let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    opts_len = len.min(40);
+                    std::ptr::copy_nonoverlapping(libc::CMSG_DATA(cmsg), opts.as_mut_ptr(), opts_len);
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        let from = match i32::from(addr.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: the family says the storage holds a sockaddr_in.
+                let a = unsafe { *(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                    u16::from_be(a.sin_port),
+                ))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says the storage holds a sockaddr_in6.
+                let a = unsafe { *(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(a.sin6_addr.s6_addr),
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                ))
+            }
+            _ => return Err(io::Error::other("recvmsg: a source of an unknown family")),
+        };
+        Ok((n as usize, from, opts, opts_len))
+    }
+}

@@ -8,13 +8,15 @@
 //! - [`bed`]: the backend testbed those two make: one namespace, a veth pair
 //!   whose LB end has no IP address (so its kernel never answers the backend:
 //!   no RSTs to suppress) and whose backend end is the server.
-#![forbid(unsafe_code)]
+//! - [`sys`]: the one socket option a test needs that no safe wrapper has.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod bed;
 pub mod cgroup;
 pub mod netns;
 pub mod rawtcp;
+pub mod sys;
 
 /// Whether the test runs as root; end-to-end tests skip otherwise.
 pub fn is_root() -> bool {

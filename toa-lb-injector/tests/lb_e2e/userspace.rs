@@ -104,6 +104,10 @@ fn ring_writes_uoa() {
         1,
     );
     assert!(text.contains("uoa_format"), "the UDP listener block moved");
+    // And a listener whose backend is a Rust UoaSocket (no helper: ipo through IP_RECVOPTS).
+    let text = format!(
+        "{text}\n[[listener]]\nvip = \"203.0.113.10:54\"\nprotocol = \"udp\"\nobtain_client_ip = \"uoa\"\nuoa_format = \"ipo\"\n\n[[listener.backend]]\naddress = \"100.125.2.1:5354\"\n"
+    );
     let _lb = start_lb_text(&case, "uoa", &text);
     // Watch the backend's link while the client sends 5 datagrams.
     let toa_shim = std::path::Path::new(env!("CARGO_BIN_EXE_toa-lb")).with_file_name("toa-shim");
@@ -149,6 +153,39 @@ fn ring_writes_uoa() {
     let stats = String::from_utf8_lossy(&out.stdout).into_owned();
     let udp = stats.lines().find(|l| l.starts_with(&format!("udp/{UDP_VIP} "))).expect("udp stats");
     assert!(udp.contains(" uoa_injected=3 "), "{udp}");
+
+    // A UoaSocket backend names the client in every datagram of the flow (3
+    // carried a UOA, the rest are remembered), and its replies, sent to the
+    // client, reach it through the LB.
+    let policy = toa_server_shim::TrustPolicy::new("100.125.0.0/16".parse().unwrap()).unwrap();
+    let socket =
+        run_in(&bed.ns("be1"), || toa_server_shim::uoa::UoaSocket::bind("100.125.2.1:5354", policy)).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        for _ in 0..5 {
+            let (_, peer) = socket.recv_from(&mut buf).unwrap();
+            let reply = format!("{} {}", peer.client, peer.source);
+            socket.send_to(reply.as_bytes(), peer.client).unwrap();
+        }
+        socket.stats()
+    });
+    let (client, replies) = run_in(&bed.ns("client"), || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect("203.0.113.10:54").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 128];
+        let replies: Vec<String> = (0..5)
+            .map(|_| {
+                socket.send(b"who").unwrap();
+                let n = socket.recv(&mut buf).expect("a reply through the LB");
+                String::from_utf8_lossy(&buf[..n]).into_owned()
+            })
+            .collect();
+        (socket.local_addr().unwrap(), replies)
+    });
+    assert_eq!(replies, vec![format!("{client} uoa"); 5]);
+    let stats = server.join().unwrap();
+    assert_eq!((stats.received, stats.uoa, stats.remembered), (5, 3, 2), "{stats:?}");
 
     // The kernel datapath cannot write UOA yet: it says so and which can.
     let kernel = text.replace(Dp::Ring.config(), Dp::Kernel.config());

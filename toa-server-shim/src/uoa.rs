@@ -1,0 +1,198 @@
+//! `UoaSocket`: a UDP socket whose `recv_from` names the client a UOA load
+//! balancer (DPVS, `toa-lb` with `obtain_client_ip = "uoa"`) wrote into the
+//! first datagrams of a flow, and whose `send_to(client)` goes back to that
+//! load balancer, so replies still pass through it. Without the kernel
+//! helper it reads the `ipo` format (an IPv4 option, through `IP_RECVOPTS`):
+//! an IPv4 socket, any kernel, no privilege. The `opp` format never reaches a
+//! socket without the helper (the IP stack drops protocol 248).
+//!
+//! Only datagrams from trusted load balancers are believed. A flow's later
+//! datagrams carry no UOA: the socket remembers which LB address and port
+//! speaks for which client (at most [`MAX_FLOWS`], each for [`FLOW_TTL`]
+//! after its last datagram).
+//!
+//! ```no_run
+//! use toa_server_shim::uoa::UoaSocket;
+//! use toa_server_shim::TrustPolicy;
+//!
+//! let socket = UoaSocket::bind("0.0.0.0:5353", TrustPolicy::new("huawei-elb".parse()?)?)?;
+//! let mut buf = [0u8; 1500];
+//! loop {
+//!     let (n, peer) = socket.recv_from(&mut buf)?;
+//!     println!("{} via {}", peer.client, peer.lb);
+//!     socket.send_to(&buf[..n], peer.client)?; // through the LB
+//! }
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! ```
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::peer::Source;
+use crate::sys;
+use crate::trust::TrustPolicy;
+
+/// Flows remembered at most.
+pub const MAX_FLOWS: usize = 65536;
+/// How long a flow is remembered after its last datagram.
+pub const FLOW_TTL: Duration = Duration::from_secs(300);
+
+/// Who sent a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpPeer {
+    /// The client: from a trusted UOA (or remembered for its flow), else the real source.
+    pub client: SocketAddr,
+    /// The real source: the load balancer (or a client that came directly).
+    pub lb: SocketAddr,
+    /// `Uoa` when a UOA (now or earlier in the flow) named the client, else `None`.
+    pub source: Source,
+}
+
+/// What a [`UoaSocket`] saw so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UoaStats {
+    /// Datagrams received.
+    pub received: u64,
+    /// Datagrams that carried a trusted UOA.
+    pub uoa: u64,
+    /// Datagrams named by a UOA seen earlier in their flow.
+    pub remembered: u64,
+    /// UOAs from untrusted sources, ignored.
+    pub untrusted: u64,
+    /// Option areas that did not parse (the source is used).
+    pub malformed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    received: AtomicU64,
+    uoa: AtomicU64,
+    remembered: AtomicU64,
+    untrusted: AtomicU64,
+    malformed: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Flows {
+    /// LB address and port -> (client, last seen).
+    by_lb: HashMap<SocketAddr, (SocketAddr, Instant)>,
+    /// client -> LB address and port.
+    by_client: HashMap<SocketAddr, SocketAddr>,
+}
+
+/// A UDP socket that sees through UOA load balancers; see the module docs.
+#[derive(Debug)]
+pub struct UoaSocket {
+    inner: UdpSocket,
+    policy: TrustPolicy,
+    flows: Mutex<Flows>,
+    counters: Counters,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl UoaSocket {
+    /// Binds `addr` (IPv4: the `ipo` format is an IPv4 option).
+    pub fn bind(addr: impl ToSocketAddrs, policy: TrustPolicy) -> io::Result<Self> {
+        Self::from_std(UdpSocket::bind(addr)?, policy)
+    }
+
+    /// Wraps a bound UDP socket.
+    pub fn from_std(socket: UdpSocket, policy: TrustPolicy) -> io::Result<Self> {
+        if socket.local_addr()?.is_ipv4() {
+            sys::udp::set_recv_opts(socket.as_fd())?;
+        }
+        Ok(UoaSocket { inner: socket, policy, flows: Mutex::default(), counters: Counters::default() })
+    }
+
+    /// Receives a datagram and tells who sent it.
+    pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, UdpPeer)> {
+        let (n, lb, opts, opts_len) = sys::udp::recv_with_opts(self.inner.as_fd(), buf)?;
+        bump(&self.counters.received);
+        let direct = UdpPeer { client: lb, lb, source: Source::None };
+        let found = match toa_core::uoa::find_uoa_in_options(&opts[..opts_len]) {
+            Ok(found) => found,
+            Err(_) => {
+                bump(&self.counters.malformed);
+                None
+            }
+        };
+        let mut flows = self.flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        match found {
+            Some(_) if !self.policy.trusts(lb.ip()) => {
+                bump(&self.counters.untrusted);
+                Ok((n, direct))
+            }
+            Some(client) => {
+                bump(&self.counters.uoa);
+                if flows.by_lb.len() >= MAX_FLOWS && !flows.by_lb.contains_key(&lb) {
+                    expire(&mut flows, now);
+                }
+                if flows.by_lb.len() < MAX_FLOWS || flows.by_lb.contains_key(&lb) {
+                    flows.by_lb.insert(lb, (client, now));
+                    flows.by_client.insert(client, lb);
+                }
+                Ok((n, UdpPeer { client, lb, source: Source::Uoa }))
+            }
+            None => match flows.by_lb.get_mut(&lb) {
+                Some((client, seen)) if now.duration_since(*seen) < FLOW_TTL => {
+                    *seen = now;
+                    bump(&self.counters.remembered);
+                    Ok((n, UdpPeer { client: *client, lb, source: Source::Uoa }))
+                }
+                _ => Ok((n, direct)),
+            },
+        }
+    }
+
+    /// Sends `buf` to `to`: when `to` is a client a UOA named, to the load
+    /// balancer that speaks for it (so the reply passes through it).
+    pub fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        let via =
+            self.flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner).by_client.get(&to).copied();
+        self.inner.send_to(buf, via.unwrap_or(to))
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> UoaStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
+        UoaStats {
+            received: get(&c.received),
+            uoa: get(&c.uoa),
+            remembered: get(&c.remembered),
+            untrusted: get(&c.untrusted),
+            malformed: get(&c.malformed),
+        }
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    /// The wrapped socket.
+    pub fn get_ref(&self) -> &UdpSocket {
+        &self.inner
+    }
+}
+
+/// Forgets flows idle for longer than [`FLOW_TTL`].
+fn expire(flows: &mut Flows, now: Instant) {
+    let Flows { by_lb, by_client } = flows;
+    by_lb.retain(|_, (client, seen)| {
+        let live = now.duration_since(*seen) < FLOW_TTL;
+        if !live {
+            by_client.remove(client);
+        }
+        live
+    });
+}
