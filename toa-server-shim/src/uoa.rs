@@ -85,17 +85,83 @@ struct Flows {
     by_client: HashMap<SocketAddr, SocketAddr>,
 }
 
-/// A UDP socket that sees through UOA load balancers; see the module docs.
+/// What the std and tokio sockets share: the trust policy, the flows, the counters.
 #[derive(Debug)]
-pub struct UoaSocket {
-    inner: UdpSocket,
+struct Resolver {
     policy: TrustPolicy,
     flows: Mutex<Flows>,
     counters: Counters,
 }
 
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+impl Resolver {
+    fn new(policy: TrustPolicy) -> Self {
+        Resolver { policy, flows: Mutex::default(), counters: Counters::default() }
+    }
+
+    /// Who sent a datagram from `lb` whose IPv4 options were `opts`.
+    fn peer(&self, lb: SocketAddr, opts: &[u8]) -> UdpPeer {
+        bump(&self.counters.received);
+        let direct = UdpPeer { client: lb, lb, source: Source::None };
+        let found = match toa_core::uoa::find_uoa_in_options(opts) {
+            Ok(found) => found,
+            Err(_) => {
+                bump(&self.counters.malformed);
+                None
+            }
+        };
+        let mut flows = self.flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        match found {
+            Some(_) if !self.policy.trusts(lb.ip()) => {
+                bump(&self.counters.untrusted);
+                direct
+            }
+            Some(client) => {
+                bump(&self.counters.uoa);
+                if flows.by_lb.len() >= MAX_FLOWS && !flows.by_lb.contains_key(&lb) {
+                    expire(&mut flows, now);
+                }
+                if flows.by_lb.len() < MAX_FLOWS || flows.by_lb.contains_key(&lb) {
+                    flows.by_lb.insert(lb, (client, now));
+                    flows.by_client.insert(client, lb);
+                }
+                UdpPeer { client, lb, source: Source::Uoa }
+            }
+            None => match flows.by_lb.get_mut(&lb) {
+                Some((client, seen)) if now.duration_since(*seen) < FLOW_TTL => {
+                    *seen = now;
+                    bump(&self.counters.remembered);
+                    UdpPeer { client: *client, lb, source: Source::Uoa }
+                }
+                _ => direct,
+            },
+        }
+    }
+
+    /// Where a datagram to `to` goes: the LB that speaks for it, if any.
+    fn via(&self, to: SocketAddr) -> SocketAddr {
+        let flows = self.flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        flows.by_client.get(&to).copied().unwrap_or(to)
+    }
+
+    fn stats(&self) -> UoaStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
+        UoaStats {
+            received: get(&c.received),
+            uoa: get(&c.uoa),
+            remembered: get(&c.remembered),
+            untrusted: get(&c.untrusted),
+            malformed: get(&c.malformed),
+        }
+    }
+}
+
+/// A UDP socket that sees through UOA load balancers; see the module docs.
+#[derive(Debug)]
+pub struct UoaSocket {
+    inner: UdpSocket,
+    resolver: Resolver,
 }
 
 impl UoaSocket {
@@ -109,69 +175,24 @@ impl UoaSocket {
         if socket.local_addr()?.is_ipv4() {
             sys::udp::set_recv_opts(socket.as_fd())?;
         }
-        Ok(UoaSocket { inner: socket, policy, flows: Mutex::default(), counters: Counters::default() })
+        Ok(UoaSocket { inner: socket, resolver: Resolver::new(policy) })
     }
 
     /// Receives a datagram and tells who sent it.
     pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, UdpPeer)> {
         let (n, lb, opts, opts_len) = sys::udp::recv_with_opts(self.inner.as_fd(), buf)?;
-        bump(&self.counters.received);
-        let direct = UdpPeer { client: lb, lb, source: Source::None };
-        let found = match toa_core::uoa::find_uoa_in_options(&opts[..opts_len]) {
-            Ok(found) => found,
-            Err(_) => {
-                bump(&self.counters.malformed);
-                None
-            }
-        };
-        let mut flows = self.flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        match found {
-            Some(_) if !self.policy.trusts(lb.ip()) => {
-                bump(&self.counters.untrusted);
-                Ok((n, direct))
-            }
-            Some(client) => {
-                bump(&self.counters.uoa);
-                if flows.by_lb.len() >= MAX_FLOWS && !flows.by_lb.contains_key(&lb) {
-                    expire(&mut flows, now);
-                }
-                if flows.by_lb.len() < MAX_FLOWS || flows.by_lb.contains_key(&lb) {
-                    flows.by_lb.insert(lb, (client, now));
-                    flows.by_client.insert(client, lb);
-                }
-                Ok((n, UdpPeer { client, lb, source: Source::Uoa }))
-            }
-            None => match flows.by_lb.get_mut(&lb) {
-                Some((client, seen)) if now.duration_since(*seen) < FLOW_TTL => {
-                    *seen = now;
-                    bump(&self.counters.remembered);
-                    Ok((n, UdpPeer { client: *client, lb, source: Source::Uoa }))
-                }
-                _ => Ok((n, direct)),
-            },
-        }
+        Ok((n, self.resolver.peer(lb, &opts[..opts_len])))
     }
 
     /// Sends `buf` to `to`: when `to` is a client a UOA named, to the load
     /// balancer that speaks for it (so the reply passes through it).
     pub fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
-        let via =
-            self.flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner).by_client.get(&to).copied();
-        self.inner.send_to(buf, via.unwrap_or(to))
+        self.inner.send_to(buf, self.resolver.via(to))
     }
 
     /// The counters so far.
     pub fn stats(&self) -> UoaStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let c = &self.counters;
-        UoaStats {
-            received: get(&c.received),
-            uoa: get(&c.uoa),
-            remembered: get(&c.remembered),
-            untrusted: get(&c.untrusted),
-            malformed: get(&c.malformed),
-        }
+        self.resolver.stats()
     }
 
     /// The local address.
@@ -183,6 +204,58 @@ impl UoaSocket {
     pub fn get_ref(&self) -> &UdpSocket {
         &self.inner
     }
+}
+
+/// The tokio `UoaSocket` (feature `tokio`): the same, `async`.
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub struct TokioUoaSocket {
+    inner: tokio::net::UdpSocket,
+    resolver: Resolver,
+}
+
+#[cfg(feature = "tokio")]
+impl TokioUoaSocket {
+    /// Binds `addr`.
+    pub async fn bind(addr: impl tokio::net::ToSocketAddrs, policy: TrustPolicy) -> io::Result<Self> {
+        Self::from_tokio(tokio::net::UdpSocket::bind(addr).await?, policy)
+    }
+
+    /// Wraps a bound tokio UDP socket.
+    pub fn from_tokio(socket: tokio::net::UdpSocket, policy: TrustPolicy) -> io::Result<Self> {
+        if socket.local_addr()?.is_ipv4() {
+            sys::udp::set_recv_opts(socket.as_fd())?;
+        }
+        Ok(TokioUoaSocket { inner: socket, resolver: Resolver::new(policy) })
+    }
+
+    /// Receives a datagram and tells who sent it.
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, UdpPeer)> {
+        let (n, lb, opts, opts_len) = self
+            .inner
+            .async_io(tokio::io::Interest::READABLE, || sys::udp::recv_with_opts(self.inner.as_fd(), buf))
+            .await?;
+        Ok((n, self.resolver.peer(lb, &opts[..opts_len])))
+    }
+
+    /// Sends `buf` to `to`, through the load balancer that speaks for it.
+    pub async fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.inner.send_to(buf, self.resolver.via(to)).await
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> UoaStats {
+        self.resolver.stats()
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Forgets flows idle for longer than [`FLOW_TTL`].

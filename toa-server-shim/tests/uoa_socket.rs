@@ -70,3 +70,32 @@ fn uoa_socket_trust_memory_and_replies() {
         assert_eq!(server.stats().malformed, 1);
     }
 }
+
+/// The tokio socket: the same UOA, remembered flow and reply path.
+#[test]
+fn tokio_uoa_socket() {
+    require_root!();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let policy = TrustPolicy::new("127.0.0.0/8".parse().unwrap()).unwrap();
+        let server = toa_server_shim::uoa::TokioUoaSocket::bind("127.0.0.1:0", policy).await.unwrap();
+        let to = server.local_addr().unwrap();
+        let lb = UdpSocket::bind("127.0.0.1:0").unwrap();
+        lb.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let client: SocketAddr = "203.0.113.8:40001".parse().unwrap();
+        set_ip_options(&lb, &ipo("203.0.113.8:40001"));
+        lb.send_to(b"one", to).unwrap();
+        set_ip_options(&lb, &[]);
+        lb.send_to(b"two", to).unwrap();
+        let mut buf = [0u8; 64];
+        for expected in [&b"one"[..], b"two"] {
+            let (n, peer) = server.recv_from(&mut buf).await.unwrap();
+            assert_eq!((&buf[..n], peer.client, peer.source), (expected, client, Source::Uoa));
+        }
+        server.send_to(b"back", client).await.unwrap();
+        let (n, from) = lb.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"back"[..], to));
+        let stats = server.stats();
+        assert_eq!((stats.received, stats.uoa, stats.remembered), (2, 1, 1));
+    });
+}
