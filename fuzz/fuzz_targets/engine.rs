@@ -19,7 +19,8 @@ fn engine() -> Engine {
         scheduler: Scheduler::RoundRobin,
         obtain_client_ip: match protocol {
             Protocol::Tcp => ObtainClientIp::Toa(Format::Toa),
-            Protocol::Udp => ObtainClientIp::Off,
+            // UOA in the first datagrams, so that the fuzzer reaches insert and strip too.
+            Protocol::Udp => ObtainClientIp::Uoa { format: toa_core::uoa::UoaFormat::Ipo, datagrams: 3 },
         },
         placement: Placement { syn: true, handshake_ack: true, data: true },
     };
@@ -35,6 +36,7 @@ fn engine() -> Engine {
         timeouts: Timeouts::default(),
         snat_seed: 0,
         shard: Shard::default(),
+        mtu: 1500,
     })
     .expect("valid config")
 }

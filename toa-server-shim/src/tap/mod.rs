@@ -5,9 +5,9 @@
 //! handshake (Huawei ELB, LVS, DPVS, Alibaba), which `TCP_SAVED_SYN` cannot
 //! see. A packet socket can: the kernel hands every frame to packet taps
 //! before TCP processes it, so the ACK that completed a connection is queued
-//! here before `accept()` returns it. A classic BPF filter ([`filter`]) keeps
-//! only segments to the listener's port from trusted sources that carry a
-//! TOA-format option; at `accept()` the listener drains what is queued and
+//! here before `accept()` returns it. A classic BPF filter (`tap::filter`,
+//! generated per listener) keeps only segments to the listener's port from
+//! trusted sources that carry a TOA-format option; at `accept()` the listener drains what is queued and
 //! looks the connection up by its 4-tuple.
 //!
 //! Needs CAP_NET_RAW only (no root, no BPF program), any kernel, in any
