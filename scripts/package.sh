@@ -56,6 +56,7 @@ cleanup() {
     rmdir "$cg" 2>/dev/null || true
 }
 trap cleanup EXIT
+dpkg -s toa >/dev/null 2>&1 && die "the toa package is installed on this machine; not testing over it"
 [ -e /sys/fs/bpf/toa ] && die "the kernel helper is attached on this machine; not testing over it"
 [ -e /sys/fs/bpf/toa-lb ] && die "an injector is attached on this machine; not testing over it"
 dpkg -i "$deb" >/dev/null
