@@ -48,6 +48,8 @@ done
 dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/toa-lb >"target/dist/toa-lb.installed"
 if readelf -S "target/dist/toa-lb.installed" | grep -q '\.symtab'; then die "toa-lb is not stripped"; fi
 
+# (Before the cleanup trap, which removes the package.)
+dpkg -s toa >/dev/null 2>&1 && die "the toa package is installed on this machine; not testing over it"
 tag="pkg$$"
 cg="$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)/toa-$tag"
 cleanup() {
@@ -56,7 +58,6 @@ cleanup() {
     rmdir "$cg" 2>/dev/null || true
 }
 trap cleanup EXIT
-dpkg -s toa >/dev/null 2>&1 && die "the toa package is installed on this machine; not testing over it"
 [ -e /sys/fs/bpf/toa ] && die "the kernel helper is attached on this machine; not testing over it"
 [ -e /sys/fs/bpf/toa-lb ] && die "an injector is attached on this machine; not testing over it"
 dpkg -i "$deb" >/dev/null
