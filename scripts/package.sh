@@ -49,11 +49,14 @@ dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/toa-lb >"target/dist/toa-lb.i
 if readelf -S "target/dist/toa-lb.installed" | grep -q '\.symtab'; then die "toa-lb is not stripped"; fi
 
 # (Before the cleanup trap, which removes the package.)
-dpkg -s toa >/dev/null 2>&1 && die "the toa package is installed on this machine; not testing over it"
+if dpkg-query -W -f='${Status}' toa 2>/dev/null | grep -q "install ok installed"; then
+    die "the toa package is installed on this machine; not testing over it"
+fi
 tag="pkg$$"
 cg="$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)/toa-$tag"
 cleanup() {
-    dpkg -r toa >/dev/null 2>&1 || true
+    # Purge: the test's removal (dpkg -r) keeps the conffiles, as Debian does.
+    dpkg -P toa >/dev/null 2>&1 || true
     ip netns del "$tag" 2>/dev/null || true
     rmdir "$cg" 2>/dev/null || true
 }
