@@ -13,6 +13,10 @@ use toa_lb_injector::control::ctl::{self, Reply, Request};
 use toa_lb_injector::file::LbConfig;
 use toa_lb_injector::inject;
 
+#[path = "../../../toa-server-shim/src/cli_assets.rs"]
+mod cli_assets;
+use cli_assets::Assets;
+
 #[derive(Parser)]
 #[command(name = "toa-lb", version, about = "FULLNAT L4 load balancer with TOA (Obtain Client IP Address)")]
 struct Cli {
@@ -58,21 +62,6 @@ enum Command {
     /// Shell completions and man pages.
     #[command(subcommand)]
     Assets(Assets),
-}
-
-/// Shell completions and man pages, for packagers (`scripts/package.sh`).
-#[derive(Subcommand)]
-enum Assets {
-    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
-    Completions {
-        /// The shell.
-        shell: clap_complete::Shell,
-    },
-    /// Write man pages (section 1) into DIR.
-    Manpages {
-        /// The directory.
-        dir: PathBuf,
-    },
 }
 
 #[derive(Subcommand)]
@@ -135,7 +124,7 @@ fn main() -> ExitCode {
         }
         Command::Ctl { socket, request } => run_ctl(&socket, &request.join(" ")),
         Command::Inject { action } => run_inject(action),
-        Command::Assets(what) => assets(what),
+        Command::Assets(what) => cli_assets::run(<Cli as clap::CommandFactory>::command(), NAME, what),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -148,38 +137,6 @@ fn main() -> ExitCode {
 }
 
 const NAME: &str = "toa-lb";
-
-/// `completions SHELL`: the shell's completion script on stdout.
-/// `manpages DIR`: a page for the command and one for each subcommand.
-fn assets(what: Assets) -> Result<(), String> {
-    use clap::CommandFactory;
-    let mut command = Cli::command();
-    match what {
-        Assets::Completions { shell } => {
-            clap_complete::generate(shell, &mut command, NAME, &mut std::io::stdout());
-            Ok(())
-        }
-        Assets::Manpages { dir } => {
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            command.build();
-            write_pages(&command, NAME, &dir)
-        }
-    }
-}
-
-/// Writes NAME.1 for `command`, then NAME-SUB.1 for each (visible) subcommand, down the tree.
-fn write_pages(command: &clap::Command, name: &str, dir: &std::path::Path) -> Result<(), String> {
-    let path = dir.join(format!("{name}.1"));
-    let mut page = Vec::new();
-    clap_mangen::Man::new(command.clone().name(name.to_owned()))
-        .render(&mut page)
-        .map_err(|e| format!("render {name}: {e}"))?;
-    std::fs::write(&path, page).map_err(|e| format!("{}: {e}", path.display()))?;
-    for sub in command.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
-        write_pages(sub, &format!("{name}-{}", sub.get_name()), dir)?;
-    }
-    Ok(())
-}
 
 fn run_ctl(socket: &std::path::Path, request: &str) -> Result<(), String> {
     let request: Request = request.parse().map_err(|e: ctl::RequestError| e.to_string())?;

@@ -11,6 +11,10 @@ use toa_server_shim::capture::{self, LiveOptions};
 use toa_server_shim::inspect::{Inspector, Record, Summary, parse_hex};
 use toa_server_shim::trust::{TrustPolicy, TrustedSources};
 
+#[path = "../cli_assets.rs"]
+mod cli_assets;
+use cli_assets::Assets;
+
 #[derive(Parser)]
 #[command(
     name = "toa-shim",
@@ -32,21 +36,6 @@ enum Command {
     /// Shell completions and man pages.
     #[command(subcommand)]
     Assets(Assets),
-}
-
-/// Shell completions and man pages, for packagers (`scripts/package.sh`).
-#[derive(Subcommand)]
-enum Assets {
-    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
-    Completions {
-        /// The shell.
-        shell: clap_complete::Shell,
-    },
-    /// Write man pages (section 1) into DIR.
-    Manpages {
-        /// The directory.
-        dir: PathBuf,
-    },
 }
 
 #[derive(Subcommand)]
@@ -151,49 +140,19 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Inspect(args) => inspect(args),
         Command::Ebpf(command) => ebpf(command),
-        Command::Assets(what) => match assets(what) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("toa-shim: {e}");
-                ExitCode::FAILURE
+        Command::Assets(what) => {
+            match cli_assets::run(<Cli as clap::CommandFactory>::command(), NAME, what) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("toa-shim: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
 }
 
 const NAME: &str = "toa-shim";
-
-/// `completions SHELL`: the shell's completion script on stdout.
-/// `manpages DIR`: a page for the command and one for each subcommand.
-fn assets(what: Assets) -> Result<(), String> {
-    use clap::CommandFactory;
-    let mut command = Cli::command();
-    match what {
-        Assets::Completions { shell } => {
-            clap_complete::generate(shell, &mut command, NAME, &mut std::io::stdout());
-            Ok(())
-        }
-        Assets::Manpages { dir } => {
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            command.build();
-            write_pages(&command, NAME, &dir)
-        }
-    }
-}
-
-/// Writes NAME.1 for `command`, then NAME-SUB.1 for each (visible) subcommand, down the tree.
-fn write_pages(command: &clap::Command, name: &str, dir: &std::path::Path) -> Result<(), String> {
-    let path = dir.join(format!("{name}.1"));
-    let mut page = Vec::new();
-    clap_mangen::Man::new(command.clone().name(name.to_owned()))
-        .render(&mut page)
-        .map_err(|e| format!("render {name}: {e}"))?;
-    std::fs::write(&path, page).map_err(|e| format!("{}: {e}", path.display()))?;
-    for sub in command.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
-        write_pages(sub, &format!("{name}-{}", sub.get_name()), dir)?;
-    }
-    Ok(())
-}
 
 fn ebpf(command: EbpfCommand) -> ExitCode {
     use toa_server_shim::ebpf;
