@@ -53,16 +53,12 @@ impl PeerStore {
             return Some(Stored::Nothing { lb });
         }
         let port = u16::from_be(raw.port);
-        let client = if raw.family == 2 {
-            let v4 = Ipv4Addr::from(raw.addr[0].to_ne_bytes());
-            if local_v6 {
-                SocketAddr::V6(SocketAddrV6::new(v4.to_ipv6_mapped(), port, 0, 0))
-            } else {
-                SocketAddr::new(IpAddr::V4(v4), port)
-            }
+        let ip = if raw.family == 2 {
+            IpAddr::V4(Ipv4Addr::from(raw.addr[0].to_ne_bytes()))
         } else {
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(words_to_bytes(raw.addr))), port)
+            IpAddr::V6(Ipv6Addr::from(words_to_bytes(raw.addr)))
         };
+        let client = crate::peer::as_seen_by(SocketAddr::new(ip, port), local_v6);
         Some(Stored::Client { client, lb })
     }
 }

@@ -2,7 +2,7 @@
 //! of how it was learned.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::net::{SocketAddr, SocketAddrV6};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -52,6 +52,17 @@ impl Source {
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// `addr` as a socket of that family shows it: an IPv4 address on an IPv6
+/// (dual-stack) socket as `::ffff:a.b.c.d`; anything else unchanged.
+pub(crate) fn as_seen_by(addr: SocketAddr, v6_socket: bool) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) if v6_socket => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        addr => addr,
     }
 }
 
@@ -268,12 +279,7 @@ impl Resolver {
         Stats::bump(if header.version == 1 { &self.stats.proxy_v1 } else { &self.stats.proxy_v2 });
         match header.addresses {
             Some((client, _)) => {
-                info.client = match (client, local_v6) {
-                    (SocketAddr::V4(v4), true) => {
-                        SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-                    }
-                    (client, _) => client,
-                };
+                info.client = as_seen_by(client, local_v6);
                 info.source = if header.version == 1 { Source::ProxyV1 } else { Source::ProxyV2 };
             }
             None => Stats::bump(&self.stats.proxy_local),
@@ -342,15 +348,11 @@ impl Resolver {
     }
 
     fn with_toa(&self, toa: Toa, peer: SocketAddr, local_v6: bool, source: Source) -> PeerInfo {
-        let port = toa.port().unwrap_or(0);
-        let client = match (toa.ip(), local_v6) {
-            (IpAddr::V4(ip), true) => SocketAddr::V6(SocketAddrV6::new(ip.to_ipv6_mapped(), port, 0, 0)),
-            (IpAddr::V6(ip), false) => {
-                Stats::bump(&self.stats.v6_on_v4);
-                SocketAddr::new(IpAddr::V6(ip), port)
-            }
-            (ip, _) => SocketAddr::new(ip, port),
-        };
+        let client = SocketAddr::new(toa.ip(), toa.port().unwrap_or(0));
+        if client.is_ipv6() && !local_v6 {
+            Stats::bump(&self.stats.v6_on_v4);
+        }
+        let client = as_seen_by(client, local_v6);
         PeerInfo { client, lb: peer, source, toa: Some(toa), proxy: None }
     }
 }

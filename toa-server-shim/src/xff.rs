@@ -22,7 +22,7 @@
 //! assert_eq!(info.source, Source::Xff);
 //! ```
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::peer::{PeerInfo, Source};
@@ -100,13 +100,8 @@ impl XffResolver {
         // Right to left, past the trusted hops; all trusted: the leftmost.
         let client = parsed.iter().rev().find(|a| !self.policy.trusts(a.ip())).unwrap_or(&parsed[0]);
         self.used.fetch_add(1, Ordering::Relaxed);
-        let client = match (client, peer.lb) {
-            // As the socket would show it on a dual-stack listener.
-            (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
-                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-            }
-            (client, _) => *client,
-        };
+        // As the socket would show it on a dual-stack listener.
+        let client = crate::peer::as_seen_by(*client, peer.lb.is_ipv6());
         PeerInfo { client, source: Source::Xff, ..peer.clone() }
     }
 
