@@ -49,8 +49,7 @@ address = "100.125.2.1:8080"
 TOML
 ip netns exec "$prefix-lb" "$bin/toa-lb" run --config "$work/lb.toml" --socket "$work/ctl.sock" 2>"$work/lb.log" &
 pids+=($!)
-for _ in $(seq 100); do grep -q "running on the interfaces" "$work/lb.log" && break; sleep 0.1; done
-grep -q "running on the interfaces" "$work/lb.log" || { cat "$work/lb.log" >&2; exit 1; }
+lb_ready "$!" "$work/lb.log"
 
 # The server joins the cgroup, then (b) enters the backend's namespace.
 serve() { # ADDR [NETNS]

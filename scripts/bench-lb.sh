@@ -73,8 +73,7 @@ address = "100.125.2.1:8081"
 TOML
     ip netns exec "$lbns" "$bin/toa-lb" run --config "$work/lb.toml" --socket "$work/ctl.sock" 2>"$work/lb.log" &
     local lb=$!
-    for _ in $(seq 50); do grep -q "running on the interfaces" "$work/lb.log" && break; sleep 0.1; done
-    kill -0 "$lb" 2>/dev/null || { cat "$work/lb.log" >&2; exit 1; }
+    lb_ready "$lb" "$work/lb.log"
     measure
     kill "$lb"; wait "$lb" 2>/dev/null || true
 }

@@ -70,15 +70,7 @@ start_lb() {
     ip netns exec "$prefix-lb" "$bin/toa-lb" run --config "$work/lb.toml" 2>"$work/lb.log" &
     lb=$!
     pids+=($lb)
-    # Ready means the rules are in and the injector attached: it says so last.
-    for _ in $(seq 200); do
-        grep -q "running on the interfaces" "$work/lb.log" && return 0
-        kill -0 "$lb" 2>/dev/null || break
-        sleep 0.05
-    done
-    echo "demo.sh: toa-lb did not start; its log:" >&2
-    cat "$work/lb.log" >&2
-    exit 1
+    lb_ready "$lb" "$work/lb.log"
 }
 failed=0
 ask() { # EXPECTED_CLIENT_IP: four connections, each must name it

@@ -1,11 +1,25 @@
 # Sourced by the scripts that run things on a testbed of their own (demo.sh,
-# bench-lb.sh): `session PREFIX` sets $prefix and $work, collects background
-# pids in $pids, and on exit kills them, tears the testbed down and removes $work.
+# bench-lb.sh, bench-ebpf.sh): `session PREFIX` sets $prefix and $work,
+# collects background pids in $pids, and on exit kills them, tears the
+# testbed down and removes $work. `lb_ready PID LOG` waits for toa-lb.
 session() {
     prefix="$1"
     work=$(mktemp -d)
     pids=()
     trap session_end EXIT
+}
+
+# Waits (10 s at most) until the toa-lb of PID says, last in LOG, that it runs
+# (its rules are in and the injector attached); else prints its log and exits 1.
+lb_ready() {
+    for _ in $(seq 200); do
+        grep -q "running on the interfaces" "$2" && return 0
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "$(basename "$0"): toa-lb did not start; its log:" >&2
+    cat "$2" >&2
+    exit 1
 }
 
 session_end() {
