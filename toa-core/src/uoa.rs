@@ -190,6 +190,18 @@ fn opp_header(buf: &[u8], at: usize, end: usize) -> Result<(usize, u8), Error> {
 /// IPv4 protocol, or the IPv6 next header of the fixed header, is 248.
 pub fn find_uoa(packet: &[u8]) -> Result<Option<UoaFound>, Error> {
     let (version, l4, len, protocol) = parse_ip(packet)?;
+    locate(packet, version, l4, len, protocol)
+}
+
+/// [`find_uoa`] on a packet whose IP header `parse_ip` has checked: the
+/// version, the upper-layer offset, the packet length and the protocol.
+fn locate(
+    packet: &[u8],
+    version: crate::IpVersion,
+    l4: usize,
+    len: usize,
+    protocol: u8,
+) -> Result<Option<UoaFound>, Error> {
     if version == crate::IpVersion::V4 {
         if let Some((client, offset)) = find_in_options(&packet[ipv4::MIN_LEN..l4], ipv4::MIN_LEN)? {
             return Ok(Some(UoaFound { client, format: UoaFormat::Ipo, offset }));
@@ -230,9 +242,6 @@ fn set_ip_length(buf: &mut [u8], v4: bool, len: usize) {
 pub fn insert_uoa(buf: &mut [u8], len: usize, client: SocketAddr, format: UoaFormat) -> Result<usize, Error> {
     let packet = buf.get(..len).ok_or(Error::Capacity { need: len, capacity: buf.len() })?;
     let udp_packet = crate::UdpPacket::new_checked(packet)?;
-    if find_uoa(packet)?.is_some() {
-        return Err(Error::NotSupported { what: "a second UOA (strip the one there first)" });
-    }
     let v4 = udp_packet.version() == crate::IpVersion::V4;
     let l4 = udp_packet.udp_offset();
     // The packet's own length (a buffer may hold more).
@@ -241,6 +250,10 @@ pub fn insert_uoa(buf: &mut [u8], len: usize, client: SocketAddr, format: UoaFor
     } else {
         ipv6::LEN + usize::from(read_u16(buf, ipv6::PAYLOAD_LEN))
     };
+    // UDP, so only an ipo option can be there.
+    if locate(&buf[..len], udp_packet.version(), l4, len, udp::PROTOCOL)?.is_some() {
+        return Err(Error::NotSupported { what: "a second UOA (strip the one there first)" });
+    }
     let option = option_len(&client);
     let grow = match format {
         UoaFormat::Ipo if !v4 => return Err(Error::NotSupported { what: "ipo in an IPv6 packet (use opp)" }),
@@ -301,7 +314,7 @@ pub fn strip_uoa(buf: &mut [u8], len: usize) -> Result<(usize, Option<UoaFound>)
     let packet = buf.get(..len).ok_or(Error::Capacity { need: len, capacity: buf.len() })?;
     let (version, l4, ip_len, protocol) = parse_ip(packet)?;
     let v4 = version == crate::IpVersion::V4;
-    let found = find_uoa(packet)?;
+    let found = locate(packet, version, l4, ip_len, protocol)?;
     if let Some(found @ UoaFound { format: UoaFormat::Ipo, offset, .. }) = found {
         let option = usize::from(buf[offset + 1]);
         buf.copy_within(offset + option..ip_len, offset);
