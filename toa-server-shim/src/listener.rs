@@ -226,9 +226,9 @@ impl Shared {
     pub(crate) fn stats(&self) -> StatsSnapshot {
         let mut stats = self.resolver.stats.snapshot();
         if let Some(tap) = &self.tap {
-            let tap = tap.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut tap = tap.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             stats.capture_pending = tap.len() as u64;
-            stats.capture_dropped = tap.drops + tap.overflow;
+            stats.capture_dropped = tap.dropped();
         }
         stats
     }

@@ -321,12 +321,6 @@ pub(crate) fn run(program: &[Insn], packet: &[u8], protocol: u16, pkttype: u32) 
     panic!("fell off the end of the program")
 }
 
-/// Whether `ip` is one the filter lets through as a trusted source (for tests).
-#[cfg(test)]
-pub(crate) fn trusted(policy: &TrustPolicy, ip: std::net::IpAddr) -> bool {
-    policy.trusts(ip)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,7 +430,7 @@ mod tests {
                     Err(_) => break,
                 }
             }
-            let wanted = trusted(&policy(), src) && port == 8080;
+            let wanted = policy().trusts(src) && port == 8080;
             if wanted && has_toa_kind {
                 prop_assert!(kept, "dropped a trusted TOA: {options:?}");
             }

@@ -43,9 +43,10 @@ pub(crate) struct Tap {
     /// (source, destination), canonical addresses -> the first trusted TOA seen.
     seen: HashMap<(SocketAddr, SocketAddr), (Toa, Instant)>,
     /// Entries that did not fit: the table was full of live ones.
-    pub(crate) overflow: u64,
-    /// Packets the kernel dropped because this socket's queue was full.
-    pub(crate) drops: u64,
+    overflow: u64,
+    /// Packets the kernel dropped because this socket's queue was full,
+    /// as of the last [`Tap::dropped`].
+    drops: u64,
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -81,7 +82,6 @@ impl Tap {
             }
             self.seen.entry(key).or_insert((found.toa, Instant::now()));
         }
-        self.drops += sys::tap::drops(self.fd.as_fd()).unwrap_or(0);
     }
 
     /// Whether there is room for one more entry, after expiring old ones.
@@ -100,6 +100,13 @@ impl Tap {
         self.drain();
         let (toa, at) = self.seen.remove(&(canonical(peer), canonical(local)))?;
         (at.elapsed() < TTL).then_some(toa)
+    }
+
+    /// Segments lost: the kernel's queue drops (read, and reset, here rather
+    /// than at every accept) and what did not fit the table.
+    pub(crate) fn dropped(&mut self) -> u64 {
+        self.drops += sys::tap::drops(self.fd.as_fd()).unwrap_or(0);
+        self.drops + self.overflow
     }
 
     /// Connections remembered now.
