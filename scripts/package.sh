@@ -66,11 +66,13 @@ trap cleanup EXIT
 dpkg -i "$deb" >/dev/null
 /usr/bin/toa-lb check --config /etc/toa-lb/lb.toml >/dev/null || die "the shipped lb.toml does not check"
 mkdir -p "$cg"
-/usr/bin/toa-shim ebpf attach --cgroup "$cg" --trust-preset huawei-elb >/dev/null
 ip netns add "$tag"
 ip -n "$tag" link add c0 type veth peer name c1
 ip -n "$tag" link set c0 up
 ip -n "$tag" link set c1 up
+# In the test's namespace: the helper's UDP program goes on c1, not on the host's links.
+nsenter --net=/run/netns/"$tag" /usr/bin/toa-shim ebpf attach --cgroup "$cg" --trust-preset huawei-elb \
+    --udp-iface c1 >/dev/null
 nsenter --net=/run/netns/"$tag" /usr/bin/toa-lb inject attach --iface c0 --listener 203.0.113.10:80 >/dev/null
 [ -n "$(ls /sys/fs/bpf/toa)" ] && [ -n "$(ls -R /sys/fs/bpf/toa-lb)" ] || die "nothing was attached"
 dpkg -r toa >/dev/null

@@ -83,6 +83,7 @@ fn unmodified_servers_see_the_client() {
         cgroup: Some(inside.path().to_owned()),
         policy: TrustPolicy::new(sources).unwrap(),
         formats: Formats::default(),
+        udp: None,
     };
     ebpf::attach(&options).expect("attach");
     let _attached = Attached;

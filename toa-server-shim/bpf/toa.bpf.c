@@ -15,6 +15,16 @@
  *   PARSE_HDR_OPT        those segments, until found or a few have passed
  * cgroup/getpeername4|6  rewrite the peer address from the socket's storage
  *
+ * UDP (UOA, see find_uoa.h), unless attached with --no-udp:
+ * classifier (toa_udp_ingress), tc ingress of the backend's interfaces:
+ *                        record (LB address:port, local port) -> client from
+ *                        trusted UOAs in a bounded LRU map (and the way back),
+ *                        turn opp datagrams into plain UDP (the IP stack
+ *                        drops protocol 248); ipo options are left in place
+ * cgroup/recvmsg4|6      show the client to recvfrom()/recvmsg()
+ * cgroup/sendmsg4|6, connect4|6
+ *                        a datagram to such a client goes to its LB instead
+ *
  * Built by scripts/build-bpf.sh (clang -target bpf); the object is committed.
  * The layouts of struct toa_peer, toa_config, toa_meta and the trie key are
  * mirrored in src/ebpf.rs: change both together.
@@ -29,6 +39,7 @@
 #define TCP_SAVE_SYN 27
 
 #include "find_toa.h"
+#include "find_uoa.h"
 
 /* Counters (toa_counters indexes). */
 #define CNT_FOUND 0     /* trusted TOA stored for a connection */
@@ -36,7 +47,13 @@
 #define CNT_MALFORMED 2 /* malformed options where a TOA was looked for */
 #define CNT_V6_ON_V4 3  /* IPv6 client on an IPv4 socket: no rewrite */
 #define CNT_REWRITTEN 4 /* getpeername()/accept() answers rewritten */
-#define NR_COUNTERS 5
+#define CNT_UDP_FOUND 5     /* trusted UOAs recorded */
+#define CNT_UDP_UNTRUSTED 6 /* UOAs from sources outside the trust list, ignored */
+#define CNT_UDP_MALFORMED 7 /* malformed UOAs or opp headers (passed as they are) */
+#define CNT_UDP_STRIPPED 8  /* opp headers removed */
+#define CNT_UDP_RECV 9      /* recvfrom()/recvmsg() answers rewritten */
+#define CNT_UDP_SEND 10     /* datagrams (or connects) to a client sent to its LB */
+#define NR_COUNTERS 11
 
 /* toa_peer.state */
 #define ST_NONE 0    /* nothing found (yet) */
@@ -126,6 +143,46 @@ struct {
 	__type(value, struct toa_meta);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } toa_meta SEC(".maps");
+
+/* UDP flows, keyed as the backend's sockets see them: the LB's address
+ * (IPv4 as ::ffff:a.b.c.d) and port, and the local port. The local address
+ * is not in the key: a recvmsg hook cannot know it for a wildcard socket. */
+struct udp_key {
+	__u32 lb_addr[4];
+	__u16 lb_port;     /* network order */
+	__u16 local_port;  /* network order */
+};
+
+/* The way back: a client (IPv4 as ::ffff:a.b.c.d) and the local port. */
+struct udp_rkey {
+	__u32 client_addr[4];
+	__u16 client_port; /* network order */
+	__u16 local_port;  /* network order */
+};
+
+/* Where replies to that client go: its LB (IPv4 as ::ffff:a.b.c.d). */
+struct udp_lb {
+	__u32 addr[4];
+	__u16 port;        /* network order */
+	__u16 pad;
+};
+
+/* Both LRU maps are sized by the loader (--udp-flows). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct udp_key);
+	__type(value, struct uoa_client);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} toa_udp_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct udp_rkey);
+	__type(value, struct udp_lb);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} toa_udp_replies SEC(".maps");
 
 static __always_inline void count(__u32 counter)
 {
@@ -383,6 +440,348 @@ int toa_getpeername6(struct bpf_sock_addr *ctx)
 	ctx->user_port = peer->port;
 	count(CNT_REWRITTEN);
 	return 1;
+}
+
+/* ---- UDP: UOA ---------------------------------------------------------- */
+
+#define ETH_HLEN 14
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define IPPROTO_UDP 17
+#define TC_ACT_OK 0
+
+/* Whether a packet from addr (16 bytes, IPv4 as ::ffff:a.b.c.d) is trusted. */
+static __always_inline int trusted_addr(const __u32 *addr, const struct toa_config *cfg)
+{
+	if (cfg->trust_any)
+		return 1;
+	struct trust_key key = {.prefixlen = 128};
+	__builtin_memcpy(key.addr, addr, 16);
+	return bpf_map_lookup_elem(&toa_trust, &key) != NULL;
+}
+
+/* The client as the way-back key holds it: IPv4 as ::ffff:a.b.c.d. */
+static __always_inline void client_key(struct udp_rkey *rk, const struct uoa_client *c, __u16 local_port)
+{
+	if (c->family == AF_INET) {
+		rk->client_addr[2] = bpf_htonl(0xffff);
+		rk->client_addr[3] = c->addr[0];
+	} else {
+		__builtin_memcpy(rk->client_addr, c->addr, 16);
+	}
+	rk->client_port = c->port;
+	rk->local_port = local_port;
+}
+
+/* A datagram from key->lb_addr carried the UOA search result *c. */
+static __always_inline void record_udp(const struct udp_key *key, const struct uoa_client *c)
+{
+	if (c->result < 0) {
+		count(CNT_UDP_MALFORMED);
+		return;
+	}
+	if (c->result == 0)
+		return;
+	__u32 zero = 0;
+	const struct toa_config *cfg = bpf_map_lookup_elem(&toa_config, &zero);
+	if (!cfg)
+		return;
+	if (!trusted_addr(key->lb_addr, cfg)) {
+		count(CNT_UDP_UNTRUSTED);
+		return;
+	}
+	struct udp_rkey rk = {};
+	client_key(&rk, c, key->local_port);
+	struct udp_lb lb = {.port = key->lb_port};
+	__builtin_memcpy(lb.addr, key->lb_addr, 16);
+	struct uoa_client value = *c;
+	value.result = 0;
+	bpf_map_update_elem(&toa_udp_flows, key, &value, BPF_ANY);
+	bpf_map_update_elem(&toa_udp_replies, &rk, &lb, BPF_ANY);
+	count(CNT_UDP_FOUND);
+}
+
+/* Removes the opp header (len bytes) after the fixed IP header and makes
+ * the packet UDP again: protocol/next header, length, IPv4 checksum. The UDP
+ * checksum covers neither, so it stays right, and the UDP header keeps its
+ * place (the IP header moves), so does a CHECKSUM_PARTIAL's csum_start. */
+static __always_inline void strip_opp(struct __sk_buff *skb, int len, int v4, const __u8 *ip)
+{
+	if (len <= 0 || len > OPP_MAX_LEN)
+		return;
+	if (bpf_skb_adjust_room(skb, -len, BPF_ADJ_ROOM_NET, 0) < 0) {
+		count(CNT_UDP_MALFORMED);
+		return;
+	}
+	__u8 udp = IPPROTO_UDP;
+	if (v4) {
+		__u16 old_len, old_ttl_proto, new_ttl_proto;
+		__builtin_memcpy(&old_len, ip + 2, 2);
+		__builtin_memcpy(&old_ttl_proto, ip + 8, 2);
+		__u16 new_len = bpf_htons(bpf_ntohs(old_len) - len);
+		__u8 ttl_proto[2] = {ip[8], IPPROTO_UDP};
+		__builtin_memcpy(&new_ttl_proto, ttl_proto, 2);
+		bpf_skb_store_bytes(skb, ETH_HLEN + 2, &new_len, 2, 0);
+		bpf_skb_store_bytes(skb, ETH_HLEN + 9, &udp, 1, 0);
+		bpf_l3_csum_replace(skb, ETH_HLEN + 10, old_len, new_len, 2);
+		bpf_l3_csum_replace(skb, ETH_HLEN + 10, old_ttl_proto, new_ttl_proto, 2);
+	} else {
+		__u16 old_len;
+		__builtin_memcpy(&old_len, ip + 4, 2);
+		__u16 new_len = bpf_htons(bpf_ntohs(old_len) - len);
+		bpf_skb_store_bytes(skb, ETH_HLEN + 4, &new_len, 2, 0);
+		bpf_skb_store_bytes(skb, ETH_HLEN + 6, &udp, 1, 0);
+	}
+	count(CNT_UDP_STRIPPED);
+}
+
+/* Where a datagram's UOA can be: its options' offset and length, the opp
+ * header's length (0 for ipo), and the UDP header's offset. */
+struct uoa_place {
+	__u32 opts_at;
+	__u32 opts_len;
+	__u32 opp;
+	__u32 l4;
+};
+
+/* The length of the opp header at `at`, or -1 (malformed). */
+static __always_inline int opp_at(struct __sk_buff *skb, __u32 at)
+{
+	__u8 hdr[OPP_HEADER_LEN];
+	if (bpf_skb_load_bytes(skb, at, hdr, sizeof(hdr)) < 0)
+		return -1;
+	return opp_header_len(hdr);
+}
+
+/* Whether an IPv4 packet (its fixed header in ip) may carry a UOA: 1 with
+ * *at filled, 0 when it cannot, -1 when malformed. */
+static __always_inline int place4(struct __sk_buff *skb, const __u8 *ip, struct uoa_place *at)
+{
+	int ihl = (ip[0] & 0x0f) * 4;
+	__u8 proto = ip[9];
+	/* The common case, first: neither an opp header nor IP options. */
+	if (proto != IPPROTO_UOA_OPP && (proto != IPPROTO_UDP || ihl <= 20))
+		return 0;
+	if ((ip[0] >> 4) != 4 || ihl < 20 || ((ip[6] & 0x3f) | ip[7]))
+		return 0; /* not IPv4, or a fragment: passed as it is */
+	if (proto == IPPROTO_UDP) {
+		at->opts_at = ETH_HLEN + 20;
+		at->opts_len = ihl - 20;
+		at->l4 = ETH_HLEN + ihl;
+		return 1;
+	}
+	if (ihl != 20)
+		return -1; /* IP options and an opp header: not what an LB sends */
+	int opp = opp_at(skb, ETH_HLEN + 20);
+	if (opp < 0)
+		return -1;
+	at->opp = opp;
+	at->opts_at = ETH_HLEN + 20 + OPP_HEADER_LEN;
+	at->opts_len = opp - OPP_HEADER_LEN;
+	at->l4 = ETH_HLEN + 20 + opp;
+	return 1;
+}
+
+/* The same for IPv6 (no header options: only opp, after the fixed header). */
+static __always_inline int place6(struct __sk_buff *skb, const __u8 *ip, struct uoa_place *at)
+{
+	if (ip[6] != IPPROTO_UOA_OPP || (ip[0] >> 4) != 6)
+		return 0;
+	int opp = opp_at(skb, ETH_HLEN + 40);
+	if (opp < 0)
+		return -1;
+	at->opp = opp;
+	at->opts_at = ETH_HLEN + 40 + OPP_HEADER_LEN;
+	at->opts_len = opp - OPP_HEADER_LEN;
+	at->l4 = ETH_HLEN + 40 + opp;
+	return 1;
+}
+
+/* tc ingress of the backend's (Ethernet) interfaces. Never drops: whatever
+ * it cannot read passes as it came (a malformed opp header, then, is
+ * dropped by the IP stack, as without the helper). */
+SEC("classifier")
+int toa_udp_ingress(struct __sk_buff *skb)
+{
+	int v4 = skb->protocol == bpf_htons(ETH_P_IP);
+	if (!v4 && skb->protocol != bpf_htons(ETH_P_IPV6))
+		return TC_ACT_OK;
+	__u8 ip[40] = {};
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, ip, v4 ? 20 : 40) < 0)
+		return TC_ACT_OK;
+	struct uoa_place at = {};
+	int where = v4 ? place4(skb, ip, &at) : place6(skb, ip, &at);
+	if (where <= 0) {
+		if (where < 0)
+			count(CNT_UDP_MALFORMED);
+		return TC_ACT_OK;
+	}
+	struct udp_key key = {};
+	if (v4) {
+		key.lb_addr[2] = bpf_htonl(0xffff);
+		__builtin_memcpy(&key.lb_addr[3], ip + 12, 4);
+	} else {
+		__builtin_memcpy(key.lb_addr, ip + 8, 16);
+	}
+	__u8 opts[64] = {};
+	__u32 len = at.opts_len;
+	if (len > 40 || (len > 0 && bpf_skb_load_bytes(skb, at.opts_at, opts, len) < 0))
+		return TC_ACT_OK;
+	struct uoa_client c;
+	find_uoa_option(opts, len, &c);
+	__u8 ports[4];
+	if (bpf_skb_load_bytes(skb, at.l4, ports, sizeof(ports)) < 0)
+		return TC_ACT_OK;
+	__builtin_memcpy(&key.lb_port, ports, 2);
+	__builtin_memcpy(&key.local_port, ports + 2, 2);
+	record_udp(&key, &c);
+	if (at.opp)
+		strip_opp(skb, at.opp, v4, ip);
+	return TC_ACT_OK;
+}
+
+/* The flow a datagram from lb_addr:lb_port to the socket belongs to. */
+static __always_inline const struct uoa_client *udp_flow(struct udp_key *key, struct bpf_sock *sk,
+							 __u32 lb_port)
+{
+	key->lb_port = (__u16)lb_port;
+	key->local_port = bpf_htons((__u16)sk->src_port);
+	const struct uoa_client *c = bpf_map_lookup_elem(&toa_udp_flows, key);
+	if (!c)
+		return NULL;
+	/* Keep the way back with the flow: the two LRU maps evict apart. */
+	struct udp_rkey rk = {};
+	client_key(&rk, c, key->local_port);
+	if (!bpf_map_lookup_elem(&toa_udp_replies, &rk)) {
+		struct udp_lb lb = {.port = key->lb_port};
+		__builtin_memcpy(lb.addr, key->lb_addr, 16);
+		bpf_map_update_elem(&toa_udp_replies, &rk, &lb, BPF_ANY);
+	}
+	return c;
+}
+
+SEC("cgroup/recvmsg4")
+int toa_udp_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct udp_key key = {};
+	key.lb_addr[2] = bpf_htonl(0xffff);
+	key.lb_addr[3] = ctx->user_ip4;
+	const struct uoa_client *c = udp_flow(&key, sk, ctx->user_port);
+	if (!c)
+		return 1;
+	if (c->family != AF_INET) {
+		count(CNT_V6_ON_V4);
+		return 1;
+	}
+	ctx->user_ip4 = c->addr[0];
+	ctx->user_port = c->port;
+	count(CNT_UDP_RECV);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int toa_udp_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct udp_key key = {};
+	key.lb_addr[0] = ctx->user_ip6[0];
+	key.lb_addr[1] = ctx->user_ip6[1];
+	key.lb_addr[2] = ctx->user_ip6[2];
+	key.lb_addr[3] = ctx->user_ip6[3];
+	const struct uoa_client *c = udp_flow(&key, sk, ctx->user_port);
+	if (!c)
+		return 1;
+	if (c->family == AF_INET) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = c->addr[0];
+	} else {
+		ctx->user_ip6[0] = c->addr[0];
+		ctx->user_ip6[1] = c->addr[1];
+		ctx->user_ip6[2] = c->addr[2];
+		ctx->user_ip6[3] = c->addr[3];
+	}
+	ctx->user_port = c->port;
+	count(CNT_UDP_RECV);
+	return 1;
+}
+
+/* The LB that speaks for the client at rk (filled but for the local port). */
+static __always_inline const struct udp_lb *reply_via(struct udp_rkey *rk, struct bpf_sock *sk, __u32 port)
+{
+	rk->client_port = (__u16)port;
+	rk->local_port = bpf_htons((__u16)sk->src_port);
+	return bpf_map_lookup_elem(&toa_udp_replies, rk);
+}
+
+/* sendmsg4 and connect4: a client the socket was shown goes back to its LB. */
+static __always_inline int to_lb4(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || ctx->type != 2 /* SOCK_DGRAM */)
+		return 1;
+	struct udp_rkey rk = {};
+	rk.client_addr[2] = bpf_htonl(0xffff);
+	rk.client_addr[3] = ctx->user_ip4;
+	const struct udp_lb *lb = reply_via(&rk, sk, ctx->user_port);
+	if (!lb || lb->addr[0] || lb->addr[1] || lb->addr[2] != bpf_htonl(0xffff))
+		return 1; /* unknown, or an IPv6 LB an IPv4 socket cannot reach */
+	ctx->user_ip4 = lb->addr[3];
+	ctx->user_port = lb->port;
+	count(CNT_UDP_SEND);
+	return 1;
+}
+
+static __always_inline int to_lb6(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || ctx->type != 2 /* SOCK_DGRAM */)
+		return 1;
+	struct udp_rkey rk = {};
+	rk.client_addr[0] = ctx->user_ip6[0];
+	rk.client_addr[1] = ctx->user_ip6[1];
+	rk.client_addr[2] = ctx->user_ip6[2];
+	rk.client_addr[3] = ctx->user_ip6[3];
+	const struct udp_lb *lb = reply_via(&rk, sk, ctx->user_port);
+	if (!lb)
+		return 1;
+	ctx->user_ip6[0] = lb->addr[0];
+	ctx->user_ip6[1] = lb->addr[1];
+	ctx->user_ip6[2] = lb->addr[2];
+	ctx->user_ip6[3] = lb->addr[3];
+	ctx->user_port = lb->port;
+	count(CNT_UDP_SEND);
+	return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int toa_udp_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return to_lb4(ctx);
+}
+
+SEC("cgroup/sendmsg6")
+int toa_udp_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return to_lb6(ctx);
+}
+
+SEC("cgroup/connect4")
+int toa_udp_connect4(struct bpf_sock_addr *ctx)
+{
+	return to_lb4(ctx);
+}
+
+SEC("cgroup/connect6")
+int toa_udp_connect6(struct bpf_sock_addr *ctx)
+{
+	return to_lb6(ctx);
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -8,6 +8,14 @@
 //! `cgroup/getpeername4|6` programs (rewrite the peer address from that
 //! storage). Everything is pinned under [`PIN_DIR`], so it outlives the CLI;
 //! [`detach`] removes it all.
+//!
+//! For UDP listeners behind a UOA load balancer ([`AttachOptions::udp`], on
+//! by default in `toa-shim ebpf attach`), a tc ingress program on the
+//! backend's interfaces records `(LB address:port, local port) -> client`
+//! from trusted UOAs in a bounded LRU map and turns `opp` datagrams back into
+//! plain UDP; `cgroup/recvmsg4|6` show the client to `recvfrom()`, and
+//! `cgroup/sendmsg4|6` and `connect4|6` send what is addressed to that client
+//! to its load balancer, so replies still pass through it.
 
 use std::fs;
 use std::io;
@@ -15,9 +23,10 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapInfo, PerCpuArray};
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::programs::tc::TcAttachType;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps};
 use ipnet::IpNet;
 use toa_core::{Format, Formats};
 
@@ -31,7 +40,8 @@ pub const PIN_DIR: &str = crate::helper::PIN_DIR;
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/toa.bpf.o");
 
 #[cfg(test)]
-const MAPS: [&str; 5] = ["toa_peers", "toa_trust", "toa_config", "toa_counters", "toa_meta"];
+const MAPS: [&str; 7] =
+    ["toa_peers", "toa_trust", "toa_config", "toa_counters", "toa_meta", "toa_udp_flows", "toa_udp_replies"];
 /// (program, pinned link name)
 const PROGRAMS: [(&str, &str); 4] = [
     ("toa_sockops", "link_sockops"),
@@ -39,6 +49,22 @@ const PROGRAMS: [(&str, &str); 4] = [
     ("toa_getpeername4", "link_getpeername4"),
     ("toa_getpeername6", "link_getpeername6"),
 ];
+/// The cgroup programs of UDP (not attached with `udp: None`).
+const UDP_PROGRAMS: [(&str, &str); 6] = [
+    ("toa_udp_recvmsg4", "link_udp_recvmsg4"),
+    ("toa_udp_recvmsg6", "link_udp_recvmsg6"),
+    ("toa_udp_sendmsg4", "link_udp_sendmsg4"),
+    ("toa_udp_sendmsg6", "link_udp_sendmsg6"),
+    ("toa_udp_connect4", "link_udp_connect4"),
+    ("toa_udp_connect6", "link_udp_connect6"),
+];
+/// The tc program of UDP, and its links' names: `link_udp_ingress_IFACE`,
+/// with a `.` of the interface's name as `:` (bpffs refuses names with a
+/// dot; interface names never hold a colon).
+const UDP_INGRESS: &str = "toa_udp_ingress";
+const UDP_INGRESS_LINK: &str = "link_udp_ingress_";
+/// The UDP flows remembered by default (each of the two LRU maps).
+pub const DEFAULT_UDP_FLOWS: u32 = 65536;
 
 /// What can stop the helper, worded for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +95,16 @@ pub enum EbpfError {
     /// Nothing attached.
     #[error("the kernel helper is not attached (nothing under {PIN_DIR}); run `toa-shim ebpf attach`")]
     NotAttached,
+    /// UDP needs TCX links to stay attached after the CLI exits.
+    #[error(
+        "kernel {0}: the UDP programs need Linux 6.6 or later (tc programs pinned as TCX links); attach with --no-udp for TCP only"
+    )]
+    UdpNeedsTcx(String),
+    /// An interface for the UDP program that is missing or not Ethernet.
+    #[error(
+        "interface {0}: {1} (name Ethernet interfaces of this network namespace with --udp-iface, or attach with --no-udp)"
+    )]
+    BadInterface(String, String),
     /// A file-system step failed.
     #[error("{0}: {1}")]
     Io(String, io::Error),
@@ -101,6 +137,24 @@ pub struct AttachOptions {
     pub policy: TrustPolicy,
     /// Formats to accept.
     pub formats: Formats,
+    /// UDP (UOA) too; `None` attaches the TCP programs only.
+    pub udp: Option<UdpOptions>,
+}
+
+/// The UDP half of the helper.
+#[derive(Clone, Debug)]
+pub struct UdpOptions {
+    /// The interfaces whose ingress the tc program watches (in the network
+    /// namespace of the caller); empty: every Ethernet interface there now.
+    pub interfaces: Vec<String>,
+    /// Flows remembered (the bound of each LRU map).
+    pub flows: u32,
+}
+
+impl Default for UdpOptions {
+    fn default() -> Self {
+        UdpOptions { interfaces: Vec::new(), flows: DEFAULT_UDP_FLOWS }
+    }
 }
 
 /// The helper's counters, summed over CPUs.
@@ -116,6 +170,18 @@ pub struct Counters {
     pub v6_on_v4: u64,
     /// `accept()`/`getpeername()` answers rewritten.
     pub rewritten: u64,
+    /// Trusted UOAs recorded for a UDP flow.
+    pub udp_found: u64,
+    /// UOAs from sources outside the trust list, ignored.
+    pub udp_untrusted: u64,
+    /// Malformed UOAs or opp headers (passed as they came).
+    pub udp_malformed: u64,
+    /// opp headers removed (the datagram made plain UDP again).
+    pub udp_stripped: u64,
+    /// `recvfrom()`/`recvmsg()` answers rewritten to the client.
+    pub udp_received: u64,
+    /// Datagrams (or connects) to a client sent to its load balancer.
+    pub udp_sent: u64,
 }
 
 /// One of the helper's counters: its name in `status`, its Prometheus
@@ -133,7 +199,7 @@ pub struct CounterDef {
 
 impl Counters {
     /// Every counter, in the order `status` prints them.
-    pub const TABLE: [CounterDef; 5] = [
+    pub const TABLE: [CounterDef; 11] = [
         CounterDef {
             name: "found",
             metric: "toa_shim_ebpf_found_total",
@@ -164,16 +230,73 @@ impl Counters {
             help: "accept()/getpeername() answers rewritten.",
             get: |c| c.rewritten,
         },
+        CounterDef {
+            name: "udp_found",
+            metric: "toa_shim_ebpf_udp_found_total",
+            help: "Trusted UOAs recorded for a UDP flow.",
+            get: |c| c.udp_found,
+        },
+        CounterDef {
+            name: "udp_untrusted",
+            metric: "toa_shim_ebpf_udp_untrusted_total",
+            help: "UOAs from sources outside the trust list, ignored.",
+            get: |c| c.udp_untrusted,
+        },
+        CounterDef {
+            name: "udp_malformed",
+            metric: "toa_shim_ebpf_udp_malformed_total",
+            help: "Malformed UOAs or opp headers, passed as they came.",
+            get: |c| c.udp_malformed,
+        },
+        CounterDef {
+            name: "udp_stripped",
+            metric: "toa_shim_ebpf_udp_stripped_total",
+            help: "opp headers removed before the IP stack.",
+            get: |c| c.udp_stripped,
+        },
+        CounterDef {
+            name: "udp_received",
+            metric: "toa_shim_ebpf_udp_received_total",
+            help: "recvfrom()/recvmsg() answers rewritten to the client.",
+            get: |c| c.udp_received,
+        },
+        CounterDef {
+            name: "udp_sent",
+            metric: "toa_shim_ebpf_udp_sent_total",
+            help: "Datagrams or connects to a client sent to its load balancer.",
+            get: |c| c.udp_sent,
+        },
     ];
+
+    /// The counters from the map's slots, in the C program's order (`CNT_*`).
+    fn from_slots(get: impl Fn(u32) -> u64) -> Counters {
+        Counters {
+            found: get(0),
+            untrusted: get(1),
+            malformed: get(2),
+            v6_on_v4: get(3),
+            rewritten: get(4),
+            udp_found: get(5),
+            udp_untrusted: get(6),
+            udp_malformed: get(7),
+            udp_stripped: get(8),
+            udp_received: get(9),
+            udp_sent: get(10),
+        }
+    }
 }
 
 /// The gauge that says whether the helper is attached.
 const ATTACHED: &str = "toa_shim_ebpf_attached";
+/// The gauges of the UDP flow map.
+const UDP_FLOWS: &str = "toa_shim_ebpf_udp_flows";
+const UDP_FLOWS_MAX: &str = "toa_shim_ebpf_udp_flows_max";
 
 /// Every series [`render_metrics`] exports (the dashboard test checks its queries against it).
 pub fn metric_series() -> Vec<&'static str> {
     let mut all = vec![ATTACHED];
     all.extend(Counters::TABLE.iter().map(|d| d.metric));
+    all.extend([UDP_FLOWS, UDP_FLOWS_MAX]);
     all
 }
 
@@ -195,6 +318,11 @@ pub fn render_metrics(status: Option<&Status>) -> String {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter", def.metric, def.help, def.metric);
         let _ = writeln!(out, "{} {}", def.metric, (def.get)(&status.counters));
     }
+    let (used, max) = status.udp.as_ref().map_or((0, 0), |u| (u.flows, u.max_flows));
+    let _ = writeln!(out, "# HELP {UDP_FLOWS} UDP flows in the helper's LRU map (0 without UDP).");
+    let _ = writeln!(out, "# TYPE {UDP_FLOWS} gauge\n{UDP_FLOWS} {used}");
+    let _ = writeln!(out, "# HELP {UDP_FLOWS_MAX} The LRU map's bound (0 without UDP).");
+    let _ = writeln!(out, "# TYPE {UDP_FLOWS_MAX} gauge\n{UDP_FLOWS_MAX} {max}");
     out
 }
 
@@ -211,6 +339,19 @@ pub struct Status {
     pub formats: Formats,
     /// The counters.
     pub counters: Counters,
+    /// The UDP half, when attached.
+    pub udp: Option<UdpStatus>,
+}
+
+/// The UDP half of [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UdpStatus {
+    /// Interfaces whose ingress the tc program watches.
+    pub interfaces: Vec<String>,
+    /// Flows in the LRU map now.
+    pub flows: u32,
+    /// Its bound.
+    pub max_flows: u32,
 }
 
 impl std::fmt::Display for Status {
@@ -225,6 +366,16 @@ impl std::fmt::Display for Status {
         let formats: Vec<String> =
             self.formats.iter().map(|fmt| format!("{fmt} (kind {})", self.formats.kind(fmt))).collect();
         writeln!(f, "formats: {}", formats.join(", "))?;
+        match &self.udp {
+            Some(udp) => writeln!(
+                f,
+                "udp: interfaces {}, flows {} of {}",
+                udp.interfaces.join(", "),
+                udp.flows,
+                udp.max_flows
+            )?,
+            None => writeln!(f, "udp: off (--no-udp)")?,
+        }
         let counters: Vec<String> =
             Counters::TABLE.iter().map(|d| format!("{}={}", d.name, (d.get)(&self.counters))).collect();
         write!(f, "counters: {}", counters.join(" "))
@@ -239,11 +390,8 @@ pub fn preflight() -> Result<(), EbpfError> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(EbpfError::NoBtf);
     }
-    let release =
-        nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
-    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if version < (5, 10) {
+    let (major, minor, release) = kernel_version();
+    if (major, minor) < (5, 10) {
         return Err(EbpfError::OldKernel(release));
     }
     Ok(())
@@ -299,6 +447,10 @@ pub fn attach(options: &AttachOptions) -> Result<PathBuf, EbpfError> {
     if !under_a_mount || !cgroup.join("cgroup.procs").exists() {
         return Err(EbpfError::NotACgroup(cgroup, root));
     }
+    let interfaces = match &options.udp {
+        Some(udp) => udp_interfaces(udp)?,
+        None => Vec::new(),
+    };
     ensure_bpffs()?;
     if is_attached() {
         let complete = PROGRAMS.iter().all(|(_, link)| Path::new(PIN_DIR).join(link).exists());
@@ -309,7 +461,7 @@ pub fn attach(options: &AttachOptions) -> Result<PathBuf, EbpfError> {
         return Err(EbpfError::AlreadyAttached(what));
     }
     fs::create_dir_all(PIN_DIR).map_err(|e| EbpfError::Io(format!("create {PIN_DIR}"), e))?;
-    let result = attach_pinned(options, &cgroup);
+    let result = attach_pinned(options, &cgroup, &interfaces);
     if result.is_err() {
         let _ = detach();
     }
@@ -330,9 +482,59 @@ pub fn kind_formats(formats: &Formats) -> [u8; 256] {
     table
 }
 
-fn attach_pinned(options: &AttachOptions, cgroup: &Path) -> Result<(), EbpfError> {
+/// The kernel's version, from its release string ("6.1.0-18-amd64": (6, 1)).
+fn kernel_version() -> (u32, u32, String) {
+    let release =
+        nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0), release)
+}
+
+/// The interfaces the UDP tc program goes on: the ones named (each must be
+/// Ethernet), or every Ethernet interface of this network namespace.
+fn udp_interfaces(udp: &UdpOptions) -> Result<Vec<String>, EbpfError> {
+    let (major, minor, release) = kernel_version();
+    if (major, minor) < (6, 6) {
+        return Err(EbpfError::UdpNeedsTcx(release));
+    }
+    let ethernet = |name: &str| crate::sys::link::link_type(name).is_ok_and(|t| t == libc::ARPHRD_ETHER);
+    if !udp.interfaces.is_empty() {
+        for name in &udp.interfaces {
+            match crate::sys::link::link_type(name) {
+                Ok(libc::ARPHRD_ETHER) => {}
+                Ok(kind) => {
+                    let why =
+                        format!("link type {kind} is not Ethernet (the program reads an Ethernet header)");
+                    return Err(EbpfError::BadInterface(name.clone(), why));
+                }
+                Err(e) => return Err(EbpfError::BadInterface(name.clone(), e.to_string())),
+            }
+        }
+        return Ok(udp.interfaces.clone());
+    }
+    let all = nix::net::if_::if_nameindex()
+        .map_err(|e| EbpfError::Io("list the network interfaces".into(), e.into()))?;
+    let names: Vec<String> = all
+        .iter()
+        .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
+        .filter(|name| ethernet(name))
+        .collect();
+    if names.is_empty() {
+        return Err(EbpfError::BadInterface(
+            "(any)".into(),
+            "no Ethernet interface in this network namespace".into(),
+        ));
+    }
+    Ok(names)
+}
+
+fn attach_pinned(options: &AttachOptions, cgroup: &Path, interfaces: &[String]) -> Result<(), EbpfError> {
+    // Without UDP the LRU maps still exist (one object); keep them tiny.
+    let flows = options.udp.as_ref().map_or(64, |u| u.flows.max(64));
     let mut ebpf = aya::EbpfLoader::new()
         .default_map_pin_directory(PIN_DIR)
+        .map_max_entries("toa_udp_flows", flows)
+        .map_max_entries("toa_udp_replies", flows)
         .load(OBJECT)
         .map_err(bpf_err("load the eBPF object"))?;
 
@@ -375,7 +577,8 @@ fn attach_pinned(options: &AttachOptions, cgroup: &Path) -> Result<(), EbpfError
 
     let cgroup_dir =
         fs::File::open(cgroup).map_err(|e| EbpfError::Io(format!("open {}", cgroup.display()), e))?;
-    for (name, link_name) in PROGRAMS {
+    let udp_programs: &[(&str, &str)] = if options.udp.is_some() { &UDP_PROGRAMS } else { &[] };
+    for &(name, link_name) in PROGRAMS.iter().chain(udp_programs) {
         let program = ebpf.program_mut(name).ok_or_else(missing(name))?;
         let link_path = Path::new(PIN_DIR).join(link_name);
         // A bpf_link coexists with other programs on the cgroup whatever the mode;
@@ -391,10 +594,35 @@ fn attach_pinned(options: &AttachOptions, cgroup: &Path) -> Result<(), EbpfError
             let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
             program.take_link(id).map_err(prog_err(name))?.try_into().map_err(|e| link_err(name, e))?
         };
-        link.pin(&link_path)
-            .map_err(|e| EbpfError::Bpf(format!("pin {}", link_path.display()), e.to_string()))?;
+        link.pin(&link_path).map_err(|e| pin_err(&link_path, e))?;
+    }
+    if interfaces.is_empty() {
+        return Ok(());
+    }
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(UDP_INGRESS)
+        .ok_or_else(missing(UDP_INGRESS))?
+        .try_into()
+        .map_err(prog_err(UDP_INGRESS))?;
+    program.load().map_err(prog_err(format!("load {UDP_INGRESS} (the kernel verifier said no)")))?;
+    for interface in interfaces {
+        let what = format!("attach {UDP_INGRESS} to {interface} (tc ingress)");
+        let id = program.attach(interface, TcAttachType::Ingress).map_err(prog_err(&what))?;
+        let link: FdLink = program
+            .take_link(id)
+            .map_err(prog_err(&what))?
+            .try_into()
+            .map_err(|e| EbpfError::Bpf(format!("{what}: not a TCX link"), format!("{e}")))?;
+        let link_path = Path::new(PIN_DIR).join(format!("{UDP_INGRESS_LINK}{}", interface.replace('.', ":")));
+        link.pin(&link_path).map_err(|e| pin_err(&link_path, e))?;
     }
     Ok(())
+}
+
+fn pin_err(path: &Path, e: aya::pin::PinError) -> EbpfError {
+    // PinError's message leaves out the system error: add it.
+    let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+    EbpfError::Bpf(format!("pin {}", path.display()), format!("{e}{cause}"))
 }
 
 fn link_err(name: &str, e: aya::programs::links::LinkError) -> EbpfError {
@@ -466,9 +694,35 @@ pub fn status() -> Result<Status, EbpfError> {
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open_pinned("toa_counters")?))
             .map_err(map_err("toa_counters"))?;
     let sum = |i: u32| counters.get(&i, 0).map(|values| values.iter().sum::<u64>()).unwrap_or(0);
-    let counters =
-        Counters { found: sum(0), untrusted: sum(1), malformed: sum(2), v6_on_v4: sum(3), rewritten: sum(4) };
-    Ok(Status { cgroup, trust: nets, trust_any: config.trust_any != 0, formats, counters })
+    let counters = Counters::from_slots(sum);
+    Ok(Status {
+        cgroup,
+        trust: nets,
+        trust_any: config.trust_any != 0,
+        formats,
+        counters,
+        udp: udp_status()?,
+    })
+}
+
+/// The UDP half's interfaces (from its pinned links) and map usage; `None`
+/// when it was not attached.
+fn udp_status() -> Result<Option<UdpStatus>, EbpfError> {
+    let pins = fs::read_dir(PIN_DIR).map_err(|e| EbpfError::Io(format!("read {PIN_DIR}"), e))?;
+    let names: Vec<String> = pins.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    if !names.iter().any(|n| n == UDP_PROGRAMS[0].1) {
+        return Ok(None);
+    }
+    let mut interfaces: Vec<String> =
+        names.iter().filter_map(|n| n.strip_prefix(UDP_INGRESS_LINK).map(|i| i.replace(':', "."))).collect();
+    interfaces.sort();
+    let path = Path::new(PIN_DIR).join("toa_udp_flows");
+    let max_flows = MapInfo::from_pin(&path).map_err(map_err("toa_udp_flows"))?.max_entries();
+    let map: BpfHashMap<_, [u8; 20], [u8; 20]> =
+        BpfHashMap::try_from(aya::maps::Map::LruHashMap(open_pinned("toa_udp_flows")?))
+            .map_err(map_err("toa_udp_flows"))?;
+    let flows = u32::try_from(map.keys().filter(Result::is_ok).count()).unwrap_or(u32::MAX);
+    Ok(Some(UdpStatus { interfaces, flows, max_flows }))
 }
 
 /// Removes every pin (links first, which detaches the programs, then maps)
@@ -527,7 +781,8 @@ mod tests {
             trust: vec!["100.125.0.0/16".parse().unwrap()],
             trust_any: false,
             formats: Formats::default(),
-            counters: Counters { found: 1, untrusted: 2, malformed: 3, v6_on_v4: 4, rewritten: 5 },
+            counters: Counters::from_slots(|i| u64::from(i) + 1),
+            udp: Some(UdpStatus { interfaces: vec!["b0".into()], flows: 7, max_flows: 65536 }),
         };
         let text = render_metrics(Some(&status));
         assert!(text.contains("toa_shim_ebpf_attached{cgroup=\"/sys/fs/cgroup/a \\\"b\\\"\"} 1\n"), "{text}");
@@ -541,8 +796,14 @@ mod tests {
             .map(|l| l.split(['{', ' ']).next().unwrap())
             .collect();
         assert_eq!(samples, metric_series());
+        assert!(text.ends_with("\ntoa_shim_ebpf_udp_flows 7\n# HELP toa_shim_ebpf_udp_flows_max The LRU map's bound (0 without UDP).\n# TYPE toa_shim_ebpf_udp_flows_max gauge\ntoa_shim_ebpf_udp_flows_max 65536\n"), "{text}");
+        let shown = status.to_string();
+        assert!(shown.contains("\nudp: interfaces b0, flows 7 of 65536\n"), "{shown}");
         assert!(
-            status.to_string().ends_with("counters: found=1 untrusted=2 malformed=3 v6_on_v4=4 rewritten=5")
+            shown.ends_with(
+                "counters: found=1 untrusted=2 malformed=3 v6_on_v4=4 rewritten=5 udp_found=6 udp_untrusted=7 udp_malformed=8 udp_stripped=9 udp_received=10 udp_sent=11"
+            ),
+            "{shown}"
         );
     }
 
@@ -550,7 +811,7 @@ mod tests {
     fn the_object_has_every_program_and_map() {
         // Symbol names stand in the ELF string table as plain bytes.
         let text = String::from_utf8_lossy(OBJECT);
-        for name in PROGRAMS.iter().map(|(p, _)| *p).chain(MAPS) {
+        for name in PROGRAMS.iter().chain(&UDP_PROGRAMS).map(|(p, _)| *p).chain([UDP_INGRESS]).chain(MAPS) {
             assert!(text.contains(name), "{name} missing from bpf/toa.bpf.o");
         }
     }

@@ -356,3 +356,38 @@ pub(crate) mod udp {
         Ok((n as usize, from, opts, opts_len))
     }
 }
+
+/// Interfaces, for the helper's tc program (`crate::ebpf`).
+#[cfg(feature = "ebpf")]
+pub(crate) mod link {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// The link type (`ARPHRD_*`) of interface `name` in this network
+    /// namespace (SIOCGIFHWADDR), whatever `/sys` shows.
+    pub(crate) fn link_type(name: &str) -> io::Result<u16> {
+        // SAFETY: ifreq is plain data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        let bytes = name.as_bytes();
+        if bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+        }
+        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        // SAFETY: plain socket(2); the result is checked before it is owned.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `req` is a live ifreq with a NUL-terminated name (zeroed
+        // beyond it); SIOCGIFHWADDR writes only its ifru_hwaddr member.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel filled in ifru_hwaddr, the member SIOCGIFHWADDR writes.
+        Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+    }
+}

@@ -1,18 +1,34 @@
 //! `toa-shim ebpf attach|status|detach` end to end (root): clear errors,
 //! one attachment at a time, and nothing left behind, also after the CLI is
-//! killed halfway through an attach.
+//! killed halfway through an attach. The CLI runs in a network namespace of
+//! the test's own (with a dummy Ethernet interface), where the UDP program
+//! goes by default; the host's interfaces are never touched.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use toa_server_shim::ebpf::PIN_DIR;
 use toa_testkit::cgroup::Cgroup;
+use toa_testkit::netns::Netns;
 use toa_testkit::require_root;
 
+/// The test's network namespace, where the CLI runs.
+static NETNS: OnceLock<String> = OnceLock::new();
+
+/// `toa-shim ARGS` in the test's network namespace (nsenter keeps /sys and
+/// its bpffs, which `ip netns exec` would remount).
+fn toa_shim_cmd(args: &[&str]) -> Command {
+    let ns = NETNS.get().expect("the test's namespace");
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(env!("CARGO_BIN_EXE_toa-shim")).args(args);
+    cmd
+}
+
 fn toa_shim(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_toa-shim")).args(args).output().expect("run toa-shim")
+    toa_shim_cmd(args).output().expect("run toa-shim")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -32,6 +48,20 @@ fn programs_loaded() -> bool {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The names of the TCX ingress programs on the namespace's two interfaces.
+fn tc_programs(netns: &Netns) -> Vec<String> {
+    use aya::programs::SchedClassifier;
+    use aya::programs::tc::TcAttachType;
+    netns.run(|| {
+        let mut names = Vec::new();
+        for iface in ["d0", "d1.5"] {
+            let (_, programs) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress).expect("query tcx");
+            names.extend(programs.iter().filter_map(|p| p.name_as_str().map(str::to_owned)));
+        }
+        names
+    })
 }
 
 /// Detaches on drop, also when the test fails.
@@ -78,6 +108,9 @@ fn attach_status_detach() {
     }
     let cgroup = Cgroup::new("cli");
     let path = cgroup.path().to_string_lossy().into_owned();
+    let netns = Netns::new("cli");
+    netns.exec(&["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1.5"]);
+    NETNS.set(netns.name().to_owned()).unwrap();
     let _cleanup = Cleanup;
 
     // No trust, no helper.
@@ -89,6 +122,15 @@ fn attach_status_detach() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("is not a cgroup v2 directory"), "{}", text(&out.stderr));
     assert!(!Path::new(PIN_DIR).exists(), "a failed attach leaves nothing");
+    // UDP on interfaces it cannot watch.
+    for (iface, why) in [("lo", "is not Ethernet"), ("nope0", "No such device")] {
+        let out = toa_shim(&["ebpf", "attach", "--cgroup", &path, "--trust-any", "--udp-iface", iface]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = text(&out.stderr);
+        assert!(err.contains(&format!("interface {iface}: ")) && err.contains(why), "{err}");
+        assert!(err.contains("--no-udp"), "{err}");
+        assert!(!Path::new(PIN_DIR).exists(), "a failed attach leaves nothing");
+    }
 
     let out = toa_shim(&[
         "ebpf",
@@ -102,6 +144,11 @@ fn attach_status_detach() {
     ]);
     assert!(out.status.success(), "{out:?}");
     assert!(text(&out.stdout).contains(&format!("attached to cgroup {path}")));
+    assert!(
+        text(&out.stdout).contains("udp: watching d0, d1.5 (65536 flows at most)"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let again = toa_shim(&["ebpf", "attach", "--cgroup", &path, "--trust-any"]);
     assert_eq!(again.status.code(), Some(1));
@@ -114,8 +161,13 @@ fn attach_status_detach() {
     assert!(shown.contains(&format!("attached to cgroup {path}")), "{shown}");
     assert!(shown.contains("trust: 100.125.0.0/16, 2001:db8:64::/48"), "{shown}");
     assert!(shown.contains("formats: toa (kind 254), toa6 (kind 254)"), "{shown}");
-    assert!(shown.contains("counters: found=0 untrusted=0 malformed=0 v6_on_v4=0 rewritten=0"), "{shown}");
+    assert!(shown.contains("udp: interfaces d0, d1.5, flows 0 of 65536"), "{shown}");
+    assert!(
+        shown.contains("counters: found=0 untrusted=0 malformed=0 v6_on_v4=0 rewritten=0 udp_found=0"),
+        "{shown}"
+    );
     assert!(programs_loaded());
+    assert_eq!(tc_programs(&netns), ["toa_udp_ingress", "toa_udp_ingress"]);
 
     // The same counters for Prometheus: a textfile, and over HTTP on loopback.
     let dir = std::env::temp_dir().join(format!("toa-metrics-{}", std::process::id()));
@@ -145,9 +197,20 @@ fn attach_status_detach() {
 
     let out = toa_shim(&["ebpf", "detach"]);
     assert!(out.status.success());
-    assert!(text(&out.stdout).contains("removed 9 pins"), "{}", text(&out.stdout));
+    // 4 TCP links, 6 UDP cgroup links, 2 tc links, 7 maps.
+    assert!(text(&out.stdout).contains("removed 19 pins"), "{}", text(&out.stdout));
     assert!(!Path::new(PIN_DIR).exists());
     assert!(!programs_loaded(), "programs still loaded after detach");
+    assert_eq!(tc_programs(&netns), Vec::<String>::new(), "tc programs left after detach");
+
+    // TCP only.
+    let out = toa_shim(&["ebpf", "attach", "--cgroup", &path, "--trust-any", "--no-udp"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!text(&out.stdout).contains("udp:"), "{}", text(&out.stdout));
+    assert!(text(&toa_shim(&["ebpf", "status"]).stdout).contains("\nudp: off (--no-udp)\n"));
+    assert_eq!(tc_programs(&netns), Vec::<String>::new());
+    let out = toa_shim(&["ebpf", "detach"]);
+    assert!(text(&out.stdout).contains("removed 11 pins"), "{}", text(&out.stdout));
     let out = toa_shim(&["ebpf", "status"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("not attached"));
@@ -160,8 +223,7 @@ fn attach_status_detach() {
     std::fs::remove_dir_all(&dir).unwrap();
 
     // Killed halfway: maps pinned, no program attached yet.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_toa-shim"))
-        .args(["ebpf", "attach", "--cgroup", &path, "--trust-any"])
+    let mut child = toa_shim_cmd(&["ebpf", "attach", "--cgroup", &path, "--trust-any"])
         .env("TOA_SHIM_TEST_PAUSE_ATTACH", "30")
         .stderr(Stdio::piped())
         .spawn()

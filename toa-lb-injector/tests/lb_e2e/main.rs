@@ -7,6 +7,7 @@
 //! [`userspace`] the user-space datapaths' own (pnet, the offload check).
 
 mod kernel;
+mod uoa;
 mod userspace;
 
 use std::io::{Read, Write};

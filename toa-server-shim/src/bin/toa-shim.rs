@@ -86,6 +86,17 @@ struct AttachArgs {
     /// Formats to accept, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "toa,toa6")]
     formats: Vec<Format>,
+    /// TCP only: no UDP (UOA) programs.
+    #[arg(long, conflicts_with_all = ["udp_iface", "udp_flows"])]
+    no_udp: bool,
+    /// An interface of this network namespace whose ingress the UDP program
+    /// watches (repeatable); default: every Ethernet interface now present.
+    #[arg(long, value_name = "NAME")]
+    udp_iface: Vec<String>,
+    /// UDP flows remembered (the bound of the helper's LRU maps).
+    #[arg(long, value_name = "N", default_value_t = toa_server_shim::ebpf::DEFAULT_UDP_FLOWS,
+          value_parser = clap::value_parser!(u32).range(64..=1 << 24))]
+    udp_flows: u32,
 }
 
 #[derive(Args)]
@@ -180,9 +191,14 @@ fn ebpf(command: EbpfCommand) -> ExitCode {
                 }
             };
             let formats = args.formats.iter().fold(Formats::NONE, |f, format| f.with(*format));
-            let options = ebpf::AttachOptions { cgroup: args.cgroup, policy, formats };
+            let udp = (!args.no_udp)
+                .then_some(ebpf::UdpOptions { interfaces: args.udp_iface, flows: args.udp_flows });
+            let options = ebpf::AttachOptions { cgroup: args.cgroup, policy, formats, udp };
             ebpf::attach(&options).map(|cgroup| {
                 println!("attached to cgroup {} (pinned under {})", cgroup.display(), ebpf::PIN_DIR);
+                if let Ok(ebpf::Status { udp: Some(udp), .. }) = ebpf::status() {
+                    println!("udp: watching {} ({} flows at most)", udp.interfaces.join(", "), udp.max_flows);
+                }
             })
         }
         EbpfCommand::Status => ebpf::status().map(|status| println!("{status}")),

@@ -1,0 +1,316 @@
+//! UOA to unmodified UDP servers: `toa-lb` (ring datapath) writes the
+//! client into the first datagrams of each flow, `opp` and `ipo`, IPv4 and
+//! IPv6; the backend runs the kernel helper with UDP on (tc ingress on its
+//! link, recvmsg/sendmsg/connect hooks on a cgroup), and plain Python and
+//! socat echo servers in that cgroup see the client while their replies
+//! still reach it through the LB.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use toa_server_shim::TrustPolicy;
+use toa_server_shim::ebpf::{self, AttachOptions, UdpOptions};
+use toa_testkit::cgroup::Cgroup;
+use toa_testkit::netns::run_in;
+use toa_testkit::require_root;
+
+use super::{Case, Dp, config_text, start_lb_text};
+
+/// The helper, detached on drop (also when the test fails).
+struct Attached;
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = ebpf::detach();
+    }
+}
+
+/// A server process, killed on drop, and the lines it printed.
+struct Server {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts `cmd`, keeps what it prints on stdout and stderr, and waits for
+    /// a line containing `ready`.
+    fn start(mut cmd: Command, ready: &str) -> Server {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn server");
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for pipe in [Box::new(out) as Box<dyn std::io::Read + Send>, Box::new(err)] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        let server = Server { child, lines };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server.printed(ready) {
+            assert!(Instant::now() < deadline, "no {ready:?} from the server: {:?}", server.lines());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    fn printed(&self, text: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+}
+
+/// An unmodified UDP echo server: `recvfrom`, then `sendto` the same bytes
+/// to the address it got. Prints each new peer once, as "peer ADDR PORT".
+const PYTHON_ECHO: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+if ":" in host:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind((host, port))
+print("ready", flush=True)
+seen = set()
+while True:
+    data, peer = s.recvfrom(65535)
+    if peer[:2] not in seen:
+        seen.add(peer[:2])
+        print("peer", peer[0], peer[1], flush=True)
+    s.sendto(data, peer)
+"#;
+
+/// The LB configuration: the test listeners with UOA, each to its own
+/// backend port on be1 (at 100.125.2.1 and 2001:db8:64::2:1).
+fn uoa_config() -> String {
+    let mut text = config_text("toa", Dp::Ring.config());
+    for (vip, format, backend) in [
+        ("203.0.113.10:61", "opp", "100.125.2.1:5361"),
+        ("203.0.113.10:62", "ipo", "100.125.2.1:5362"),
+        ("[2001:db8:c::10]:61", "opp", "[2001:db8:64::2:1]:5361"),
+        ("203.0.113.10:63", "opp", "100.125.2.1:5363"),
+        ("203.0.113.10:64", "opp", "100.125.2.1:5364"),
+    ] {
+        text.push_str(&format!(
+            "\n[[listener]]\nvip = \"{vip}\"\nprotocol = \"udp\"\nobtain_client_ip = \"uoa\"\nuoa_format = \"{format}\"\n\n[[listener.backend]]\naddress = \"{backend}\"\n"
+        ));
+    }
+    text
+}
+
+/// Sends `count` datagrams of 1 byte up to `max` bytes (each different) to
+/// `vip` from one socket of the client namespace; returns the socket's
+/// address and how many replies came back byte for byte.
+fn exchange(case: &Case, vip: &str, count: usize, max: usize) -> (SocketAddr, usize) {
+    run_in(&case.bed.ns("client"), || {
+        let any = if vip.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" };
+        let socket = UdpSocket::bind(any).unwrap();
+        socket.connect(vip).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut good = 0;
+        for i in 0..count {
+            let len = 1 + i * (max - 1) / (count - 1).max(1);
+            let sent: Vec<u8> = (0..len).map(|k| (k * 7 + i) as u8).collect();
+            socket.send(&sent).unwrap();
+            // A reply of an earlier datagram that came late is skipped.
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(n) if buf[..n] == sent[..] => {
+                        good += 1;
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        (socket.local_addr().unwrap(), good)
+    })
+}
+
+/// The helper's status line for the UDP counters, parsed.
+fn counter(name: &str) -> u64 {
+    let status = ebpf::status().expect("status");
+    let shown = status.to_string();
+    let counters = shown.lines().find(|l| l.starts_with("counters: ")).unwrap_or_default().to_owned();
+    counters
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {shown}"))
+}
+
+fn attach(case: &Case, cgroup: &Cgroup, flows: u32) -> Attached {
+    let sources = ["100.125.1.0/24", "2001:db8:64::1:0/112"].iter().map(|s| s.parse().unwrap()).collect();
+    let options = AttachOptions {
+        cgroup: Some(cgroup.path().to_owned()),
+        policy: TrustPolicy::new(sources).unwrap(),
+        formats: toa_core::Formats::default(),
+        udp: Some(UdpOptions { interfaces: vec!["b0".into()], flows }),
+    };
+    // In be1's network namespace: the tc program goes on its link b0.
+    run_in(&case.bed.ns("be1"), || ebpf::attach(&options)).expect("attach the helper");
+    Attached
+}
+
+/// The tc programs (TCX) at be1's b0 ingress.
+fn b0_programs(case: &Case) -> Vec<String> {
+    use aya::programs::SchedClassifier;
+    use aya::programs::tc::TcAttachType;
+    run_in(&case.bed.ns("be1"), || {
+        let (_, programs) = SchedClassifier::query_tcx("b0", TcAttachType::Ingress).expect("query tcx");
+        programs.iter().filter_map(|p| p.name_as_str().map(str::to_owned)).collect()
+    })
+}
+
+#[test]
+fn unmodified_udp_servers_see_uoa_clients() {
+    require_root!();
+    let _lock = toa_testkit::helper_lock();
+    if ebpf::is_attached() {
+        eprintln!("SKIP: the kernel helper is attached on this machine; not touching it");
+        return;
+    }
+    let case = Case::new("u", Dp::Ring);
+    let _lb = start_lb_text(&case, "uoa", &uoa_config());
+    let inside = Cgroup::new("uoa-in");
+    let attached = attach(&case, &inside, ebpf::DEFAULT_UDP_FLOWS);
+    assert_eq!(b0_programs(&case), ["toa_udp_ingress"]);
+    let ns = case.bed.ns("be1");
+
+    // Python on a dual-stack socket (recvmsg6/sendmsg6: IPv4 clients as
+    // ::ffff:a.b.c.d), Python on an IPv4 socket (recvmsg4/sendmsg4), socat
+    // that connect()s to its first peer (connect4) and then just writes.
+    let dual = Server::start(inside.command_in(&ns, "python3", &["-c", PYTHON_ECHO, "::", "5361"]), "ready");
+    let v4 =
+        Server::start(inside.command_in(&ns, "python3", &["-c", PYTHON_ECHO, "0.0.0.0", "5362"]), "ready");
+    let socat = Server::start(
+        inside.command_in(&ns, "socat", &["-d", "-d", "UDP4-LISTEN:5363,bind=100.125.2.1", "PIPE"]),
+        "listening on",
+    );
+    // The same Python outside the cgroup: it sees the LB.
+    let mut outside = Command::new("ip");
+    outside.args(["netns", "exec", &ns, "python3", "-c", PYTHON_ECHO, "0.0.0.0", "5364"]);
+    let outside = Server::start(outside, "ready");
+
+    let mtu = 1500;
+    // (VIP, server, largest payload under the MTU, whether Python shows the client as ::ffff:a.b.c.d)
+    for (vip, server, max, mapped) in [
+        ("203.0.113.10:61", &dual, mtu - 28, true),
+        ("[2001:db8:c::10]:61", &dual, mtu - 48, false),
+        ("203.0.113.10:62", &v4, mtu - 28, false),
+    ] {
+        let (client, good) = exchange(&case, vip, 1000, max);
+        assert_eq!(good, 1000, "{vip}: every reply, byte for byte, through the LB");
+        let shown = format!("peer {}{} {}", if mapped { "::ffff:" } else { "" }, client.ip(), client.port());
+        assert!(server.printed(&shown), "{vip}: recvfrom saw {:?}, not {client}", server.lines());
+        assert!(
+            !server.printed("peer 100.125.") && !server.printed("peer ::ffff:100.125."),
+            "{:?}",
+            server.lines()
+        );
+    }
+    let (client, good) = exchange(&case, "203.0.113.10:63", 100, mtu - 28);
+    assert_eq!(good, 100, "socat, connected to the client (so to the LB), echoes");
+    assert!(socat.printed(&format!("{client}")), "socat's recvfrom saw: {:?}", socat.lines());
+    let (_, good) = exchange(&case, "203.0.113.10:64", 10, 100);
+    assert_eq!(good, 10);
+    assert!(outside.printed("peer 100.125.1."), "outside the cgroup: the LB, {:?}", outside.lines());
+    assert!(counter("udp_found") >= 3 * 4, "3 UOAs per flow");
+    assert!(counter("udp_stripped") >= 3 * 4, "opp headers removed");
+    assert!(counter("udp_received") >= 3000 && counter("udp_sent") >= 3000);
+
+    // A forged UOA from a source outside the trust list (the LB's own
+    // 100.125.0.1, not its SNAT pool) is ignored and counted.
+    let untrusted = counter("udp_untrusted");
+    run_in(&case.bed.ns("lb"), || {
+        let socket = UdpSocket::bind("100.125.0.1:0").unwrap();
+        let mut ipo = vec![0x1f, 8, 0x9c, 0x41];
+        ipo.extend_from_slice(&[203, 0, 113, 99]);
+        toa_testkit::sys::set_ip_options(socket.as_fd(), &ipo).expect("IP_OPTIONS");
+        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        socket.send_to(b"forged", "100.125.2.1:5362").unwrap();
+        let mut buf = [0u8; 16];
+        let (n, _) = socket.recv_from(&mut buf).expect("an echo to the real source");
+        assert_eq!(&buf[..n], b"forged");
+    });
+    assert_eq!(counter("udp_untrusted"), untrusted + 1);
+    assert!(v4.printed("peer 100.125.0.1 "), "{:?}", v4.lines());
+    assert!(!v4.printed("203.0.113.99"), "{:?}", v4.lines());
+
+    // Detached: no pins, no program on the link.
+    drop(attached);
+    assert!(!ebpf::is_attached(), "pins left under {}", ebpf::PIN_DIR);
+    assert_eq!(b0_programs(&case), Vec::<String>::new());
+}
+
+/// A flood of new flows: the LRU map stays at its bound, and a client that
+/// keeps talking all along is still served and still named.
+#[test]
+fn udp_flow_flood_stays_bounded() {
+    require_root!();
+    let _lock = toa_testkit::helper_lock();
+    if ebpf::is_attached() {
+        eprintln!("SKIP: the kernel helper is attached on this machine; not touching it");
+        return;
+    }
+    let case = Case::new("f", Dp::Ring);
+    let _lb = start_lb_text(&case, "uoa", &uoa_config());
+    let inside = Cgroup::new("uoa-flood");
+    let _attached = attach(&case, &inside, 1024);
+    let ns = case.bed.ns("be1");
+    let server =
+        Server::start(inside.command_in(&ns, "python3", &["-c", PYTHON_ECHO, "0.0.0.0", "5361"]), "ready");
+
+    let (real, served, flooded) = run_in(&case.bed.ns("client"), || {
+        let real = UdpSocket::bind("0.0.0.0:0").unwrap();
+        real.connect("203.0.113.10:61").unwrap();
+        real.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        let (mut served, mut flooded) = (0, 0);
+        for round in 0..50u32 {
+            // 100 new flows, one datagram each, replies not awaited.
+            for _ in 0..100 {
+                let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+                if socket.send_to(b"flood", "203.0.113.10:61").is_ok() {
+                    flooded += 1;
+                }
+            }
+            real.send(&round.to_be_bytes()).unwrap();
+            loop {
+                match real.recv(&mut buf) {
+                    Ok(4) if buf[..4] == round.to_be_bytes() => {
+                        served += 1;
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        (real.local_addr().unwrap(), served, flooded)
+    });
+    assert_eq!(flooded, 5000);
+    assert_eq!(served, 50, "the real client got every reply through the LB");
+    assert!(server.printed(&format!("peer {} {}", real.ip(), real.port())), "{:?}", &server.lines()[..3]);
+    let udp = ebpf::status().expect("status").udp.expect("udp attached");
+    assert!(udp.flows <= udp.max_flows && udp.max_flows >= 1024, "{udp:?}");
+    assert!(udp.flows >= 512, "the map filled up to near its bound: {udp:?}");
+    assert!(counter("udp_found") >= 5000, "every new flow recorded");
+}
