@@ -606,6 +606,15 @@ int toa_udp_ingress(struct __sk_buff *skb)
 	int v4 = skb->protocol == bpf_htons(ETH_P_IP);
 	if (!v4 && skb->protocol != bpf_htons(ETH_P_IPV6))
 		return TC_ACT_OK;
+	/* Every packet of the link comes here (TCP too): the ones that cannot
+	 * carry a UOA leave after a look at the linear head, without a copy. */
+	const __u8 *head = (const __u8 *)(long)skb->data + ETH_HLEN;
+	if ((const void *)(head + 40) <= (const void *)(long)skb->data_end) {
+		if (v4 && head[9] != IPPROTO_UOA_OPP && (head[9] != IPPROTO_UDP || (head[0] & 0x0f) <= 5))
+			return TC_ACT_OK;
+		if (!v4 && head[6] != IPPROTO_UOA_OPP)
+			return TC_ACT_OK;
+	}
 	__u8 ip[40] = {};
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, ip, v4 ? 20 : 40) < 0)
 		return TC_ACT_OK;
