@@ -36,7 +36,8 @@ fn engine() -> Engine {
         timeouts: Timeouts::default(),
         snat_seed: 0,
         shard: Shard::default(),
-        mtu: 1500,
+        // Small, so that datagrams of fuzzed sizes also run out of room (carriers).
+        mtu: 160,
     })
     .expect("valid config")
 }
@@ -56,8 +57,14 @@ fuzz_target!(|data: &[u8]| {
         match engine.handle_packet(now, &mut buf, packet.len()) {
             Verdict::ToBackend { len, .. } | Verdict::ToClient { len, .. } => {
                 let out = &buf[..len];
-                let valid = TcpPacket::new_checked(out).is_ok() || UdpPacket::new_checked(out).is_ok();
+                let valid = TcpPacket::new_checked(out).is_ok()
+                    || UdpPacket::new_checked(out).is_ok()
+                    || toa_core::uoa::find_uoa(out).is_ok_and(|f| f.is_some());
                 assert!(valid, "forwarded an invalid packet");
+                if let Some(carrier) = engine.take_carrier() {
+                    let found = toa_core::uoa::find_uoa(&carrier).expect("a carrier parses");
+                    assert!(found.is_some(), "a carrier without a UOA");
+                }
             }
             Verdict::Drop(_) | Verdict::NotMine => {}
         }

@@ -1,12 +1,13 @@
 //! UOA (`ipo`, `opp`) on arbitrary bytes: find, strip and insert never panic;
 //! an error leaves the buffer as it was; what is inserted reads back and
-//! strips off to the bytes it was put into.
+//! strips off to the bytes it was put into; a carrier built from any
+//! datagram carries the client on an empty datagram.
 #![no_main]
 
 use std::net::{IpAddr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
-use toa_core::uoa::{UoaFormat, find_uoa, insert_uoa, strip_uoa};
+use toa_core::uoa::{UoaFormat, find_uoa, insert_uoa, strip_uoa, uoa_carrier};
 
 fuzz_target!(|data: &[u8]| {
     // First byte: format and client family; next 18: the client.
@@ -47,5 +48,14 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(&buf[skip..back], &packet[skip..back.min(packet.len())]);
         }
         Err(_) => assert_eq!(buf, before),
+    }
+
+    let mut carrier = [0u8; 128];
+    if let Ok(n) = uoa_carrier(packet, client, format, &mut carrier) {
+        let found = find_uoa(&carrier[..n]).expect("the carrier parses").expect("and carries the UOA");
+        assert_eq!(found.client, client);
+        let (plain, _) = strip_uoa(&mut carrier, n).expect("and strips");
+        let udp = toa_core::UdpPacket::new_checked(&carrier[..plain]).expect("to a UDP datagram");
+        assert!(udp.payload().is_empty());
     }
 });

@@ -341,6 +341,80 @@ pub fn strip_uoa(buf: &mut [u8], len: usize) -> Result<(usize, Option<UoaFound>)
     Ok((new_len, found))
 }
 
+/// The carrier DPVS sends ahead of a datagram with no room for the UOA: an
+/// empty datagram of the same flow (the addresses, ports, TTL and, for
+/// IPv6, traffic class and flow label of `datagram`, no IPv4 options, no
+/// payload) that carries the UOA naming `client`. Written to `out`; returns
+/// its length (at most 20 + 20 + 8 bytes for IPv4, 40 + 24 + 8 for IPv6).
+/// The backend's UOA reader records it and never hands it to the
+/// application (`toa-shim`'s helper drops it, a `UoaSocket` skips it).
+///
+/// ```
+/// use toa_core::uoa::{UoaFormat, find_uoa, uoa_carrier};
+///
+/// let datagram = [
+///     0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0xb4, 0x33, 100, 125, 1, 1, 100, 125, 2, 1,
+///     0x9c, 0x40, 0x00, 0x35, 0, 12, 0, 0, b'p', b'i', b'n', b'g',
+/// ];
+/// let mut out = [0u8; 64];
+/// let client = "203.0.113.7:40000".parse().unwrap();
+/// let len = uoa_carrier(&datagram, client, UoaFormat::Ipo, &mut out).unwrap();
+/// assert_eq!(len, 20 + 8 + 8); // IP header, UOA option, UDP header
+/// assert_eq!(find_uoa(&out[..len]).unwrap().unwrap().client, client);
+/// ```
+pub fn uoa_carrier(
+    datagram: &[u8],
+    client: SocketAddr,
+    format: UoaFormat,
+    out: &mut [u8],
+) -> Result<usize, Error> {
+    let packet = crate::UdpPacket::new_checked(datagram)?;
+    let l4 = packet.udp_offset();
+    let (src, dst) = (packet.src(), packet.dst());
+    let header = match packet.version() {
+        crate::IpVersion::V4 => ipv4::MIN_LEN,
+        crate::IpVersion::V6 if l4 == ipv6::LEN => ipv6::LEN,
+        crate::IpVersion::V6 => {
+            return Err(Error::NotSupported { what: "IPv6 extension headers before UDP (no carrier)" });
+        }
+    };
+    let len = header + udp::HEADER_LEN;
+    let need = len + OPP_HEADER_LEN + 20;
+    if out.len() < need {
+        return Err(Error::Capacity { need, capacity: out.len() });
+    }
+    out[..header].copy_from_slice(&datagram[..header]);
+    out[header..len].fill(0);
+    out[header..header + 2].copy_from_slice(&src.port().to_be_bytes());
+    out[header + 2..header + 4].copy_from_slice(&dst.port().to_be_bytes());
+    out[header + 4..header + 6].copy_from_slice(&(udp::HEADER_LEN as u16).to_be_bytes());
+    let mut sum = checksum::Accumulator::new();
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out[ipv4::VER_IHL] = 0x45;
+            out[ipv4::FLAGS_FRAG].copy_from_slice(&[0x40, 0]); // DF, not a fragment
+            out[ipv4::PROTOCOL] = udp::PROTOCOL;
+            set_ip_length(out, true, len);
+            fix_ipv4_checksum(out, header);
+            sum.add_ipv4_pseudo_header(s, d, udp::PROTOCOL, udp::HEADER_LEN as u16);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            out[ipv6::NEXT_HEADER] = udp::PROTOCOL;
+            set_ip_length(out, false, len);
+            sum.add_ipv6_pseudo_header(s, d, udp::PROTOCOL, udp::HEADER_LEN as u32);
+        }
+        _ => unreachable!("one IP version per packet"),
+    }
+    sum.add_bytes(&out[header..len]);
+    // A computed zero goes as all ones (zero means "no checksum" to IPv4, and is refused by IPv6).
+    let sum = match sum.finish() {
+        0 => 0xffff,
+        s => s,
+    };
+    out[header + 6..header + 8].copy_from_slice(&sum.to_be_bytes());
+    insert_uoa(out, len, client, format)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use etherparse::Ipv4HeaderSlice;
 use proptest::prelude::*;
-use toa_core::uoa::{UoaFormat, find_uoa, insert_uoa, strip_uoa};
+use toa_core::uoa::{UoaFormat, find_uoa, insert_uoa, strip_uoa, uoa_carrier};
 use toa_core::{Error, checksum};
 
 mod common;
@@ -132,5 +132,35 @@ proptest! {
             prop_assert_eq!(found.client.is_ipv4(), option_len == 8);
         }
         let _ = strip_uoa(&mut buf, len);
+    }
+
+    /// The empty carrier of any datagram: the same flow (addresses, ports),
+    /// no payload, IP and UDP checksums right (etherparse), the UOA on it;
+    /// stripped, a plain empty UDP datagram of that flow.
+    #[test]
+    fn carriers_are_empty_datagrams_of_the_flow(
+        (src, dst) in endpoints(),
+        client in addr(),
+        payload in prop::collection::vec(any::<u8>(), 0..1400),
+        nops in 0usize..=10,
+        opp in any::<bool>(),
+    ) {
+        let mut original = datagram(src, dst, &payload);
+        if src.is_ipv4() && nops > 0 {
+            original = with_ip_options(&original, &vec![1u8; nops * 4]); // no room left for ipo at 10
+        }
+        let format = if opp || src.is_ipv6() { UoaFormat::Opp } else { UoaFormat::Ipo };
+        let mut out = [0u8; 128];
+        let len = uoa_carrier(&original, client, format, &mut out).expect("a carrier");
+        let found = find_uoa(&out[..len]).unwrap().expect("the UOA is on it");
+        prop_assert_eq!((found.client, found.format), (client, format));
+        let (plain, _) = strip_uoa(&mut out, len).unwrap();
+        prop_assert_eq!(plain, if src.is_ipv4() { 28 } else { 48 });
+        let udp = toa_core::UdpPacket::new_checked(&out[..plain]).expect("UDP");
+        prop_assert_eq!((udp.src(), udp.dst(), udp.payload().len()), (src, dst, 0));
+        let (carried, expected) = oracle(&out[..plain]);
+        prop_assert_eq!(carried, expected);
+        // Too small a buffer is an error, not a panic.
+        prop_assert!(uoa_carrier(&original, client, format, &mut out[..40]).is_err());
     }
 }

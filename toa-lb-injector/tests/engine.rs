@@ -629,12 +629,28 @@ fn udp_uoa_first_datagrams_carry_the_client() {
         }
         assert_eq!(e.counters(2).unwrap().uoa_stripped, 2);
 
-        // A full-sized datagram has no room under the MTU: sent without, counted.
+        // A full-sized datagram has no room under the MTU: it goes as it is,
+        // and an empty datagram of its flow carries the UOA ahead of it.
+        assert_eq!(e.take_carrier(), None, "no carrier where the UOA fitted");
         let big: Vec<u8> = vec![7; 1472];
         let client3 = sock("203.0.113.9:42000");
         let (_, out) = handle(&mut e, 20, &datagram(client3, vip, &big));
         assert_eq!((out.len(), find_uoa(&out).unwrap()), (1500, None));
-        assert_eq!(e.counters(2).unwrap().uoa_no_room, 1);
+        let carrier = e.take_carrier().expect("a carrier");
+        let found = find_uoa(&carrier).unwrap().expect("the carrier's UOA");
+        assert_eq!((found.client, found.format), (client3, format));
+        let mut plain = carrier.clone();
+        let (n, _) = toa_core::uoa::strip_uoa(&mut plain, carrier.len()).unwrap();
+        let (snat, backend, body) = inspect_udp(&plain[..n]);
+        assert_eq!((snat, backend, body.len()), (inspect_udp(&out).0, inspect_udp(&out).1, 0));
+        assert_eq!(e.take_carrier(), None, "taken once");
+        let c = e.counters(2).unwrap();
+        assert_eq!((c.uoa_no_room, c.uoa_carriers), (1, 1));
+        // The carrier counted as one of the flow's 3: two more datagrams carry it.
+        let small: Vec<Vec<u8>> =
+            (0..3).map(|i| handle(&mut e, 21 + i, &datagram(client3, vip, b"s")).1).collect();
+        let carried: Vec<bool> = small.iter().map(|o| find_uoa(o).unwrap().is_some()).collect();
+        assert_eq!(carried, [true, true, false]);
     }
     // IPv6: opp whatever the format (ipo does not exist there). A v6 UDP listener:
     let mut c = udp_config(ObtainClientIp::Uoa { format: UoaFormat::Ipo, datagrams: 1 });

@@ -53,7 +53,8 @@
 #define CNT_UDP_STRIPPED 8  /* opp headers removed */
 #define CNT_UDP_RECV 9      /* recvfrom()/recvmsg() answers rewritten */
 #define CNT_UDP_SEND 10     /* datagrams (or connects) to a client sent to its LB */
-#define NR_COUNTERS 11
+#define CNT_UDP_CARRIER 11  /* empty datagrams that only carried a trusted UOA, dropped */
+#define NR_COUNTERS 12
 
 /* toa_peer.state */
 #define ST_NONE 0    /* nothing found (yet) */
@@ -449,6 +450,7 @@ int toa_getpeername6(struct bpf_sock_addr *ctx)
 #define ETH_P_IPV6 0x86DD
 #define IPPROTO_UDP 17
 #define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
 
 /* Whether a packet from addr (16 bytes, IPv4 as ::ffff:a.b.c.d) is trusted. */
 static __always_inline int trusted_addr(const __u32 *addr, const struct toa_config *cfg)
@@ -473,22 +475,23 @@ static __always_inline void client_key(struct udp_rkey *rk, const struct uoa_cli
 	rk->local_port = local_port;
 }
 
-/* A datagram from key->lb_addr carried the UOA search result *c. */
-static __always_inline void record_udp(const struct udp_key *key, const struct uoa_client *c)
+/* A datagram from key->lb_addr carried the UOA search result *c. Returns 1
+ * when a trusted UOA was recorded. */
+static __always_inline int record_udp(const struct udp_key *key, const struct uoa_client *c)
 {
 	if (c->result < 0) {
 		count(CNT_UDP_MALFORMED);
-		return;
+		return 0;
 	}
 	if (c->result == 0)
-		return;
+		return 0;
 	__u32 zero = 0;
 	const struct toa_config *cfg = bpf_map_lookup_elem(&toa_config, &zero);
 	if (!cfg)
-		return;
+		return 0;
 	if (!trusted_addr(key->lb_addr, cfg)) {
 		count(CNT_UDP_UNTRUSTED);
-		return;
+		return 0;
 	}
 	struct udp_rkey rk = {};
 	client_key(&rk, c, key->local_port);
@@ -499,6 +502,7 @@ static __always_inline void record_udp(const struct udp_key *key, const struct u
 	bpf_map_update_elem(&toa_udp_flows, key, &value, BPF_ANY);
 	bpf_map_update_elem(&toa_udp_replies, &rk, &lb, BPF_ANY);
 	count(CNT_UDP_FOUND);
+	return 1;
 }
 
 /* Removes the opp header (len bytes) after the fixed IP header and makes
@@ -638,12 +642,17 @@ int toa_udp_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	struct uoa_client c;
 	find_uoa_option(opts, len, &c);
-	__u8 ports[4];
-	if (bpf_skb_load_bytes(skb, at.l4, ports, sizeof(ports)) < 0)
+	__u8 udp[6]; /* ports and length */
+	if (bpf_skb_load_bytes(skb, at.l4, udp, sizeof(udp)) < 0)
 		return TC_ACT_OK;
-	__builtin_memcpy(&key.lb_port, ports, 2);
-	__builtin_memcpy(&key.local_port, ports + 2, 2);
-	record_udp(&key, &c);
+	__builtin_memcpy(&key.lb_port, udp, 2);
+	__builtin_memcpy(&key.local_port, udp + 2, 2);
+	if (record_udp(&key, &c) && udp[4] == 0 && udp[5] == 8) {
+		/* An empty datagram sent only to carry the UOA (an LB's answer to a
+		 * datagram with no room for it): recorded; the application never sees it. */
+		count(CNT_UDP_CARRIER);
+		return TC_ACT_SHOT;
+	}
 	if (at.opp)
 		strip_opp(skb, at.opp, v4, ip);
 	return TC_ACT_OK;

@@ -182,6 +182,9 @@ pub struct Counters {
     pub udp_received: u64,
     /// Datagrams (or connects) to a client sent to its load balancer.
     pub udp_sent: u64,
+    /// Empty datagrams that only carried a trusted UOA (sent by an LB ahead
+    /// of a datagram with no room for it), dropped after recording.
+    pub udp_carriers: u64,
 }
 
 /// One of the helper's counters: its name in `status`, its Prometheus
@@ -199,7 +202,7 @@ pub struct CounterDef {
 
 impl Counters {
     /// Every counter, in the order `status` prints them.
-    pub const TABLE: [CounterDef; 11] = [
+    pub const TABLE: [CounterDef; 12] = [
         CounterDef {
             name: "found",
             metric: "toa_shim_ebpf_found_total",
@@ -266,6 +269,12 @@ impl Counters {
             help: "Datagrams or connects to a client sent to its load balancer.",
             get: |c| c.udp_sent,
         },
+        CounterDef {
+            name: "udp_carriers",
+            metric: "toa_shim_ebpf_udp_carriers_total",
+            help: "Empty datagrams that only carried a trusted UOA, dropped after recording.",
+            get: |c| c.udp_carriers,
+        },
     ];
 
     /// The counters from the map's slots, in the C program's order (`CNT_*`).
@@ -282,6 +291,7 @@ impl Counters {
             udp_stripped: get(8),
             udp_received: get(9),
             udp_sent: get(10),
+            udp_carriers: get(11),
         }
     }
 }
@@ -801,7 +811,7 @@ mod tests {
         assert!(shown.contains("\nudp: interfaces b0, flows 7 of 65536\n"), "{shown}");
         assert!(
             shown.ends_with(
-                "counters: found=1 untrusted=2 malformed=3 v6_on_v4=4 rewritten=5 udp_found=6 udp_untrusted=7 udp_malformed=8 udp_stripped=9 udp_received=10 udp_sent=11"
+                "counters: found=1 untrusted=2 malformed=3 v6_on_v4=4 rewritten=5 udp_found=6 udp_untrusted=7 udp_malformed=8 udp_stripped=9 udp_received=10 udp_sent=11 udp_carriers=12"
             ),
             "{shown}"
         );

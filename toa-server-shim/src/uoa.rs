@@ -66,6 +66,9 @@ pub struct UoaStats {
     pub untrusted: u64,
     /// Option areas that did not parse (the source is used).
     pub malformed: u64,
+    /// Empty datagrams that only carried a trusted UOA (an LB sends one
+    /// ahead of a datagram with no room for it): recorded, not returned.
+    pub carriers: u64,
 }
 
 #[derive(Debug, Default)]
@@ -75,6 +78,7 @@ struct Counters {
     remembered: AtomicU64,
     untrusted: AtomicU64,
     malformed: AtomicU64,
+    carriers: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -96,6 +100,21 @@ struct Resolver {
 impl Resolver {
     fn new(policy: TrustPolicy) -> Self {
         Resolver { policy, flows: Mutex::default(), counters: Counters::default() }
+    }
+
+    /// Who sent a datagram of `len` bytes from `lb` whose IPv4 options were
+    /// `opts`; `None` for an empty carrier of a trusted UOA (recorded, and
+    /// not for the application).
+    fn datagram(&self, len: usize, lb: SocketAddr, opts: &[u8]) -> Option<UdpPeer> {
+        let peer = self.peer(lb, opts);
+        if len == 0
+            && peer.source == Source::Uoa
+            && matches!(toa_core::uoa::find_uoa_in_options(opts), Ok(Some(_)))
+        {
+            bump(&self.counters.carriers);
+            return None;
+        }
+        Some(peer)
     }
 
     /// Who sent a datagram from `lb` whose IPv4 options were `opts`.
@@ -153,6 +172,7 @@ impl Resolver {
             remembered: get(&c.remembered),
             untrusted: get(&c.untrusted),
             malformed: get(&c.malformed),
+            carriers: get(&c.carriers),
         }
     }
 }
@@ -178,10 +198,15 @@ impl UoaSocket {
         Ok(UoaSocket { inner: socket, resolver: Resolver::new(policy) })
     }
 
-    /// Receives a datagram and tells who sent it.
+    /// Receives a datagram and tells who sent it. Empty datagrams that only
+    /// carried a trusted UOA are recorded and skipped.
     pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, UdpPeer)> {
-        let (n, lb, opts, opts_len) = sys::udp::recv_with_opts(self.inner.as_fd(), buf)?;
-        Ok((n, self.resolver.peer(lb, &opts[..opts_len])))
+        loop {
+            let (n, lb, opts, opts_len) = sys::udp::recv_with_opts(self.inner.as_fd(), buf)?;
+            if let Some(peer) = self.resolver.datagram(n, lb, &opts[..opts_len]) {
+                return Ok((n, peer));
+            }
+        }
     }
 
     /// Sends `buf` to `to`: when `to` is a client a UOA named, to the load
@@ -229,13 +254,18 @@ impl TokioUoaSocket {
         Ok(TokioUoaSocket { inner: socket, resolver: Resolver::new(policy) })
     }
 
-    /// Receives a datagram and tells who sent it.
+    /// Receives a datagram and tells who sent it (empty carriers skipped, as
+    /// [`UoaSocket::recv_from`]).
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, UdpPeer)> {
-        let (n, lb, opts, opts_len) = self
-            .inner
-            .async_io(tokio::io::Interest::READABLE, || sys::udp::recv_with_opts(self.inner.as_fd(), buf))
-            .await?;
-        Ok((n, self.resolver.peer(lb, &opts[..opts_len])))
+        loop {
+            let (n, lb, opts, opts_len) = self
+                .inner
+                .async_io(tokio::io::Interest::READABLE, || sys::udp::recv_with_opts(self.inner.as_fd(), buf))
+                .await?;
+            if let Some(peer) = self.resolver.datagram(n, lb, &opts[..opts_len]) {
+                return Ok((n, peer));
+            }
+        }
     }
 
     /// Sends `buf` to `to`, through the load balancer that speaks for it.

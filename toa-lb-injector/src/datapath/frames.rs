@@ -191,6 +191,12 @@ pub(crate) fn handle_frame(
                 Some(mac) => {
                     buf[0..6].copy_from_slice(&mac);
                     buf[6..12].copy_from_slice(&link.ports[out].mac);
+                    // A UOA carrier first, in a frame of its own with the same link header.
+                    if let Some(carrier) = engine.take_carrier() {
+                        let mut frame = buf[..14].to_vec();
+                        frame.extend_from_slice(&carrier);
+                        tx.transmit(out, &frame);
+                    }
                     tx.transmit(out, &buf[..14 + ip_len]);
                 }
                 // Unknown next hop: ask, and let TCP retransmit.

@@ -74,8 +74,11 @@ counters! {
         stripped => "toa_lb_toa_stripped_total", "TOA options removed from what clients sent.";
         /// UOAs written into client datagrams.
         uoa_injected => "toa_lb_uoa_injected_total", "UOAs written into client datagrams.";
-        /// Datagrams that should have carried a UOA but would have exceeded the MTU.
-        uoa_no_room => "toa_lb_uoa_no_room_total", "Datagrams with no room under the MTU for the UOA.";
+        /// Datagrams that should have carried a UOA but had no room for it
+        /// (the MTU, or full IPv4 options): a carrier went ahead of each.
+        uoa_no_room => "toa_lb_uoa_no_room_total", "Datagrams with no room for the UOA (a carrier went ahead).";
+        /// Empty datagrams sent only to carry a UOA, ahead of a datagram without room.
+        uoa_carriers => "toa_lb_uoa_carriers_total", "Empty datagrams sent only to carry a UOA.";
         /// UOAs removed from what clients sent.
         uoa_stripped => "toa_lb_uoa_stripped_total", "UOAs removed from what clients sent.";
         /// SYN-ACKs whose MSS was lowered.
@@ -142,27 +145,28 @@ mod tests {
             stripped: 6,
             uoa_injected: 7,
             uoa_no_room: 8,
-            uoa_stripped: 9,
-            mss_clamped: 10,
-            options_malformed: 11,
-            to_backend: 12,
-            to_client: 13,
-            bytes_to_backend: 14,
-            bytes_to_client: 15,
-            health_changes: 16,
-            dropped_malformed: 17,
-            dropped_no_flow: 18,
-            dropped_table_full: 19,
-            dropped_no_snat: 20,
-            dropped_no_backend: 21,
+            uoa_carriers: 9,
+            uoa_stripped: 10,
+            mss_clamped: 11,
+            options_malformed: 12,
+            to_backend: 13,
+            to_client: 14,
+            bytes_to_backend: 15,
+            bytes_to_client: 16,
+            health_changes: 17,
+            dropped_malformed: 18,
+            dropped_no_flow: 19,
+            dropped_table_full: 20,
+            dropped_no_snat: 21,
+            dropped_no_backend: 22,
         };
         let values: Vec<u64> = Counters::TABLE.iter().map(|d| (d.get)(&c)).collect();
-        assert_eq!(values, (1..=21).collect::<Vec<u64>>());
+        assert_eq!(values, (1..=22).collect::<Vec<u64>>());
         let names: Vec<&str> = Counters::TABLE.iter().map(|d| d.name).collect();
         assert!(names.contains(&"mss_clamped") && names.contains(&"health_changes"));
         let mut sum = c;
         sum += &c;
         assert_eq!((Counters::TABLE[17].get)(&sum), 36);
-        assert_eq!(Counters::TABLE[18].reason, Some("table_full"));
+        assert_eq!(Counters::TABLE[19].reason, Some("table_full"));
     }
 }

@@ -100,6 +100,9 @@ pub struct Engine {
     /// Per (listener, backend) traffic; flows point into it.
     backend_stats: Vec<(ListenerKey, SocketAddr, BackendCounters)>,
     backend_index: HashMap<(ListenerKey, SocketAddr), usize>,
+    /// The UOA carrier to send ahead of the datagram the last
+    /// [`Engine::handle_packet`] returned (see [`Engine::take_carrier`]).
+    carrier: Option<Vec<u8>>,
 }
 
 /// The TOA kinds written: the vendors' defaults.
@@ -127,6 +130,7 @@ impl Engine {
             unparsed: 0,
             backend_stats: Vec::new(),
             backend_index: HashMap::new(),
+            carrier: None,
         })
     }
 
@@ -250,10 +254,22 @@ impl Engine {
         expired.len()
     }
 
+    /// The UOA carrier that goes to the backend just before the datagram the
+    /// last [`Engine::handle_packet`] returned (`Verdict::ToBackend`), when
+    /// that datagram had no room for its flow's UOA: an empty datagram of the
+    /// flow that carries it (an IP packet, as [`toa_core::uoa::uoa_carrier`]
+    /// writes it). Send it first, so that the backend learns the client
+    /// before the data; `None` otherwise.
+    pub fn take_carrier(&mut self) -> Option<Vec<u8>> {
+        self.carrier.take()
+    }
+
     /// Handles one IP packet in `buf[..len]` (the buffer needs 40 spare bytes
     /// for a TOA) at time `now` (any monotonic clock, as a duration since its
-    /// start), rewriting it in place.
+    /// start), rewriting it in place. Then ask [`Engine::take_carrier`] for a
+    /// UOA carrier to send ahead of it.
     pub fn handle_packet(&mut self, now: Duration, buf: &mut [u8], len: usize) -> Verdict {
+        self.carrier = None;
         let packet = &buf[..len.min(buf.len())];
         let segment = match TcpPacket::new_checked(packet) {
             Ok(packet) => Segment {
@@ -373,9 +389,19 @@ impl Engine {
                     flow.uoa_left -= 1;
                     self.counters[listener].uoa_injected += 1;
                 }
-                // Past the MTU, or no room among the IPv4 options: this one goes
-                // without; the next datagram tries again.
-                Err(_) => self.counters[listener].uoa_no_room += 1,
+                // Past the MTU, or no room among the IPv4 options: an empty
+                // datagram of the flow carries the UOA ahead of this one (DPVS's way).
+                Err(_) => {
+                    let counters = &mut self.counters[listener];
+                    counters.uoa_no_room += 1;
+                    let mut carrier = vec![0u8; 128];
+                    if let Ok(n) = toa_core::uoa::uoa_carrier(&buf[..len], client, format, &mut carrier) {
+                        carrier.truncate(n);
+                        self.carrier = Some(carrier);
+                        flow.uoa_left -= 1;
+                        counters.uoa_carriers += 1;
+                    }
+                }
             }
         }
         self.count_to_backend(listener, stats, len);

@@ -117,15 +117,24 @@ fn uoa_config() -> String {
 /// `vip` from one socket of the client namespace; returns the socket's
 /// address and how many replies came back byte for byte.
 fn exchange(case: &Case, vip: &str, count: usize, max: usize) -> (SocketAddr, usize) {
+    let sizes: Vec<usize> = (0..count).map(|i| 1 + i * (max - 1) / (count - 1).max(1)).collect();
+    let (client, good, empty) = exchange_sizes(case, vip, &sizes);
+    assert_eq!(empty, 0, "an empty datagram came back");
+    (client, good)
+}
+
+/// Sends datagrams of these sizes to `vip` from one socket of the client
+/// namespace; returns the socket's address, how many replies came back byte
+/// for byte, and how many empty ones came.
+fn exchange_sizes(case: &Case, vip: &str, sizes: &[usize]) -> (SocketAddr, usize, usize) {
     run_in(&case.bed.ns("client"), || {
         let any = if vip.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" };
         let socket = UdpSocket::bind(any).unwrap();
         socket.connect(vip).unwrap();
         socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut buf = vec![0u8; 65536];
-        let mut good = 0;
-        for i in 0..count {
-            let len = 1 + i * (max - 1) / (count - 1).max(1);
+        let (mut good, mut empty) = (0, 0);
+        for (i, &len) in sizes.iter().enumerate() {
             let sent: Vec<u8> = (0..len).map(|k| (k * 7 + i) as u8).collect();
             socket.send(&sent).unwrap();
             // A reply of an earlier datagram that came late is skipped.
@@ -135,12 +144,13 @@ fn exchange(case: &Case, vip: &str, count: usize, max: usize) -> (SocketAddr, us
                         good += 1;
                         break;
                     }
+                    Ok(0) => empty += 1,
                     Ok(_) => continue,
                     Err(_) => break,
                 }
             }
         }
-        (socket.local_addr().unwrap(), good)
+        (socket.local_addr().unwrap(), good, empty)
     })
 }
 
@@ -226,6 +236,22 @@ fn unmodified_udp_servers_see_uoa_clients() {
             server.lines()
         );
     }
+    // Full-sized datagrams have no room for the UOA: the LB sends an empty
+    // carrier ahead of each of a flow's first 3; the helper records and drops
+    // it (the server never sees an empty datagram), and names the client.
+    let carriers = counter("udp_carriers");
+    for (vip, server, max, mapped) in [
+        ("203.0.113.10:61", &dual, mtu - 28, true),
+        ("203.0.113.10:62", &v4, mtu - 28, false),
+        ("[2001:db8:c::10]:61", &dual, mtu - 48, false),
+    ] {
+        let (client, good, empty) = exchange_sizes(&case, vip, &[max; 5]);
+        assert_eq!((good, empty), (5, 0), "{vip}: full-sized datagrams echoed, no empty one");
+        let shown = format!("peer {}{} {}", if mapped { "::ffff:" } else { "" }, client.ip(), client.port());
+        assert!(server.printed(&shown), "{vip}: recvfrom saw {:?}, not {client}", server.lines());
+    }
+    assert_eq!(counter("udp_carriers"), carriers + 9, "3 carriers per flow, dropped");
+
     let (client, good) = exchange(&case, "203.0.113.10:63", 100, mtu - 28);
     assert_eq!(good, 100, "socat, connected to the client (so to the LB), echoes");
     assert!(socat.printed(&format!("{client}")), "socat's recvfrom saw: {:?}", socat.lines());
