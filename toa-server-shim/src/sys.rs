@@ -151,6 +151,38 @@ pub(crate) mod bpf {
         Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
     }
 
+    /// The value of `key` in the hash map `map` (None: no value, or any
+    /// error). `V` must be the map's value size: the kernel writes that many
+    /// bytes (the helper's UDP maps: 20-byte keys and values).
+    pub(crate) fn lookup_bytes<const K: usize, const V: usize>(
+        map: std::os::fd::BorrowedFd<'_>,
+        key: &[u8; K],
+    ) -> Option<[u8; V]> {
+        use std::os::fd::AsRawFd;
+        let mut value = [0u8; V];
+        let attr = MapElem {
+            map_fd: map.as_raw_fd() as u32,
+            pad: 0,
+            key: key.as_ptr() as u64,
+            value: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a live, fully initialised prefix of `union bpf_attr`
+        // for this command, its exact size is passed; `key` points to K live
+        // bytes and `value` to V writable ones, the sizes of the map's key
+        // and value (the caller's contract, checked against the C structs in
+        // the tests); the kernel reads and writes exactly those.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_ELEM,
+                &attr as *const MapElem,
+                size_of::<MapElem>() as libc::c_uint,
+            )
+        };
+        (rc == 0).then_some(value)
+    }
+
     /// The socket storage's value for socket `sock` (None: no value, or any error).
     pub(crate) fn lookup_peer(map: std::os::fd::BorrowedFd<'_>, sock: libc::c_int) -> Option<Peer> {
         use std::os::fd::AsRawFd;

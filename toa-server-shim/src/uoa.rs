@@ -1,10 +1,16 @@
 //! `UoaSocket`: a UDP socket whose `recv_from` names the client a UOA load
 //! balancer (DPVS, `toa-lb` with `obtain_client_ip = "uoa"`) wrote into the
 //! first datagrams of a flow, and whose `send_to(client)` goes back to that
-//! load balancer, so replies still pass through it. Without the kernel
-//! helper it reads the `ipo` format (an IPv4 option, through `IP_RECVOPTS`):
-//! an IPv4 socket, any kernel, no privilege. The `opp` format never reaches a
-//! socket without the helper (the IP stack drops protocol 248).
+//! load balancer, so replies still pass through it.
+//!
+//! - Without the kernel helper it reads the `ipo` format (an IPv4 option,
+//!   through `IP_RECVOPTS`): an IPv4 socket, any kernel, no privilege. The
+//!   `opp` format never reaches a socket without the helper (the IP stack
+//!   drops protocol 248).
+//! - With the helper attached with UDP (`toa-shim ebpf attach`, when the
+//!   socket is made), both formats, IPv4 and IPv6: the socket reads the
+//!   helper's flow map (root, or read access to the pins). In the helper's
+//!   cgroup the kernel already shows the client; the map then names the LB.
 //!
 //! Only datagrams from trusted load balancers are believed. A flow's later
 //! datagrams carry no UOA: the socket remembers which LB address and port
@@ -69,6 +75,8 @@ pub struct UoaStats {
     /// Empty datagrams that only carried a trusted UOA (an LB sends one
     /// ahead of a datagram with no room for it): recorded, not returned.
     pub carriers: u64,
+    /// Datagrams named by the kernel helper's flow map.
+    pub helper: u64,
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +87,7 @@ struct Counters {
     untrusted: AtomicU64,
     malformed: AtomicU64,
     carriers: AtomicU64,
+    helper: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -89,23 +98,57 @@ struct Flows {
     by_client: HashMap<SocketAddr, SocketAddr>,
 }
 
-/// What the std and tokio sockets share: the trust policy, the flows, the counters.
+/// What the std and tokio sockets share: the trust policy, the flows, the
+/// counters, and the helper's maps when it is attached.
 #[derive(Debug)]
 struct Resolver {
     policy: TrustPolicy,
     flows: Mutex<Flows>,
     counters: Counters,
+    helper: Option<crate::helper::UdpFlows>,
+    local: SocketAddr,
 }
 
 impl Resolver {
-    fn new(policy: TrustPolicy) -> Self {
-        Resolver { policy, flows: Mutex::default(), counters: Counters::default() }
+    fn new(policy: TrustPolicy, local: SocketAddr) -> Self {
+        let helper = crate::helper::UdpFlows::open();
+        Resolver { policy, flows: Mutex::default(), counters: Counters::default(), helper, local }
+    }
+
+    /// What the helper's map says of a datagram from `source`: in its cgroup
+    /// the source is the client already (the map names its LB), outside it
+    /// the source is the LB (the map names the client, remembered here for
+    /// `send_to`).
+    fn from_helper(&self, source: SocketAddr) -> Option<UdpPeer> {
+        let helper = self.helper.as_ref()?;
+        let (port, v6) = (self.local.port(), self.local.is_ipv6());
+        let (peer, outside) = match helper.lb(source, port, v6) {
+            Some(lb) => (UdpPeer { client: source, lb, source: Source::Uoa }, false),
+            None => {
+                (UdpPeer { client: helper.client(source, port, v6)?, lb: source, source: Source::Uoa }, true)
+            }
+        };
+        // The helper trusts its own list; this socket's policy has the last word.
+        if !self.policy.trusts(peer.lb.ip()) {
+            bump(&self.counters.untrusted);
+            return None;
+        }
+        if outside {
+            let mut flows = self.flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            remember(&mut flows, peer.lb, peer.client, Instant::now());
+        }
+        bump(&self.counters.received);
+        bump(&self.counters.helper);
+        Some(peer)
     }
 
     /// Who sent a datagram of `len` bytes from `lb` whose IPv4 options were
     /// `opts`; `None` for an empty carrier of a trusted UOA (recorded, and
     /// not for the application).
     fn datagram(&self, len: usize, lb: SocketAddr, opts: &[u8]) -> Option<UdpPeer> {
+        if let Some(peer) = self.from_helper(lb) {
+            return Some(peer);
+        }
         let peer = self.peer(lb, opts);
         if len == 0
             && peer.source == Source::Uoa
@@ -137,13 +180,7 @@ impl Resolver {
             }
             Some(client) => {
                 bump(&self.counters.uoa);
-                if flows.by_lb.len() >= MAX_FLOWS && !flows.by_lb.contains_key(&lb) {
-                    expire(&mut flows, now);
-                }
-                if flows.by_lb.len() < MAX_FLOWS || flows.by_lb.contains_key(&lb) {
-                    flows.by_lb.insert(lb, (client, now));
-                    flows.by_client.insert(client, lb);
-                }
+                remember(&mut flows, lb, client, now);
                 UdpPeer { client, lb, source: Source::Uoa }
             }
             None => match flows.by_lb.get_mut(&lb) {
@@ -173,6 +210,7 @@ impl Resolver {
             untrusted: get(&c.untrusted),
             malformed: get(&c.malformed),
             carriers: get(&c.carriers),
+            helper: get(&c.helper),
         }
     }
 }
@@ -192,10 +230,11 @@ impl UoaSocket {
 
     /// Wraps a bound UDP socket.
     pub fn from_std(socket: UdpSocket, policy: TrustPolicy) -> io::Result<Self> {
-        if socket.local_addr()?.is_ipv4() {
+        let local = socket.local_addr()?;
+        if local.is_ipv4() {
             sys::udp::set_recv_opts(socket.as_fd())?;
         }
-        Ok(UoaSocket { inner: socket, resolver: Resolver::new(policy) })
+        Ok(UoaSocket { inner: socket, resolver: Resolver::new(policy, local) })
     }
 
     /// Receives a datagram and tells who sent it. Empty datagrams that only
@@ -248,10 +287,11 @@ impl TokioUoaSocket {
 
     /// Wraps a bound tokio UDP socket.
     pub fn from_tokio(socket: tokio::net::UdpSocket, policy: TrustPolicy) -> io::Result<Self> {
-        if socket.local_addr()?.is_ipv4() {
+        let local = socket.local_addr()?;
+        if local.is_ipv4() {
             sys::udp::set_recv_opts(socket.as_fd())?;
         }
-        Ok(TokioUoaSocket { inner: socket, resolver: Resolver::new(policy) })
+        Ok(TokioUoaSocket { inner: socket, resolver: Resolver::new(policy, local) })
     }
 
     /// Receives a datagram and tells who sent it (empty carriers skipped, as
@@ -286,6 +326,17 @@ impl TokioUoaSocket {
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Remembers that `lb` speaks for `client` (within [`MAX_FLOWS`]).
+fn remember(flows: &mut Flows, lb: SocketAddr, client: SocketAddr, now: Instant) {
+    if flows.by_lb.len() >= MAX_FLOWS && !flows.by_lb.contains_key(&lb) {
+        expire(flows, now);
+    }
+    if flows.by_lb.len() < MAX_FLOWS || flows.by_lb.contains_key(&lb) {
+        flows.by_lb.insert(lb, (client, now));
+        flows.by_client.insert(client, lb);
+    }
 }
 
 /// Forgets flows idle for longer than [`FLOW_TTL`].

@@ -105,6 +105,8 @@ fn uoa_config() -> String {
         ("[2001:db8:c::10]:61", "opp", "[2001:db8:64::2:1]:5361"),
         ("203.0.113.10:63", "opp", "100.125.2.1:5363"),
         ("203.0.113.10:64", "opp", "100.125.2.1:5364"),
+        ("203.0.113.10:65", "opp", "100.125.2.1:5365"),
+        ("[2001:db8:c::10]:65", "opp", "[2001:db8:64::2:1]:5365"),
     ] {
         text.push_str(&format!(
             "\n[[listener]]\nvip = \"{vip}\"\nprotocol = \"udp\"\nobtain_client_ip = \"uoa\"\nuoa_format = \"{format}\"\n\n[[listener.backend]]\naddress = \"{backend}\"\n"
@@ -262,6 +264,50 @@ fn unmodified_udp_servers_see_uoa_clients() {
     assert!(counter("udp_stripped") >= 3 * 4, "opp headers removed");
     assert!(counter("udp_received") >= 3000 && counter("udp_sent") >= 3000);
 
+    // A Rust UoaSocket outside the cgroup reads the helper's map: opp (which
+    // never reaches a socket on its own) over IPv4 and IPv6, and its replies
+    // to the client go to the LB.
+    let lbs = ["100.125.0.0/16", "2001:db8:64::/64"].iter().map(|s| s.parse().unwrap()).collect();
+    let socket =
+        run_in(&ns, || toa_server_shim::uoa::UoaSocket::bind("[::]:5365", TrustPolicy::new(lbs).unwrap()))
+            .unwrap();
+    let uoa_server = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        for _ in 0..8 {
+            let (_, peer) = socket.recv_from(&mut buf).unwrap();
+            let reply = format!("{} {} {}", peer.client, peer.lb.ip(), peer.source);
+            socket.send_to(reply.as_bytes(), peer.client).unwrap();
+        }
+        socket.stats()
+    });
+    for vip in ["203.0.113.10:65", "[2001:db8:c::10]:65"] {
+        let (client, replies) = run_in(&case.bed.ns("client"), || {
+            let socket = UdpSocket::bind(if vip.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
+            socket.connect(vip).unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 128];
+            let replies: Vec<String> = (0..4)
+                .map(|_| {
+                    socket.send(b"who").unwrap();
+                    let n = socket.recv(&mut buf).expect("a reply through the LB");
+                    String::from_utf8_lossy(&buf[..n]).into_owned()
+                })
+                .collect();
+            (socket.local_addr().unwrap(), replies)
+        });
+        // As the dual-stack socket shows it: an IPv4 client as ::ffff:a.b.c.d.
+        let client = match client {
+            SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+            v6 => v6,
+        };
+        let lb = if vip.starts_with('[') { "2001:db8:64::1:1" } else { "::ffff:100.125.1." };
+        for reply in &replies {
+            assert!(reply.starts_with(&format!("{client} {lb}")) && reply.ends_with(" uoa"), "{reply}");
+        }
+    }
+    let stats = uoa_server.join().unwrap();
+    assert_eq!((stats.received, stats.helper), (8, 8), "{stats:?}");
+
     // A forged UOA from a source outside the trust list (the LB's own
     // 100.125.0.1, not its SNAT pool) is ignored and counted.
     let untrusted = counter("udp_untrusted");
@@ -338,5 +384,8 @@ fn udp_flow_flood_stays_bounded() {
     let udp = ebpf::status().expect("status").udp.expect("udp attached");
     assert!(udp.flows <= udp.max_flows && udp.max_flows >= 1024, "{udp:?}");
     assert!(udp.flows >= 512, "the map filled up to near its bound: {udp:?}");
-    assert!(counter("udp_found") >= 5000, "every new flow recorded");
+    // UDP: a few of the flood's datagrams may be lost on the way (the LB's
+    // ring, socket buffers); nearly all flows were recorded.
+    let found = counter("udp_found");
+    assert!(found >= 4500, "{found} of 5000 new flows recorded");
 }
