@@ -119,7 +119,7 @@ impl Resolver {
     /// the source is the client already (the map names its LB), outside it
     /// the source is the LB (the map names the client, remembered here for
     /// `send_to`).
-    fn from_helper(&self, source: SocketAddr) -> Option<UdpPeer> {
+    fn helper_peer(&self, source: SocketAddr) -> Option<UdpPeer> {
         let helper = self.helper.as_ref()?;
         let (port, v6) = (self.local.port(), self.local.is_ipv6());
         let (peer, outside) = match helper.lb(source, port, v6) {
@@ -146,7 +146,7 @@ impl Resolver {
     /// `opts`; `None` for an empty carrier of a trusted UOA (recorded, and
     /// not for the application).
     fn datagram(&self, len: usize, lb: SocketAddr, opts: &[u8]) -> Option<UdpPeer> {
-        if let Some(peer) = self.from_helper(lb) {
+        if let Some(peer) = self.helper_peer(lb) {
             return Some(peer);
         }
         let peer = self.peer(lb, opts);
