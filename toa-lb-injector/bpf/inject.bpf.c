@@ -34,6 +34,8 @@
  * toa_lb_egress sees the backend's SYN-ACK on its way back to the client:
  * it lowers the MSS by the option's size and notes the backend's ISN, and
  * the backend's first data ends data placement.
+ * UDP listeners in UOA mode: see "UDP listeners in UOA mode" below
+ * (toa_lb_backend_egress, on the interface that faces the backends).
  *
  * Built by scripts/build-bpf.sh (clang -target bpf); the object is committed.
  * The layouts below are mirrored in src/datapath/kernel/injector.rs: change
@@ -55,11 +57,17 @@
 #define MODE_OFF 0
 #define MODE_TOA 1
 #define MODE_TRANSPARENT 2
+#define MODE_UOA 3 /* UDP: listener.kind4 is the format (UOA_*), listener.placement the datagrams */
+
+/* flow.kind of a UOA flow */
+#define UOA_OPP 0
+#define UOA_IPO 1
 
 /* listener.placement, flow.placement */
 #define PLACE_SYN 1
 #define PLACE_ACK 2
 #define PLACE_DATA 4
+#define PLACE_UOA 8 /* a UDP flow in UOA mode: flow.kind the format, flow.len the datagrams left */
 
 /* Counters per listener slot (toa_lb_counters index: slot * NR_COUNTERS + counter). */
 #define CNT_INJECTED 0    /* TOA options written */
@@ -68,7 +76,10 @@
 #define CNT_MALFORMED 3   /* client segments whose options overran the header */
 #define CNT_MSS_CLAMPED 4 /* SYN-ACKs whose MSS was lowered */
 #define CNT_TABLE_FULL 5  /* new flows dropped: max_flows reached */
-#define NR_COUNTERS 8
+#define CNT_UOA_INJECTED 6 /* UOAs written into datagrams */
+#define CNT_UOA_NO_ROOM 7  /* datagrams that should have carried one and had no room */
+#define CNT_UOA_STRIPPED 8 /* UOAs clients sent, removed */
+#define NR_COUNTERS 10
 #define MAX_LISTENERS 1024
 
 /* config.flags */
@@ -416,8 +427,8 @@ static __always_inline void flow_key_of(struct flow_key *key, const struct pkt *
 	key->proto = p->proto;
 }
 
-/* The slot of a flow: a hash of its key's ten words. */
-static __always_inline struct flow_slot *flow_slot(const struct flow_key *key, const struct config *cfg)
+/* The index of a flow's slot: a hash of its key's ten words. */
+static __always_inline __u32 flow_index(const struct flow_key *key, const struct config *cfg)
 {
 	const __u32 *w = (const __u32 *)key;
 	__u32 h = 0x9e3779b9;
@@ -427,7 +438,13 @@ static __always_inline struct flow_slot *flow_slot(const struct flow_key *key, c
 		h *= 0x85ebca6b;
 		h ^= h >> 15;
 	}
-	__u32 index = h & cfg->flow_mask;
+	return h & cfg->flow_mask;
+}
+
+/* The slot of a flow. */
+static __always_inline struct flow_slot *flow_slot(const struct flow_key *key, const struct config *cfg)
+{
+	__u32 index = flow_index(key, cfg);
 	return bpf_map_lookup_elem(&toa_lb_flows, &index);
 }
 
@@ -705,6 +722,212 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 	return TC_ACT_OK;
 }
 
+/* ---- UDP listeners in UOA mode ----------------------------------------
+ *
+ * Ingress (before netfilter) strips a UOA a client wrote (its IPv4 options
+ * go, or its opp header), and marks the first `datagrams` datagrams of each
+ * flow for a UOA: UOA_MARK | the flow's slot in toa_lb_flows. The UOA itself
+ * is written at egress of the backend-facing interface, after the kernel's
+ * NAT: an opp header (protocol 248) would not match the flow's conntrack
+ * entry before it. The mark does not leave the host (veth and the stack
+ * scrub it between namespaces; egress clears it).
+ */
+
+/* The flow slot index in the mark: toa_lb_flows has at most 2^22 slots. */
+#define UOA_MARK 0x40000000
+#define UOA_INDEX_MASK 0x003fffff
+
+#ifndef AF_INET
+#define AF_INET 2
+#define AF_INET6 10
+#endif
+#include "../../toa-server-shim/bpf/find_uoa.h"
+
+/* Whether the IPv4 options (ihl > 5) of the packet at l3 hold a UOA
+ * (malformed ones count as one: they go too). */
+static __always_inline int client_ipo(struct __sk_buff *skb, __u32 l3, __u32 optlen)
+{
+	__u8 opts[64] = {};
+	if (optlen < 1 || optlen > 40 || bpf_skb_load_bytes(skb, l3 + 20, opts, SIZE64(optlen)) < 0)
+		return 0;
+	struct uoa_client c;
+	find_uoa_option(opts, optlen, &c);
+	return c.result != 0;
+}
+
+/* Recomputes the IPv4 header checksum of the header (hlen bytes) at l3. */
+static __always_inline void ipv4_checksum(struct __sk_buff *skb, __u32 l3, __u32 hlen)
+{
+	__u8 hdr[60] = {};
+	__u16 zero = 0;
+	if (hlen < 20 || hlen > 60 || bpf_skb_store_bytes(skb, l3 + 10, &zero, 2, 0) < 0)
+		return;
+	if (bpf_skb_load_bytes(skb, l3, hdr, SIZE64(hlen)) < 0)
+		return;
+	__u64 sum = 0;
+#pragma unroll
+	for (int i = 0; i < 60; i += 2)
+		if (i < (int)hlen)
+			sum += *(const __u16 *)&hdr[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	__u16 csum = ~sum & 0xffff;
+	bpf_skb_store_bytes(skb, l3 + 10, &csum, 2, 0);
+}
+
+/* Removes `len` bytes after the fixed IP header at l3 (a client's IPv4
+ * options, or its opp header) and sets the IPv4 header length, protocol and
+ * total length, or the IPv6 next header and payload length, to a plain UDP
+ * packet's. The UDP checksum covers none of it. */
+static __always_inline int remove_after_ip(struct __sk_buff *skb, __u32 l3, int v4, __u32 len)
+{
+	if (len < 1 || len > OPP_MAX_LEN || bpf_skb_adjust_room(skb, -(__s32)len, BPF_ADJ_ROOM_NET, 0) < 0)
+		return -1;
+	__u8 udp = IPPROTO_UDP;
+	if (v4) {
+		__u8 vihl = 0x45;
+		__u16 tot;
+		if (bpf_skb_load_bytes(skb, l3 + 2, &tot, 2) < 0)
+			return -1;
+		tot = bpf_htons(bpf_ntohs(tot) - len);
+		bpf_skb_store_bytes(skb, l3, &vihl, 1, 0);
+		bpf_skb_store_bytes(skb, l3 + 2, &tot, 2, 0);
+		bpf_skb_store_bytes(skb, l3 + 9, &udp, 1, 0);
+		ipv4_checksum(skb, l3, 20);
+	} else {
+		__u16 plen;
+		if (bpf_skb_load_bytes(skb, l3 + 4, &plen, 2) < 0)
+			return -1;
+		plen = bpf_htons(bpf_ntohs(plen) - len);
+		bpf_skb_store_bytes(skb, l3 + 4, &plen, 2, 0);
+		bpf_skb_store_bytes(skb, l3 + 6, &udp, 1, 0);
+	}
+	return 0;
+}
+
+/* A client's own opp datagram (IP protocol 248, which conntrack would not
+ * match with the flow) to a UDP listener: its header goes before anything
+ * else looks at it. Returns 1 when it was stripped. */
+static __always_inline int strip_client_opp(struct __sk_buff *skb)
+{
+	__u8 ip[40] = {};
+	int v4 = skb->protocol == bpf_htons(ETH_P_IP);
+	if (!v4 && skb->protocol != bpf_htons(ETH_P_IPV6))
+		return 0;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, ip, v4 ? 20 : 40) < 0)
+		return 0;
+	__u32 hlen = v4 ? 20 : 40;
+	if (v4 ? (ip[0] != 0x45 || ip[9] != IPPROTO_UOA_OPP || ((ip[6] & 0x3f) | ip[7]))
+	       : ((ip[0] >> 4) != 6 || ip[6] != IPPROTO_UOA_OPP))
+		return 0;
+	__u8 hdr[OPP_HEADER_LEN];
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + hlen, hdr, sizeof(hdr)) < 0)
+		return 0;
+	int len = opp_header_len(hdr);
+	__u16 ports[2];
+	if (len < 0 || bpf_skb_load_bytes(skb, ETH_HLEN + hlen + len, ports, sizeof(ports)) < 0)
+		return 0;
+	struct listener_key key = {.port = ports[1], .family = v4 ? 4 : 6, .proto = IPPROTO_UDP};
+	if (v4)
+		__builtin_memcpy(key.addr, ip + 16, 4);
+	else
+		__builtin_memcpy(key.addr, ip + 24, 16);
+	const struct listener *l = bpf_map_lookup_elem(&toa_lb_listeners, &key);
+	if (!l)
+		return 0;
+	__u32 slot = l->slot;
+	if (remove_after_ip(skb, ETH_HLEN, v4, len) < 0)
+		return 0;
+	count(slot, CNT_UOA_STRIPPED);
+	return 1;
+}
+
+/* Writes the UOA naming the flow at `index` into a datagram at egress, after
+ * NAT: an opp header (or, IPv4 with no options and format ipo, an IPv4
+ * option) right after the fixed IP header. bpf_skb_adjust_room makes the
+ * room there and leaves the UDP header where it was, so a CHECKSUM_PARTIAL
+ * skb's csum_start stays right; the UDP checksum covers none of it. */
+static __always_inline int uoa_egress(struct __sk_buff *skb, __u32 index)
+{
+	struct flow_slot *fs = bpf_map_lookup_elem(&toa_lb_flows, &index);
+	if (!fs || fs->key.proto != IPPROTO_UDP || !(fs->flow.placement & PLACE_UOA))
+		return TC_ACT_OK;
+	__u32 slot = fs->flow.slot;
+	struct pkt p;
+	if (parse(skb, &p) < 0 || p.proto != IPPROTO_UDP)
+		return TC_ACT_OK;
+	int client4 = fs->key.family == 4;
+	int opp = fs->flow.kind == UOA_OPP || p.family == 6;
+	__u32 hlen = p.l4 - p.l3;
+	__u32 option = client4 ? 8 : 20;
+	__u32 grow = opp ? OPP_HEADER_LEN + option : option;
+	__u32 mtu = 0;
+	if ((!opp && hlen != 20) || skb->gso_segs > 1 ||
+	    bpf_check_mtu(skb, 0, &mtu, (__s32)grow, 0) != BPF_MTU_CHK_RET_SUCCESS) {
+		count(slot, CNT_UOA_NO_ROOM);
+		return TC_ACT_OK;
+	}
+	/* Typed fields, not bytes at offsets: clang turns &buf[k] on an aligned
+	 * stack buffer into an OR on the pointer, which the verifier refuses.
+	 * An IPv4 client's address is 4 bytes followed by zeros in the key: the
+	 * option's length cuts it there. */
+	struct {
+		__u8 version; /* opp: the header, then the option */
+		__u8 protocol;
+		__u16 length;
+		__u8 code;
+		__u8 len;
+		__u16 port;
+		__u32 addr[4];
+	} uoa = {};
+	if (opp) {
+		uoa.version = (client4 ? 1 : 2) << 4;
+		uoa.protocol = IPPROTO_UDP;
+		uoa.length = bpf_htons(grow);
+		uoa.code = IPOPT_UOA;
+		uoa.len = option;
+		uoa.port = fs->key.cport;
+		uoa.addr[0] = fs->key.client[0];
+		uoa.addr[1] = fs->key.client[1];
+		uoa.addr[2] = fs->key.client[2];
+		uoa.addr[3] = fs->key.client[3];
+	} else {
+		/* ipo: the option alone, in the first 20 bytes */
+		uoa.version = IPOPT_UOA;
+		uoa.protocol = option;
+		uoa.length = fs->key.cport;
+		uoa.code = ((__u8 *)fs->key.client)[0];
+		uoa.len = ((__u8 *)fs->key.client)[1];
+		uoa.port = ((__u16 *)fs->key.client)[1];
+		uoa.addr[0] = fs->key.client[1];
+		uoa.addr[1] = fs->key.client[2];
+		uoa.addr[2] = fs->key.client[3];
+	}
+	if (bpf_skb_adjust_room(skb, (__s32)grow, BPF_ADJ_ROOM_NET, 0) < 0) {
+		count(slot, CNT_UOA_NO_ROOM);
+		return TC_ACT_OK;
+	}
+	if (bpf_skb_store_bytes(skb, p.l3 + hlen, &uoa, grow == 8 ? 8 : grow == 12 ? 12 : grow == 20 ? 20 : 24, 0) < 0)
+		return TC_ACT_SHOT; /* the room is made: a datagram with garbage in it must not go */
+	if (p.family == 4) {
+		__u8 vihl = opp ? 0x45 : 0x40 | ((20 + grow) / 4);
+		__u8 proto = opp ? IPPROTO_UOA_OPP : IPPROTO_UDP;
+		__u16 tot = bpf_htons(p.end - p.l3 + grow);
+		bpf_skb_store_bytes(skb, p.l3, &vihl, 1, 0);
+		bpf_skb_store_bytes(skb, p.l3 + 2, &tot, 2, 0);
+		bpf_skb_store_bytes(skb, p.l3 + 9, &proto, 1, 0);
+		ipv4_checksum(skb, p.l3, opp ? 20 : 20 + grow);
+	} else {
+		__u8 next = IPPROTO_UOA_OPP;
+		__u16 plen = bpf_htons(p.end - p.l4 + grow);
+		bpf_skb_store_bytes(skb, p.l3 + 4, &plen, 2, 0);
+		bpf_skb_store_bytes(skb, p.l3 + 6, &next, 1, 0);
+	}
+	count(slot, CNT_UOA_INJECTED);
+	return TC_ACT_OK;
+}
+
 /* A datagram to a UDP listener: a new flow (none live for its addresses)
  * takes from the budget; the listener's mode marks it. */
 static __always_inline int udp_ingress(struct __sk_buff *skb, const struct pkt *p, const struct listener *l,
@@ -722,10 +945,27 @@ static __always_inline int udp_ingress(struct __sk_buff *skb, const struct pkt *
 		if (!admit(l->slot))
 			return TC_ACT_SHOT;
 		struct flow cur = {.seen = now, .slot = l->slot, .placement = l->placement};
+		if (l->mode == MODE_UOA) {
+			cur.placement = PLACE_UOA;
+			cur.kind = l->kind4;
+			cur.len = l->placement;
+		}
 		flow_put(&key, &cur, cfg);
+		f = flow_find(&key, cfg);
 	}
 	if (l->mode == MODE_TRANSPARENT && cfg->transparent_mark)
 		skb->mark |= cfg->transparent_mark;
+	/* A client's own UOA in its IPv4 options: the options go (a client may
+	 * not speak for itself; other options mean nothing past the LB). */
+	__u32 ihl = p->l4 - p->l3;
+	if (p->family == 4 && ihl > 20 && client_ipo(skb, p->l3, ihl - 20)) {
+		if (remove_after_ip(skb, p->l3, 1, ihl - 20) == 0)
+			count(l->slot, CNT_UOA_STRIPPED);
+	}
+	if (f && (f->placement & PLACE_UOA) && f->len > 0) {
+		f->len--;
+		skb->mark = (skb->mark & ~(UOA_MARK | UOA_INDEX_MASK)) | UOA_MARK | (flow_index(&key, cfg) & UOA_INDEX_MASK);
+	}
 	return TC_ACT_OK;
 }
 
@@ -734,8 +974,14 @@ int toa_lb_ingress(struct __sk_buff *skb)
 {
 	struct pkt p;
 	int parsed = parse(skb, &p);
-	if (parsed == -1)
-		return TC_ACT_OK;
+	if (parsed == -1) {
+		/* Not TCP or UDP: perhaps a client's opp datagram to a UDP listener. */
+		if (!strip_client_opp(skb))
+			return TC_ACT_OK;
+		parsed = parse(skb, &p);
+		if (parsed == -1)
+			return TC_ACT_OK;
+	}
 	const struct listener *l = listener_of(&p, p.daddr, p.dport);
 	if (!l)
 		return TC_ACT_OK;
@@ -752,9 +998,28 @@ int toa_lb_ingress(struct __sk_buff *skb)
 	return udp_ingress(skb, &p, l, cfg);
 }
 
+/* Egress of the backend-facing interface, when it is not the clients': only
+ * marked datagrams get a UOA; everything else leaves after one load. */
+SEC("classifier")
+int toa_lb_backend_egress(struct __sk_buff *skb)
+{
+	__u32 mark = skb->mark;
+	if (!(mark & UOA_MARK))
+		return TC_ACT_OK;
+	skb->mark = mark & ~(UOA_MARK | UOA_INDEX_MASK);
+	return uoa_egress(skb, mark & UOA_INDEX_MASK);
+}
+
+/* Egress of the client-facing interface (and, on a one-armed LB, of the
+ * backends' too: then it writes UOAs as well). */
 SEC("classifier")
 int toa_lb_egress(struct __sk_buff *skb)
 {
+	__u32 mark = skb->mark;
+	if (mark & UOA_MARK) {
+		skb->mark = mark & ~(UOA_MARK | UOA_INDEX_MASK);
+		return uoa_egress(skb, mark & UOA_INDEX_MASK);
+	}
 	struct pkt p;
 	if (parse(skb, &p) < 0 || p.proto != IPPROTO_TCP)
 		return TC_ACT_OK;

@@ -7,7 +7,6 @@
 //! [`userspace`] the user-space datapaths' own (pnet, the offload check).
 
 mod kernel;
-mod uoa;
 mod userspace;
 
 use std::io::{Read, Write};
@@ -86,6 +85,9 @@ macro_rules! both {
         }
     };
 }
+
+// After `both!`, which it uses.
+mod uoa;
 
 fn scripts() -> PathBuf {
     [env!("CARGO_MANIFEST_DIR"), "..", "scripts"].iter().collect()
@@ -592,8 +594,10 @@ fn leftovers(bed: &Testbed) -> Vec<String> {
             left.push(format!("{sysctl} on"));
         }
     }
-    let programs = run_in(&lb, || toa_lb_injector::datapath::kernel::injector::attached_programs("lb-c"));
-    left.extend(programs.into_iter().map(|p| format!("program {p} on lb-c")));
+    for iface in ["lb-c", "lb-br"] {
+        let programs = run_in(&lb, || toa_lb_injector::datapath::kernel::injector::attached_programs(iface));
+        left.extend(programs.into_iter().map(|p| format!("program {p} on {iface}")));
+    }
     left
 }
 

@@ -90,7 +90,7 @@ fn ring_checks_offloads() {
 /// (`ipo`, which an unmodified backend's IP stack accepts) echoes as
 /// before, and the first 3 datagrams of the flow reach the backend carrying
 /// the client, as `toa-shim inspect` decodes them on the backend's link;
-/// the kernel datapath refuses the mode, naming the datapaths that can.
+/// (UOA on the kernel datapath, and to unmodified servers: `uoa.rs`).
 #[test]
 fn ring_writes_uoa() {
     require_root!();
@@ -186,18 +186,4 @@ fn ring_writes_uoa() {
     assert_eq!(replies, vec![format!("{client} uoa"); 5]);
     let stats = server.join().unwrap();
     assert_eq!((stats.received, stats.uoa, stats.remembered), (5, 3, 2), "{stats:?}");
-
-    // The kernel datapath cannot write UOA yet: it says so and which can.
-    let kernel = text.replace(Dp::Ring.config(), Dp::Kernel.config());
-    let path = case.dir.join("lb-uoa-kernel.toml");
-    std::fs::write(&path, kernel).unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
-        .arg(&path)
-        .arg("--socket")
-        .arg(case.dir.join("kernel.sock"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("needs datapath = \"ring\" or \"pnet\""), "{err}");
 }

@@ -23,7 +23,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!("../../../bpf/inject.bpf.o");
 /// Listener slots for counters (`MAX_LISTENERS` in the C source).
 pub const MAX_LISTENERS: u32 = 1024;
 /// Counters per slot (`NR_COUNTERS`).
-const NR_COUNTERS: u32 = 8;
+const NR_COUNTERS: u32 = 10;
 /// `config.flags`: some listener places the TOA in data.
 const CFG_DATA_PLACEMENT: u32 = 1;
 /// Not a format: Tencent's companion options, stripped with it (`FMT_COMPANION`).
@@ -32,6 +32,8 @@ const FMT_COMPANION: u8 = 1 << 5;
 /// The programs, by name, and where each attaches.
 pub(crate) const PROGRAMS: [(&str, TcAttachType); 2] =
     [("toa_lb_ingress", TcAttachType::Ingress), ("toa_lb_egress", TcAttachType::Egress)];
+/// The egress program of the backend-facing interface (UOA), when it is another one.
+const BACKEND_EGRESS: &str = "toa_lb_backend_egress";
 /// The maps.
 pub(crate) const MAPS: [&str; 6] = [
     "toa_lb_listeners",
@@ -118,6 +120,13 @@ pub struct InjectorCounters {
     pub mss_clamped: u64,
     /// New flows dropped: no budget left (max_flows).
     pub table_full: u64,
+    /// UOAs written into datagrams (at egress to the backends).
+    pub uoa_injected: u64,
+    /// Datagrams that should have carried a UOA and had no room (the MTU,
+    /// IPv4 options, a GSO batch): sent without.
+    pub uoa_no_room: u64,
+    /// UOAs clients sent, removed.
+    pub uoa_stripped: u64,
 }
 
 /// Checks what the injector needs: root and Linux 5.10 or later.
@@ -194,13 +203,20 @@ fn raw_listener(l: &InjectListener) -> RawListener {
         ObtainClientIp::Off => (0, Format::Toa),
         ObtainClientIp::Toa(format) => (1, format),
         ObtainClientIp::Transparent => (2, Format::Toa),
-        // Refused before it gets here (KernelLb::check_modes): SNAT, no option.
-        ObtainClientIp::Uoa { .. } => (0, Format::Toa),
+        ObtainClientIp::Uoa { .. } => (3, Format::Toa),
     };
     let all = Formats::ALL;
     // As the engine's `toa_for`: an IPv4 client gets toa (or tencent), an IPv6 one toa6 (or ali-v6).
     let kind4 = all.kind(if format == Format::Tencent { Format::Tencent } else { Format::Toa });
     let kind6 = all.kind(if format == Format::AliV6 { Format::AliV6 } else { Format::Toa6 });
+    if let ObtainClientIp::Uoa { format, datagrams } = l.mode {
+        // UOA: kind4 is the format, placement the datagrams that carry it.
+        let format = match format {
+            toa_core::uoa::UoaFormat::Opp => 0,
+            toa_core::uoa::UoaFormat::Ipo => 1,
+        };
+        return RawListener { slot: l.slot, mode, placement: datagrams, kind4: format, kind6: format };
+    }
     let placement = u8::from(l.placement.syn)
         | u8::from(l.placement.handshake_ack) << 1
         | u8::from(l.placement.data) << 2;
@@ -246,7 +262,7 @@ impl Injector {
         let mut injector = Injector { ebpf, interface: None, links: Vec::new() };
         injector.set_budget(options.budget)?;
         let ebpf = &mut injector.ebpf;
-        for (name, _) in PROGRAMS {
+        for name in PROGRAMS.iter().map(|(name, _)| *name).chain([BACKEND_EGRESS]) {
             let program: &mut SchedClassifier =
                 ebpf.program_mut(name).ok_or_else(missing(name))?.try_into().map_err(bpf_err(name))?;
             program.load().map_err(bpf_err(format!("load {name} (the kernel verifier said no)")))?;
@@ -319,6 +335,30 @@ impl Injector {
         Ok(())
     }
 
+    /// Attaches the egress program also to `interface`, the one that faces
+    /// the backends when it is not the clients' (UOA goes in there, after
+    /// the kernel's NAT). It stays attached while this value lives.
+    pub fn attach_egress(&mut self, interface: &str) -> Result<(), InjectError> {
+        check_interface(interface)?;
+        detach_stale(interface);
+        if !has_tcx() {
+            if let Err(e) = tc::qdisc_add_clsact(interface) {
+                if !e.to_string().contains("exist") {
+                    return Err(InjectError::Bpf(
+                        format!("add a clsact qdisc to {interface}"),
+                        e.to_string(),
+                    ));
+                }
+            }
+        }
+        let (name, at) = (BACKEND_EGRESS, TcAttachType::Egress);
+        let program: &mut SchedClassifier =
+            self.ebpf.program_mut(name).ok_or_else(missing(name))?.try_into().map_err(bpf_err(name))?;
+        let id = program.attach(interface, at).map_err(bpf_err(format!("attach {name} to {interface}")))?;
+        self.links.push((name, id));
+        Ok(())
+    }
+
     /// The counters of listener `slot`, summed over CPUs.
     pub fn counters(&self, slot: u32) -> InjectorCounters {
         let Some(map) = self.ebpf.map("toa_lb_counters") else { return InjectorCounters::default() };
@@ -365,6 +405,9 @@ fn read_counters(get: impl Fn(u32) -> u64, slot: u32) -> InjectorCounters {
         malformed: get(base + 3),
         mss_clamped: get(base + 4),
         table_full: get(base + 5),
+        uoa_injected: get(base + 6),
+        uoa_no_room: get(base + 7),
+        uoa_stripped: get(base + 8),
     }
 }
 
@@ -374,7 +417,7 @@ pub fn detach_stale(interface: &str) {
     if has_tcx() {
         return;
     }
-    for (name, at) in PROGRAMS {
+    for (name, at) in PROGRAMS.into_iter().chain([(BACKEND_EGRESS, TcAttachType::Egress)]) {
         let _ = tc::qdisc_detach_program(interface, at, name);
     }
 }
@@ -434,6 +477,7 @@ fn from_raw(key: &RawKey, value: &RawListener) -> InjectListener {
         (_, 253) => Format::AliV6,
         _ => Format::Toa,
     };
+    let uoa = value.mode == 3;
     InjectListener {
         vip: SocketAddr::new(ip, port),
         protocol: if key.proto == 17 { Protocol::Udp } else { Protocol::Tcp },
@@ -441,12 +485,25 @@ fn from_raw(key: &RawKey, value: &RawListener) -> InjectListener {
         mode: match value.mode {
             1 => ObtainClientIp::Toa(format),
             2 => ObtainClientIp::Transparent,
+            3 => ObtainClientIp::Uoa {
+                format: if value.kind4 == 1 {
+                    toa_core::uoa::UoaFormat::Ipo
+                } else {
+                    toa_core::uoa::UoaFormat::Opp
+                },
+                datagrams: value.placement,
+            },
             _ => ObtainClientIp::Off,
         },
-        placement: Placement {
-            syn: value.placement & 1 != 0,
-            handshake_ack: value.placement & 2 != 0,
-            data: value.placement & 4 != 0,
+        // A UOA listener's placement byte holds its datagrams.
+        placement: if uoa {
+            Placement::default()
+        } else {
+            Placement {
+                syn: value.placement & 1 != 0,
+                handshake_ack: value.placement & 2 != 0,
+                data: value.placement & 4 != 0,
+            }
         },
     }
 }
@@ -480,6 +537,18 @@ mod tests {
             };
             assert_eq!(from_raw(&raw_key(l.vip, protocol), &raw_listener(&l)), l);
         }
+        for format in [toa_core::uoa::UoaFormat::Opp, toa_core::uoa::UoaFormat::Ipo] {
+            let l = InjectListener {
+                vip: "203.0.113.10:53".parse().unwrap(),
+                protocol: Protocol::Udp,
+                slot: 3,
+                mode: ObtainClientIp::Uoa { format, datagrams: 5 },
+                placement: Placement::default(),
+            };
+            let raw = raw_listener(&l);
+            assert_eq!((raw.mode, raw.placement), (3, 5));
+            assert_eq!(from_raw(&raw_key(l.vip, Protocol::Udp), &raw), l);
+        }
         let raw = raw_key("203.0.113.10:80".parse().unwrap(), Protocol::Tcp);
         assert_eq!(
             (raw.addr[..4].to_vec(), raw.port, raw.family, raw.proto),
@@ -501,7 +570,7 @@ mod tests {
     #[test]
     fn the_object_has_every_program_and_map() {
         let text = String::from_utf8_lossy(OBJECT);
-        for name in PROGRAMS.iter().map(|(p, _)| *p).chain(MAPS) {
+        for name in PROGRAMS.iter().map(|(p, _)| *p).chain([BACKEND_EGRESS]).chain(MAPS) {
             assert!(text.contains(name), "{name} missing from bpf/inject.bpf.o");
         }
     }

@@ -61,17 +61,6 @@ pub enum KernelError {
     Other(String),
 }
 
-/// What the kernel datapath cannot do yet: write UOA (the injector adds TCP
-/// options only).
-fn check_mode(vip: std::net::SocketAddr, mode: ObtainClientIp) -> Result<(), String> {
-    match mode {
-        ObtainClientIp::Uoa { .. } => Err(format!(
-            "listener {vip}: obtain_client_ip = \"uoa\" needs datapath = \"ring\" or \"pnet\" (the kernel datapath does not write UOA yet)"
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// How old the flow counts may be before a snapshot dumps conntrack again.
 const FLOWS_TTL: Duration = Duration::from_millis(500);
 
@@ -248,9 +237,6 @@ impl KernelLb {
     /// enables forwarding, adds the addresses, installs the table, loads and
     /// attaches the injector. On failure, what was done is undone.
     pub fn start(config: &LbConfig) -> Result<KernelLb, KernelError> {
-        for l in &config.engine.listeners {
-            check_mode(l.vip, l.obtain_client_ip).map_err(KernelError::Other)?;
-        }
         injector::preflight()?;
         injector::check_interface(&config.client_interface)?;
         injector::check_interface(&config.backend_interface)?;
@@ -289,6 +275,9 @@ impl KernelLb {
             state.sync_injector().map_err(|e| KernelError::Other(e.to_string()))?;
             if let Some(injector) = state.injector.as_mut() {
                 injector.attach(&config.client_interface)?;
+                if config.backend_interface != config.client_interface {
+                    injector.attach_egress(&config.backend_interface)?;
+                }
             }
             Ok::<_, KernelError>(state)
         })();
@@ -410,6 +399,9 @@ impl KernelLb {
             health_changes: state.health_changes.get(&key).copied().unwrap_or(0),
             evicted: state.evicted.get(&key).copied().unwrap_or(0),
             dropped_table_full: inj.table_full,
+            uoa_injected: inj.uoa_injected,
+            uoa_no_room: inj.uoa_no_room,
+            uoa_stripped: inj.uoa_stripped,
             dropped_no_backend: counter(format!("l{slot}_nobackend")).0,
             ..Counters::default()
         };
@@ -465,9 +457,6 @@ impl Balancer for KernelLb {
 
     fn set_mode(&self, listener: usize, mode: ObtainClientIp) -> Result<(), ControlError> {
         let mut state = self.lock();
-        if let Some(l) = state.listeners.all().get(listener) {
-            check_mode(l.config.vip, mode).map_err(ControlError::Datapath)?;
-        }
         let before = state.listeners.clone();
         state.listeners.set_mode(listener, mode)?;
         // One map element: every new flow sees the old mode or the new one.
@@ -515,9 +504,6 @@ impl Balancer for KernelLb {
     }
 
     fn reconfigure(&self, config: &LbConfig) -> Result<Option<usize>, ControlError> {
-        for l in &config.engine.listeners {
-            check_mode(l.vip, l.obtain_client_ip).map_err(ControlError::Datapath)?;
-        }
         let mut state = self.lock();
         let datapath = |e: &dyn std::fmt::Display| ControlError::Datapath(e.to_string());
         let before = (state.listeners.clone(), state.ids.clone(), state.config.clone());
