@@ -4,8 +4,14 @@
 fn main() {
     let shim = "../toa-server-shim/bpf";
     let lb = "../toa-lb-injector/bpf";
-    for path in ["c/shim.c", "c/lb.c", "c/host.h", &format!("{shim}/find_toa.h"), &format!("{lb}/options.h")]
-    {
+    for path in [
+        "c/shim.c",
+        "c/lb.c",
+        "c/host.h",
+        &format!("{shim}/find_toa.h"),
+        &format!("{shim}/find_uoa.h"),
+        &format!("{lb}/options.h"),
+    ] {
         println!("cargo:rerun-if-changed={path}");
     }
     cc::Build::new()

@@ -4,7 +4,9 @@
 //!
 //! - [`find_toa`]: the kernel helper's search (`toa-server-shim/bpf/find_toa.h`);
 //! - [`scan_options`], [`build_with_toa`], [`find_mss`], [`clamp_mss`]: the
-//!   TOA injector's strip, insert and MSS logic (`toa-lb-injector/bpf/options.h`).
+//!   TOA injector's strip, insert and MSS logic (`toa-lb-injector/bpf/options.h`);
+//! - [`find_uoa_option`], [`opp_header_len`]: the UOA parsers of the helper's
+//!   UDP program and the injector (`toa-server-shim/bpf/find_uoa.h`).
 //!
 //! Every buffer handed to C is 64 bytes and zero padded past the options
 //! area, as in the BPF programs. The tests are in `tests/parity.rs`.
@@ -57,6 +59,34 @@ pub fn find_toa(area: &[u8], kind_formats: &[u8; 256]) -> Verdict {
         0 => Verdict::None,
         _ => Verdict::Malformed,
     }
+}
+
+/// The helper's `find_uoa_option` over an IPv4-format option list:
+/// `Found(client)`, `None` or `Malformed`, as
+/// [`toa_core::uoa::find_uoa_in_options`] says `Ok(Some)`, `Ok(None)`, `Err`.
+pub fn find_uoa_option(area: &[u8]) -> Result<Option<std::net::SocketAddr>, ()> {
+    let opts = buffer(area);
+    let c = sys::find_uoa_option(&opts, area.len());
+    match c.result {
+        1 => {
+            let mut addr = [0u8; 16];
+            for (chunk, word) in addr.chunks_mut(4).zip(c.addr) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            let ip = match c.family {
+                sys::AF_INET => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+                _ => IpAddr::V6(Ipv6Addr::from(addr)),
+            };
+            Ok(Some(std::net::SocketAddr::new(ip, u16::from_be_bytes(c.port.to_ne_bytes()))))
+        }
+        0 => Ok(None),
+        _ => Err(()),
+    }
+}
+
+/// The C check of an opp header's fixed part: its length, or `None`.
+pub fn opp_header_len(hdr: [u8; 4]) -> Option<usize> {
+    usize::try_from(sys::opp_header_len(&hdr)).ok()
 }
 
 /// What `scan_options` did to an area.

@@ -26,7 +26,22 @@ pub(crate) struct Scan {
     pub(crate) malformed: c_int,
 }
 
+/// `struct uoa_client` (find_uoa.h).
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct UoaClient {
+    /// Network order; IPv4 in the first word.
+    pub(crate) addr: [u32; 4],
+    /// Network order.
+    pub(crate) port: u16,
+    pub(crate) family: u8,
+    /// 1 found, 0 none, -1 malformed.
+    pub(crate) result: i8,
+}
+
 unsafe extern "C" {
+    fn parity_find_uoa_option(opts: *const u8, len: c_int, out: *mut UoaClient);
+    fn parity_opp_header_len(hdr: *const u8) -> c_int;
     fn parity_find_toa(opts: *const u8, len: c_int, kind_formats: *const u8, out: *mut Found);
     fn parity_scan_options(opts: *mut u8, len: c_int, kind_formats: *const u8, out: *mut Scan);
     fn parity_build_with_toa(
@@ -88,4 +103,17 @@ pub(crate) fn clamp_mss(opts: &mut [u8; 64], at: usize, by: u16) -> bool {
     // SAFETY: opts is 64 bytes; the C code returns before touching it unless
     // 2 <= at <= 38, and then writes opts[at] and opts[at + 1] (masked).
     unsafe { parity_clamp_mss(opts.as_mut_ptr(), at, c_int::from(by)) != 0 }
+}
+
+pub(crate) fn find_uoa_option(opts: &[u8; 64], len: usize) -> UoaClient {
+    let mut out = UoaClient::default();
+    // SAFETY: opts is 64 bytes and every index the C code reads is masked
+    // with 63; out is a live struct with the C layout.
+    unsafe { parity_find_uoa_option(opts.as_ptr(), c_len(len), &mut out) };
+    out
+}
+
+pub(crate) fn opp_header_len(hdr: &[u8; 4]) -> c_int {
+    // SAFETY: the C code reads hdr[0..4], which is 4 live bytes.
+    unsafe { parity_opp_header_len(hdr.as_ptr()) }
 }

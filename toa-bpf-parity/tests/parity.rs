@@ -383,3 +383,84 @@ proptest! {
         assert_clamp(&scanned, by);
     }
 }
+
+/// An IPv4-format option list with a UOA somewhere in it (or not), NOPs
+/// and other options around, perhaps cut or with flipped bytes.
+fn uoa_area() -> impl Strategy<Value = Vec<u8>> {
+    let option = prop_oneof![
+        Just(vec![1u8]),
+        (any::<[u8; 4]>(), any::<u16>()).prop_map(|(a, p)| {
+            let mut o = vec![0x1f, 8];
+            o.extend_from_slice(&p.to_be_bytes());
+            o.extend_from_slice(&a);
+            o
+        }),
+        (any::<[u8; 16]>(), any::<u16>()).prop_map(|(a, p)| {
+            let mut o = vec![0x1f, 20];
+            o.extend_from_slice(&p.to_be_bytes());
+            o.extend_from_slice(&a);
+            o
+        }),
+        (any::<u8>(), prop::collection::vec(any::<u8>(), 0..8)).prop_map(|(code, body)| {
+            let mut o = vec![code.max(2), body.len() as u8 + 2];
+            o.extend_from_slice(&body);
+            o
+        }),
+    ];
+    (prop::collection::vec(option, 0..5), prop::collection::vec((0usize..40, any::<u8>()), 0..3), 0usize..=40)
+        .prop_map(|(options, flips, cut)| {
+            let mut area: Vec<u8> = options.concat();
+            area.truncate(40);
+            for (at, byte) in flips {
+                if !area.is_empty() {
+                    let n = area.len();
+                    area[at % n] = byte;
+                }
+            }
+            if cut < area.len() && cut % 3 == 0 {
+                area.truncate(cut);
+            }
+            area
+        })
+}
+
+#[test]
+fn golden_uoa_options() {
+    let v4 = [0x1f, 8, 0x9c, 0x40, 203, 0, 113, 7];
+    assert_eq!(toa_bpf_parity::find_uoa_option(&v4), Ok(Some("203.0.113.7:40000".parse().unwrap())));
+    let mut v6 = vec![1, 1, 0x1f, 20, 0, 53];
+    v6.extend_from_slice(&"2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    assert_eq!(toa_bpf_parity::find_uoa_option(&v6), Ok(Some("[2001:db8::7]:53".parse().unwrap())));
+    assert_eq!(toa_bpf_parity::find_uoa_option(&[1, 1, 0, 0x1f, 8]), Ok(None), "after EOL");
+    assert_eq!(toa_bpf_parity::find_uoa_option(&[0x1f, 9, 0, 0, 0, 0, 0, 0, 0]), Err(()), "length 9");
+    assert_eq!(toa_bpf_parity::find_uoa_option(&[7, 3, 0, 0x1f]), Err(()), "cut short");
+    for (hdr, len) in
+        [([0x10, 17, 0, 12], Some(12)), ([0x20, 17, 0, 24], Some(24)), ([0x30, 17, 0, 12], None)]
+    {
+        assert_eq!(toa_bpf_parity::opp_header_len(hdr), len, "{hdr:?}");
+    }
+    // Past 44 bytes the helper refuses what toa-core would read (no LB sends one).
+    assert_eq!(toa_bpf_parity::opp_header_len([0x10, 17, 0, 48]), None);
+    assert_eq!(toa_bpf_parity::opp_header_len([0x11, 17, 0, 12]), None, "reserved bits");
+    assert_eq!(toa_bpf_parity::opp_header_len([0x10, 6, 0, 12]), None, "not UDP next");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+    /// The helper's UOA search says what toa-core says, on lists an LB
+    /// writes and on mutated and arbitrary ones.
+    #[test]
+    fn find_uoa_matches_toa_core(area in uoa_area()) {
+        let c = toa_bpf_parity::find_uoa_option(&area);
+        let rust = toa_core::uoa::find_uoa_in_options(&area).map_err(|_| ());
+        prop_assert_eq!(c, rust, "{:?}", area);
+    }
+
+    #[test]
+    fn find_uoa_on_any_bytes(area in prop::collection::vec(any::<u8>(), 0..=40)) {
+        let c = toa_bpf_parity::find_uoa_option(&area);
+        let rust = toa_core::uoa::find_uoa_in_options(&area).map_err(|_| ());
+        prop_assert_eq!(c, rust, "{:?}", area);
+    }
+}
