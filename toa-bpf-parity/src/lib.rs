@@ -61,10 +61,30 @@ pub fn find_toa(area: &[u8], kind_formats: &[u8; 256]) -> Verdict {
     }
 }
 
-/// The helper's `find_uoa_option` over an IPv4-format option list:
-/// `Found(client)`, `None` or `Malformed`, as
-/// [`toa_core::uoa::find_uoa_in_options`] says `Ok(Some)`, `Ok(None)`, `Err`.
-pub fn find_uoa_option(area: &[u8]) -> Result<Option<std::net::SocketAddr>, ()> {
+/// What `find_uoa_option` decided about an IPv4-format option list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UoaVerdict {
+    /// A UOA naming this client.
+    Found(std::net::SocketAddr),
+    /// No UOA.
+    None,
+    /// A malformed list or UOA option.
+    Malformed,
+}
+
+impl UoaVerdict {
+    /// The verdict [`toa_core::uoa::find_uoa_in_options`] gives.
+    pub fn of_toa_core(area: &[u8]) -> UoaVerdict {
+        match toa_core::uoa::find_uoa_in_options(area) {
+            Ok(Some(client)) => UoaVerdict::Found(client),
+            Ok(None) => UoaVerdict::None,
+            Err(_) => UoaVerdict::Malformed,
+        }
+    }
+}
+
+/// The helper's `find_uoa_option` over an IPv4-format option list.
+pub fn find_uoa_option(area: &[u8]) -> UoaVerdict {
     let opts = buffer(area);
     let c = sys::find_uoa_option(&opts, area.len());
     match c.result {
@@ -77,10 +97,10 @@ pub fn find_uoa_option(area: &[u8]) -> Result<Option<std::net::SocketAddr>, ()> 
                 sys::AF_INET => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
                 _ => IpAddr::V6(Ipv6Addr::from(addr)),
             };
-            Ok(Some(std::net::SocketAddr::new(ip, u16::from_be_bytes(c.port.to_ne_bytes()))))
+            UoaVerdict::Found(std::net::SocketAddr::new(ip, u16::from_be_bytes(c.port.to_ne_bytes())))
         }
-        0 => Ok(None),
-        _ => Err(()),
+        0 => UoaVerdict::None,
+        _ => UoaVerdict::Malformed,
     }
 }
 

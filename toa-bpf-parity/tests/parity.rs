@@ -427,13 +427,18 @@ fn uoa_area() -> impl Strategy<Value = Vec<u8>> {
 #[test]
 fn golden_uoa_options() {
     let v4 = [0x1f, 8, 0x9c, 0x40, 203, 0, 113, 7];
-    assert_eq!(toa_bpf_parity::find_uoa_option(&v4), Ok(Some("203.0.113.7:40000".parse().unwrap())));
+    use toa_bpf_parity::UoaVerdict;
+    assert_eq!(toa_bpf_parity::find_uoa_option(&v4), UoaVerdict::Found("203.0.113.7:40000".parse().unwrap()));
     let mut v6 = vec![1, 1, 0x1f, 20, 0, 53];
     v6.extend_from_slice(&"2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
-    assert_eq!(toa_bpf_parity::find_uoa_option(&v6), Ok(Some("[2001:db8::7]:53".parse().unwrap())));
-    assert_eq!(toa_bpf_parity::find_uoa_option(&[1, 1, 0, 0x1f, 8]), Ok(None), "after EOL");
-    assert_eq!(toa_bpf_parity::find_uoa_option(&[0x1f, 9, 0, 0, 0, 0, 0, 0, 0]), Err(()), "length 9");
-    assert_eq!(toa_bpf_parity::find_uoa_option(&[7, 3, 0, 0x1f]), Err(()), "cut short");
+    assert_eq!(toa_bpf_parity::find_uoa_option(&v6), UoaVerdict::Found("[2001:db8::7]:53".parse().unwrap()));
+    assert_eq!(toa_bpf_parity::find_uoa_option(&[1, 1, 0, 0x1f, 8]), UoaVerdict::None, "after EOL");
+    assert_eq!(
+        toa_bpf_parity::find_uoa_option(&[0x1f, 9, 0, 0, 0, 0, 0, 0, 0]),
+        UoaVerdict::Malformed,
+        "length 9"
+    );
+    assert_eq!(toa_bpf_parity::find_uoa_option(&[7, 3, 0, 0x1f]), UoaVerdict::Malformed, "cut short");
     for (hdr, len) in
         [([0x10, 17, 0, 12], Some(12)), ([0x20, 17, 0, 24], Some(24)), ([0x30, 17, 0, 12], None)]
     {
@@ -453,14 +458,12 @@ proptest! {
     #[test]
     fn find_uoa_matches_toa_core(area in uoa_area()) {
         let c = toa_bpf_parity::find_uoa_option(&area);
-        let rust = toa_core::uoa::find_uoa_in_options(&area).map_err(|_| ());
-        prop_assert_eq!(c, rust, "{:?}", area);
+        prop_assert_eq!(c, toa_bpf_parity::UoaVerdict::of_toa_core(&area), "{:?}", area);
     }
 
     #[test]
     fn find_uoa_on_any_bytes(area in prop::collection::vec(any::<u8>(), 0..=40)) {
         let c = toa_bpf_parity::find_uoa_option(&area);
-        let rust = toa_core::uoa::find_uoa_in_options(&area).map_err(|_| ());
-        prop_assert_eq!(c, rust, "{:?}", area);
+        prop_assert_eq!(c, toa_bpf_parity::UoaVerdict::of_toa_core(&area), "{:?}", area);
     }
 }
