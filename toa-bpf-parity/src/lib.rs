@@ -72,17 +72,6 @@ pub enum UoaVerdict {
     Malformed,
 }
 
-impl UoaVerdict {
-    /// The verdict [`toa_core::uoa::find_uoa_in_options`] gives.
-    pub fn of_toa_core(area: &[u8]) -> UoaVerdict {
-        match toa_core::uoa::find_uoa_in_options(area) {
-            Ok(Some(client)) => UoaVerdict::Found(client),
-            Ok(None) => UoaVerdict::None,
-            Err(_) => UoaVerdict::Malformed,
-        }
-    }
-}
-
 /// The helper's `find_uoa_option` over an IPv4-format option list.
 pub fn find_uoa_option(area: &[u8]) -> UoaVerdict {
     let opts = buffer(area);
