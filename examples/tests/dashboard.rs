@@ -63,6 +63,13 @@ fn every_query_names_an_exported_series() {
         "toa_shim_ebpf_untrusted_total",
         "toa_shim_ebpf_malformed_total",
         "toa_shim_ebpf_rewritten_total",
+        "toa_lb_uoa_injected_total",
+        "toa_lb_uoa_carriers_total",
+        "toa_shim_ebpf_udp_found_total",
+        "toa_shim_ebpf_udp_untrusted_total",
+        "toa_shim_ebpf_udp_received_total",
+        "toa_shim_ebpf_udp_flows",
+        "toa_shim_ebpf_udp_flows_max",
     ] {
         assert!(used.contains(needed), "no panel shows {needed}");
     }
