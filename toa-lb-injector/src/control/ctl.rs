@@ -2,7 +2,7 @@
 //!
 //! One request per connection. The client writes one line, a [`Request`] in
 //! its text form (`listeners`, `backends`, `stats`, `set LISTENER
-//! obtain-client-ip off|toa|transparent`, `add-backend LISTENER ADDR
+//! obtain-client-ip off|toa|transparent|uoa`, `add-backend LISTENER ADDR
 //! [WEIGHT]`, `remove-backend LISTENER ADDR`, `drain|undrain LISTENER ADDR`,
 //! `reload`), where LISTENER is the VIP (`203.0.113.10:80`,
 //! `udp/203.0.113.10:53` for a UDP listener) or its index. The server
@@ -109,7 +109,7 @@ pub enum Request {
 pub enum RequestError {
     /// Not a request at all.
     #[error(
-        "unknown request {0:?}: listeners | backends | stats | set LISTENER obtain-client-ip off|toa|transparent | add-backend LISTENER ADDR [WEIGHT] | remove-backend LISTENER ADDR | drain|undrain LISTENER ADDR | reload"
+        "unknown request {0:?}: listeners | backends | stats | set LISTENER obtain-client-ip off|toa|transparent|uoa | add-backend LISTENER ADDR [WEIGHT] | remove-backend LISTENER ADDR | drain|undrain LISTENER ADDR | reload"
     )]
     Unknown(String),
     /// A listener that is neither an index nor `[tcp/|udp/]VIP:PORT`.

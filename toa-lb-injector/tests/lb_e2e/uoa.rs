@@ -385,6 +385,15 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
         assert!(line.contains(" uoa_no_room=3 "), "{line}");
     }
 
+    // Switched live: off, then uoa again; each applies to new flows.
+    for (mode, named) in [("off", false), ("uoa", true)] {
+        let out = ctl_output(&case.dir, &format!("set udp/203.0.113.10:62 obtain-client-ip {mode}"));
+        assert!(out.status.success(), "{out:?}");
+        let (client, good) = exchange(&case, "203.0.113.10:62", 5, 10);
+        assert_eq!(good, 5, "{mode}");
+        assert_eq!(v4.printed(&format!("peer {} {}", client.ip(), client.port())), named, "{mode}: {:?}", v4.lines());
+    }
+
     // Detached: no pins, no program on the link.
     drop(attached);
     assert!(!ebpf::is_attached(), "pins left under {}", ebpf::PIN_DIR);
