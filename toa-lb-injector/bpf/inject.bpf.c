@@ -53,6 +53,11 @@
 
 #include "options.h"
 
+/* What the programs let through goes on to the next program on the hook
+ * (TCX_NEXT; with a legacy clsact filter, on as if unclassified): returning
+ * "ok" would end the chain, and the host's other tc programs would not run. */
+#define TC_NEXT TC_ACT_UNSPEC
+
 /* listener.mode, flow.mode */
 #define MODE_OFF 0
 #define MODE_TOA 1
@@ -643,13 +648,13 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 	if (!p->fast) {
 		s = scratch();
 		if (!s || load_options(skb, p->l4 + 20, s->old, optlen) < 0)
-			return TC_ACT_OK;
+			return TC_NEXT;
 		__builtin_memcpy(s->opts, s->old, OPT_BUF);
 		int scanned = strip_options(s, optlen, cfg);
 		if (scanned) {
 			if (rewrite_options(skb, p->l4 + 20, p->l4 + offsetof(struct tcphdr, check), s->old, s->opts,
 					    optlen) < 0)
-				return TC_ACT_OK;
+				return TC_NEXT;
 			if (scanned & 0xff)
 				count_n(l->slot, CNT_STRIPPED, scanned & 0xff);
 			if (scanned >> 8)
@@ -668,7 +673,7 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 				return TC_ACT_SHOT;
 			if (l->mode == MODE_TRANSPARENT && cfg->transparent_mark)
 				skb->mark |= cfg->transparent_mark;
-			return TC_ACT_OK;
+			return TC_NEXT;
 		}
 		flow_key_of(&key, p, 1);
 		cur.isn = p->seq;
@@ -690,14 +695,14 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 		int candidate = payload ? (l->placement & PLACE_DATA) && (p->flags & F_ACK)
 					: (l->placement & PLACE_ACK) && (p->flags & (F_ACK | F_FIN | F_RST)) == F_ACK;
 		if (!candidate && !(p->flags & (F_FIN | F_RST)))
-			return TC_ACT_OK;
+			return TC_NEXT;
 		flow_key_of(&key, p, 1);
 		f = flow_find(&key, cfg);
 		if (!f)
-			return TC_ACT_OK;
+			return TC_NEXT;
 		if (p->flags & (F_FIN | F_RST)) {
 			flow_forget(&key, cfg);
-			return TC_ACT_OK;
+			return TC_NEXT;
 		}
 		cur = *f;
 		if (payload)
@@ -707,19 +712,19 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 			       (!cur.backend_isn || p->ack_seq == cur.backend_isn + 1);
 	}
 	if (!want)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	if (!s) {
 		s = scratch();
 		if (!s)
-			return TC_ACT_OK;
+			return TC_NEXT;
 		if (optlen > 0 && load_options(skb, p->l4 + 20, s->opts, optlen) < 0)
-			return TC_ACT_OK;
+			return TC_NEXT;
 	}
 	if (insert_toa(skb, p, s, &cur) < 0)
 		count(cur.slot, CNT_NO_ROOM);
 	else
 		count(cur.slot, CNT_INJECTED);
-	return TC_ACT_OK;
+	return TC_NEXT;
 }
 
 /* ---- UDP listeners in UOA mode ----------------------------------------
@@ -852,11 +857,11 @@ static __always_inline int uoa_egress(struct __sk_buff *skb, __u32 index)
 {
 	struct flow_slot *fs = bpf_map_lookup_elem(&toa_lb_flows, &index);
 	if (!fs || fs->key.proto != IPPROTO_UDP || !(fs->flow.placement & PLACE_UOA))
-		return TC_ACT_OK;
+		return TC_NEXT;
 	__u32 slot = fs->flow.slot;
 	struct pkt p;
 	if (parse(skb, &p) < 0 || p.proto != IPPROTO_UDP)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	int client4 = fs->key.family == 4;
 	int opp = fs->flow.kind == UOA_OPP || p.family == 6;
 	__u32 hlen = p.l4 - p.l3;
@@ -866,7 +871,7 @@ static __always_inline int uoa_egress(struct __sk_buff *skb, __u32 index)
 	if ((!opp && hlen != 20) || skb->gso_segs > 1 ||
 	    bpf_check_mtu(skb, 0, &mtu, (__s32)grow, 0) != BPF_MTU_CHK_RET_SUCCESS) {
 		count(slot, CNT_UOA_NO_ROOM);
-		return TC_ACT_OK;
+		return TC_NEXT;
 	}
 	/* Typed fields, not bytes at offsets: clang turns &buf[k] on an aligned
 	 * stack buffer into an OR on the pointer, which the verifier refuses.
@@ -906,7 +911,7 @@ static __always_inline int uoa_egress(struct __sk_buff *skb, __u32 index)
 	}
 	if (bpf_skb_adjust_room(skb, (__s32)grow, BPF_ADJ_ROOM_NET, 0) < 0) {
 		count(slot, CNT_UOA_NO_ROOM);
-		return TC_ACT_OK;
+		return TC_NEXT;
 	}
 	if (bpf_skb_store_bytes(skb, p.l3 + hlen, &uoa, grow == 8 ? 8 : grow == 12 ? 12 : grow == 20 ? 20 : 24, 0) < 0)
 		return TC_ACT_SHOT; /* the room is made: a datagram with garbage in it must not go */
@@ -925,7 +930,7 @@ static __always_inline int uoa_egress(struct __sk_buff *skb, __u32 index)
 		bpf_skb_store_bytes(skb, p.l3 + 6, &next, 1, 0);
 	}
 	count(slot, CNT_UOA_INJECTED);
-	return TC_ACT_OK;
+	return TC_NEXT;
 }
 
 /* A datagram to a UDP listener: a new flow (none live for its addresses)
@@ -966,7 +971,7 @@ static __always_inline int udp_ingress(struct __sk_buff *skb, const struct pkt *
 		f->len--;
 		skb->mark = (skb->mark & ~(UOA_MARK | UOA_INDEX_MASK)) | UOA_MARK | (flow_index(&key, cfg) & UOA_INDEX_MASK);
 	}
-	return TC_ACT_OK;
+	return TC_NEXT;
 }
 
 SEC("classifier")
@@ -977,22 +982,22 @@ int toa_lb_ingress(struct __sk_buff *skb)
 	if (parsed == -1) {
 		/* Not TCP or UDP: perhaps a client's opp datagram to a UDP listener. */
 		if (!strip_client_opp(skb))
-			return TC_ACT_OK;
+			return TC_NEXT;
 		parsed = parse(skb, &p);
 		if (parsed == -1)
-			return TC_ACT_OK;
+			return TC_NEXT;
 	}
 	const struct listener *l = listener_of(&p, p.daddr, p.dport);
 	if (!l)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	if (parsed < 0) {
 		count(l->slot, CNT_MALFORMED);
-		return TC_ACT_OK;
+		return TC_NEXT;
 	}
 	__u32 zero = 0;
 	const struct config *cfg = bpf_map_lookup_elem(&toa_lb_config, &zero);
 	if (!cfg)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	if (p.proto == IPPROTO_TCP)
 		return tcp_ingress(skb, &p, l, cfg);
 	return udp_ingress(skb, &p, l, cfg);
@@ -1005,7 +1010,7 @@ int toa_lb_backend_egress(struct __sk_buff *skb)
 {
 	__u32 mark = skb->mark;
 	if (!(mark & UOA_MARK))
-		return TC_ACT_OK;
+		return TC_NEXT;
 	skb->mark = mark & ~(UOA_MARK | UOA_INDEX_MASK);
 	return uoa_egress(skb, mark & UOA_INDEX_MASK);
 }
@@ -1022,40 +1027,40 @@ int toa_lb_egress(struct __sk_buff *skb)
 	}
 	struct pkt p;
 	if (parse(skb, &p) < 0 || p.proto != IPPROTO_TCP)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	int synack = (p.flags & (F_SYN | F_ACK)) == (F_SYN | F_ACK);
 	__u32 payload = p.end - p.l4 - p.hlen;
 	if (!synack) {
 		__u32 zero = 0;
 		const struct config *c = bpf_map_lookup_elem(&toa_lb_config, &zero);
 		if (!payload || !c || !(c->flags & CFG_DATA_PLACEMENT))
-			return TC_ACT_OK;
+			return TC_NEXT;
 	}
 	__u32 zero = 0;
 	const struct config *cfg = bpf_map_lookup_elem(&toa_lb_config, &zero);
 	if (!cfg)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	struct flow_key key;
 	flow_key_of(&key, &p, 0);
 	struct flow *f = flow_find(&key, cfg);
 	if (!f)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	if (payload)
 		f->backend_spoke = 1;
 	if (!synack)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	f->backend_isn = p.seq;
 	/* The client must leave room for the option added to its segments. */
 	int optlen = p.hlen - 20;
 	struct scratch *s = scratch();
 	if (!s || load_options(skb, p.l4 + 20, s->old, optlen) < 0)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	__builtin_memcpy(s->opts, s->old, OPT_BUF);
 	if (clamp_area(s, optlen, (f->len + 3) & ~3) <= 0)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	if (rewrite_options(skb, p.l4 + 20, p.l4 + offsetof(struct tcphdr, check), s->old, s->opts, optlen) == 0)
 		count(f->slot, CNT_MSS_CLAMPED);
-	return TC_ACT_OK;
+	return TC_NEXT;
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -449,7 +449,11 @@ int toa_getpeername6(struct bpf_sock_addr *ctx)
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 #define IPPROTO_UDP 17
-#define TC_ACT_OK 0
+/* Whatever the program lets through goes on to the next program on the hook
+ * (TCX_NEXT; with a legacy clsact filter, on as if unclassified): returning
+ * "ok" would end the chain, and other programs on the link (a CNI's) would
+ * not run. */
+#define TC_NEXT (-1)
 #define TC_ACT_SHOT 2
 
 /* Whether a packet from addr (16 bytes, IPv4 as ::ffff:a.b.c.d) is trusted. */
@@ -609,25 +613,25 @@ int toa_udp_ingress(struct __sk_buff *skb)
 {
 	int v4 = skb->protocol == bpf_htons(ETH_P_IP);
 	if (!v4 && skb->protocol != bpf_htons(ETH_P_IPV6))
-		return TC_ACT_OK;
+		return TC_NEXT;
 	/* Every packet of the link comes here (TCP too): the ones that cannot
 	 * carry a UOA leave after a look at the linear head, without a copy. */
 	const __u8 *head = (const __u8 *)(long)skb->data + ETH_HLEN;
 	if ((const void *)(head + 40) <= (const void *)(long)skb->data_end) {
 		if (v4 && head[9] != IPPROTO_UOA_OPP && (head[9] != IPPROTO_UDP || (head[0] & 0x0f) <= 5))
-			return TC_ACT_OK;
+			return TC_NEXT;
 		if (!v4 && head[6] != IPPROTO_UOA_OPP)
-			return TC_ACT_OK;
+			return TC_NEXT;
 	}
 	__u8 ip[40] = {};
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, ip, v4 ? 20 : 40) < 0)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	struct uoa_place at = {};
 	int where = v4 ? place4(skb, ip, &at) : place6(skb, ip, &at);
 	if (where <= 0) {
 		if (where < 0)
 			count(CNT_UDP_MALFORMED);
-		return TC_ACT_OK;
+		return TC_NEXT;
 	}
 	struct udp_key key = {};
 	if (v4) {
@@ -639,12 +643,12 @@ int toa_udp_ingress(struct __sk_buff *skb)
 	__u8 opts[64] = {};
 	__u32 len = at.opts_len;
 	if (len > 40 || (len > 0 && bpf_skb_load_bytes(skb, at.opts_at, opts, len) < 0))
-		return TC_ACT_OK;
+		return TC_NEXT;
 	struct uoa_client c;
 	find_uoa_option(opts, len, &c);
 	__u8 udp[6]; /* ports and length */
 	if (bpf_skb_load_bytes(skb, at.l4, udp, sizeof(udp)) < 0)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	__builtin_memcpy(&key.lb_port, udp, 2);
 	__builtin_memcpy(&key.local_port, udp + 2, 2);
 	if (record_udp(&key, &c) && udp[4] == 0 && udp[5] == 8) {
@@ -655,7 +659,7 @@ int toa_udp_ingress(struct __sk_buff *skb)
 	}
 	if (at.opp)
 		strip_opp(skb, at.opp, v4, ip);
-	return TC_ACT_OK;
+	return TC_NEXT;
 }
 
 /* The flow a datagram from lb_addr:lb_port to the socket belongs to. */
