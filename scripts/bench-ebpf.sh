@@ -17,21 +17,8 @@ rounds=${2:-6}
 cargo build --release -q -p toa-examples --bin accept-bench -p toa-server-shim --bin toa-shim \
     -p toa-lb-injector --bin toa-lb
 bin=./target/release
-if [ -d /sys/fs/bpf/toa ]; then
-    echo "bench-ebpf.sh: the helper is attached already; detach it first" >&2
-    exit 1
-fi
-root=$(awk '$3 == "cgroup2" { print $2 }' /proc/mounts | awk '{ print length, $0 }' | sort -n | head -1 | cut -d' ' -f2)
-cgroup="$root/toa-bench-$$"
-mkdir "$cgroup"
 . scripts/lib/session.sh
-session "tbe$$"
-cleanup() {
-    "$bin/toa-shim" ebpf detach >/dev/null 2>&1 || true
-    session_end
-    rmdir "$cgroup" 2>/dev/null || true
-}
-trap cleanup EXIT
+helper_session "tbe$$"
 
 # (b)'s testbed: client -> toa-lb (TOA in the handshake ACK only) -> backend.
 ./scripts/testbed.sh up "$prefix" 1 >/dev/null

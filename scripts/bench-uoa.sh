@@ -19,21 +19,8 @@ rounds=${2:-6}
 [ "$(id -u)" = 0 ] || { echo "bench-uoa.sh: needs root (it attaches the kernel helper)" >&2; exit 1; }
 cargo build --release -q -p toa-examples --bin udp-bench -p toa-server-shim --bin toa-shim
 bin=$PWD/target/release
-if [ -d /sys/fs/bpf/toa ]; then
-    echo "bench-uoa.sh: the helper is attached already; detach it first" >&2
-    exit 1
-fi
-root=$(awk '$3 == "cgroup2" { print $2 }' /proc/mounts | awk '{ print length, $0 }' | sort -n | head -1 | cut -d' ' -f2)
-cgroup="$root/toa-bench-uoa-$$"
-mkdir "$cgroup"
 . scripts/lib/session.sh
-session "tbu$$"
-cleanup() {
-    "$bin/toa-shim" ebpf detach >/dev/null 2>&1 || true
-    session_end
-    rmdir "$cgroup" 2>/dev/null || true
-}
-trap cleanup EXIT
+helper_session "tbu$$"
 ./scripts/testbed.sh up "$prefix" 1 >/dev/null
 
 port=5400

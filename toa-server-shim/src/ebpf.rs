@@ -769,6 +769,22 @@ mod tests {
         assert_eq!(size_of::<RawMeta>(), 256);
     }
 
+    /// The map sizes the listeners and `UoaSocket` read with raw `bpf(2)`
+    /// calls (`helper.rs`), from the committed object itself.
+    #[test]
+    fn raw_lookups_match_the_maps_in_the_object() {
+        let object = aya_obj::Object::parse(OBJECT).expect("parse bpf/toa.bpf.o");
+        let sizes = |name: &str| {
+            let map = object.maps.get(name).unwrap_or_else(|| panic!("{name} in the object"));
+            (map.key_size(), map.value_size())
+        };
+        assert_eq!(sizes("toa_udp_flows"), (20, 20));
+        assert_eq!(sizes("toa_udp_replies"), (20, 20));
+        assert_eq!(sizes("toa_peers").1, size_of::<RawPeer>() as u32);
+        assert_eq!(sizes("toa_config").1, size_of::<RawConfig>() as u32);
+        assert_eq!(sizes("toa_meta").1, size_of::<RawMeta>() as u32);
+    }
+
     #[test]
     fn trie_keys_map_ipv4() {
         let (prefix, key) = trie_key(&"100.125.0.0/16".parse().unwrap());

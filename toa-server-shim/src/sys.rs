@@ -151,64 +151,58 @@ pub(crate) mod bpf {
         Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
     }
 
+    /// `BPF_MAP_LOOKUP_ELEM` of `key` in `map` into `value`; whether it was there.
+    ///
+    /// # Safety
+    ///
+    /// `key` must point to as many readable bytes as the map's key size, and
+    /// `value` to as many writable bytes as its value size: the kernel reads
+    /// and writes exactly those.
+    unsafe fn lookup(map: std::os::fd::BorrowedFd<'_>, key: *const u8, value: *mut u8) -> bool {
+        use std::os::fd::AsRawFd;
+        let attr = MapElem {
+            map_fd: map.as_raw_fd() as u32,
+            pad: 0,
+            key: key as u64,
+            value: value as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a live, fully initialised prefix of `union bpf_attr`
+        // for this command and its exact size is passed; the pointers in it
+        // are valid for the sizes the kernel uses (this function's contract).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_ELEM,
+                &attr as *const MapElem,
+                size_of::<MapElem>() as libc::c_uint,
+            )
+        };
+        rc == 0
+    }
+
     /// The value of `key` in the hash map `map` (None: no value, or any
-    /// error). `V` must be the map's value size: the kernel writes that many
-    /// bytes (the helper's UDP maps: 20-byte keys and values).
+    /// error). `K` and `V` must be the map's key and value sizes (the
+    /// helper's UDP maps: 20 bytes each, checked against the C structs).
     pub(crate) fn lookup_bytes<const K: usize, const V: usize>(
         map: std::os::fd::BorrowedFd<'_>,
         key: &[u8; K],
     ) -> Option<[u8; V]> {
-        use std::os::fd::AsRawFd;
         let mut value = [0u8; V];
-        let attr = MapElem {
-            map_fd: map.as_raw_fd() as u32,
-            pad: 0,
-            key: key.as_ptr() as u64,
-            value: value.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: `attr` is a live, fully initialised prefix of `union bpf_attr`
-        // for this command, its exact size is passed; `key` points to K live
-        // bytes and `value` to V writable ones, the sizes of the map's key
-        // and value (the caller's contract, checked against the C structs in
-        // the tests); the kernel reads and writes exactly those.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_ELEM,
-                &attr as *const MapElem,
-                size_of::<MapElem>() as libc::c_uint,
-            )
-        };
-        (rc == 0).then_some(value)
+        // SAFETY: K readable bytes at `key`, V writable at `value`: the
+        // map's sizes, as the caller promises.
+        unsafe { lookup(map, key.as_ptr(), value.as_mut_ptr()) }.then_some(value)
     }
 
     /// The socket storage's value for socket `sock` (None: no value, or any error).
     pub(crate) fn lookup_peer(map: std::os::fd::BorrowedFd<'_>, sock: libc::c_int) -> Option<Peer> {
-        use std::os::fd::AsRawFd;
         let mut value = Peer::default();
-        let attr = MapElem {
-            map_fd: map.as_raw_fd() as u32,
-            pad: 0,
-            key: &sock as *const libc::c_int as u64,
-            value: &mut value as *mut Peer as u64,
-            flags: 0,
-        };
-        // SAFETY: `attr` is a live, fully initialised prefix of `union bpf_attr`
-        // for this command, its exact size is passed; `key` points to a live
-        // c_int (the key of a socket storage map is a socket fd) and `value`
-        // to a live `Peer`, whose size is the map's value size (44 bytes,
-        // checked against the C struct in the tests); the kernel writes
-        // exactly that many bytes there.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_ELEM,
-                &attr as *const MapElem,
-                size_of::<MapElem>() as libc::c_uint,
-            )
-        };
-        (rc == 0).then_some(value)
+        // SAFETY: the key of a socket storage map is a socket fd (a live
+        // c_int here); `value` is a live `Peer`, whose size is the map's value
+        // size (44 bytes, checked against the C struct in the tests).
+        let found =
+            unsafe { lookup(map, (&sock as *const libc::c_int).cast(), (&mut value as *mut Peer).cast()) };
+        found.then_some(value)
     }
 }
 

@@ -318,6 +318,25 @@ fn ask(bed: &Testbed) -> (SocketAddr, String) {
     ask_vip(bed, VIP)
 }
 
+/// Sends `count` datagrams "who" to the UDP `vip` from one socket of the
+/// client namespace; returns the socket's address and the replies as text.
+fn ask_udp(bed: &Testbed, vip: &str, count: usize) -> (SocketAddr, Vec<String>) {
+    run_in(&bed.ns("client"), || {
+        let socket = UdpSocket::bind(if vip.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
+        socket.connect(vip).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 128];
+        let replies: Vec<String> = (0..count)
+            .map(|_| {
+                socket.send(b"who").unwrap();
+                let n = socket.recv(&mut buf).expect("a reply through the LB");
+                String::from_utf8_lossy(&buf[..n]).into_owned()
+            })
+            .collect();
+        (socket.local_addr().unwrap(), replies)
+    })
+}
+
 fn ask_vip(bed: &Testbed, vip: &str) -> (SocketAddr, String) {
     run_in(&bed.ns("client"), || {
         let mut stream = TcpStream::connect_timeout(&vip.parse().unwrap(), Duration::from_secs(10))

@@ -18,7 +18,7 @@ use toa_testkit::cgroup::Cgroup;
 use toa_testkit::netns::run_in;
 use toa_testkit::require_root;
 
-use super::{Case, Dp, config_text, ctl_output, start_lb_text};
+use super::{Case, Dp, ask_udp, config_text, ctl_output, start_lb_text};
 
 /// The helper, detached on drop (also when the test fails).
 struct Attached;
@@ -287,20 +287,7 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
         socket.stats()
     });
     for vip in ["203.0.113.10:65", "[2001:db8:c::10]:65"] {
-        let (client, replies) = run_in(&case.bed.ns("client"), || {
-            let socket = UdpSocket::bind(if vip.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
-            socket.connect(vip).unwrap();
-            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut buf = [0u8; 128];
-            let replies: Vec<String> = (0..4)
-                .map(|_| {
-                    socket.send(b"who").unwrap();
-                    let n = socket.recv(&mut buf).expect("a reply through the LB");
-                    String::from_utf8_lossy(&buf[..n]).into_owned()
-                })
-                .collect();
-            (socket.local_addr().unwrap(), replies)
-        });
+        let (client, replies) = ask_udp(&case.bed, vip, 4);
         // As the dual-stack socket shows it: an IPv4 client as ::ffff:a.b.c.d.
         let client = match client {
             SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),

@@ -8,7 +8,9 @@ use std::time::Duration;
 use toa_testkit::netns::run_in;
 use toa_testkit::require_root;
 
-use super::{Case, Dp, UDP_VIP, ask, ask_vip, config_text, ctl_output, leftovers, start_lb, start_lb_text};
+use super::{
+    Case, Dp, UDP_VIP, ask, ask_udp, ask_vip, config_text, ctl_output, leftovers, start_lb, start_lb_text,
+};
 
 /// The pnet fallback datapath (`datapath = "pnet"`) serves the same: TOA over
 /// IPv4 and IPv6, and UDP.
@@ -169,20 +171,7 @@ fn ring_writes_uoa() {
         }
         socket.stats()
     });
-    let (client, replies) = run_in(&bed.ns("client"), || {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket.connect("203.0.113.10:54").unwrap();
-        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut buf = [0u8; 128];
-        let replies: Vec<String> = (0..5)
-            .map(|_| {
-                socket.send(b"who").unwrap();
-                let n = socket.recv(&mut buf).expect("a reply through the LB");
-                String::from_utf8_lossy(&buf[..n]).into_owned()
-            })
-            .collect();
-        (socket.local_addr().unwrap(), replies)
-    });
+    let (client, replies) = ask_udp(bed, "203.0.113.10:54", 5);
     assert_eq!(replies, vec![format!("{client} uoa"); 5]);
     let stats = server.join().unwrap();
     assert_eq!((stats.received, stats.uoa, stats.remembered), (5, 3, 2), "{stats:?}");

@@ -311,6 +311,23 @@ impl Injector {
     /// Attaches both programs to `interface` (ingress and egress). They stay
     /// attached while this value lives (or its links are pinned).
     pub fn attach(&mut self, interface: &str) -> Result<(), InjectError> {
+        self.attach_programs(interface, &PROGRAMS)?;
+        self.interface = Some(interface.to_owned());
+        Ok(())
+    }
+
+    /// Attaches the backends' egress program to `interface`, the one that
+    /// faces the backends when it is not the clients' (UOA goes in there,
+    /// after the kernel's NAT). It stays attached while this value lives.
+    pub fn attach_egress(&mut self, interface: &str) -> Result<(), InjectError> {
+        self.attach_programs(interface, &[(BACKEND_EGRESS, TcAttachType::Egress)])
+    }
+
+    fn attach_programs(
+        &mut self,
+        interface: &str,
+        programs: &[(&'static str, TcAttachType)],
+    ) -> Result<(), InjectError> {
         check_interface(interface)?;
         detach_stale(interface);
         if !has_tcx() {
@@ -324,38 +341,13 @@ impl Injector {
                 }
             }
         }
-        for (name, at) in PROGRAMS {
+        for &(name, at) in programs {
             let program: &mut SchedClassifier =
                 self.ebpf.program_mut(name).ok_or_else(missing(name))?.try_into().map_err(bpf_err(name))?;
             let id =
                 program.attach(interface, at).map_err(bpf_err(format!("attach {name} to {interface}")))?;
             self.links.push((name, id));
         }
-        self.interface = Some(interface.to_owned());
-        Ok(())
-    }
-
-    /// Attaches the egress program also to `interface`, the one that faces
-    /// the backends when it is not the clients' (UOA goes in there, after
-    /// the kernel's NAT). It stays attached while this value lives.
-    pub fn attach_egress(&mut self, interface: &str) -> Result<(), InjectError> {
-        check_interface(interface)?;
-        detach_stale(interface);
-        if !has_tcx() {
-            if let Err(e) = tc::qdisc_add_clsact(interface) {
-                if !e.to_string().contains("exist") {
-                    return Err(InjectError::Bpf(
-                        format!("add a clsact qdisc to {interface}"),
-                        e.to_string(),
-                    ));
-                }
-            }
-        }
-        let (name, at) = (BACKEND_EGRESS, TcAttachType::Egress);
-        let program: &mut SchedClassifier =
-            self.ebpf.program_mut(name).ok_or_else(missing(name))?.try_into().map_err(bpf_err(name))?;
-        let id = program.attach(interface, at).map_err(bpf_err(format!("attach {name} to {interface}")))?;
-        self.links.push((name, id));
         Ok(())
     }
 
