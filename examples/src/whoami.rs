@@ -37,13 +37,18 @@ impl Options {
         })
     }
 
+    /// The trust policy, or the reason there is none.
+    pub fn policy(&self) -> Result<TrustPolicy, NoTrustConfigured> {
+        if self.trust_any {
+            Ok(TrustPolicy::any())
+        } else {
+            TrustPolicy::new(self.trust.iter().cloned().collect())
+        }
+    }
+
     /// The listener configuration, or the reason there is none.
     pub fn config(&self) -> Result<Config, NoTrustConfigured> {
-        let policy = if self.trust_any {
-            TrustPolicy::any()
-        } else {
-            TrustPolicy::new(self.trust.iter().cloned().collect())?
-        };
+        let policy = self.policy()?;
         let formats = self.formats.iter().fold(Formats::NONE, |f, format| f.with(*format));
         Ok(Config::new(policy).formats(formats).mode(self.source).proxy_protocol(self.proxy_protocol))
     }

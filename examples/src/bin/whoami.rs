@@ -4,6 +4,10 @@
 //! whoami --listen 0.0.0.0:8080 --trust huawei-elb [--source auto|saved-syn|none] [--runtime std|tokio]
 //! client=203.0.113.7:40000 lb=100.125.0.1:40000 source=saved-syn
 //! ```
+//!
+//! `--runtime udp` answers every UDP datagram instead, through a
+//! `toa_server_shim::uoa::UoaSocket` (UOA: `ipo` on its own, both formats
+//! with the kernel helper attached), with the same line and `source=uoa`.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -28,6 +32,8 @@ enum Runtime {
     Std,
     /// `toa_server_shim::tokio::ToaListener`.
     Tokio,
+    /// UDP: `toa_server_shim::uoa::UoaSocket`, a line per datagram.
+    Udp,
 }
 
 fn line(peer: &PeerInfo) -> String {
@@ -43,6 +49,13 @@ fn main() -> ExitCode {
     let result = match cli.runtime {
         Runtime::Std => serve_std(&cli.options.listen, config),
         Runtime::Tokio => serve_tokio(&cli.options.listen, config),
+        Runtime::Udp => match cli.options.policy() {
+            Ok(policy) => serve_udp(&cli.options.listen, policy),
+            Err(e) => {
+                eprintln!("whoami: {e}");
+                return ExitCode::from(2);
+            }
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,4 +104,18 @@ fn serve_tokio(listen: &str, config: toa_server_shim::Config) -> std::io::Result
             }
         }
     })
+}
+
+fn serve_udp(listen: &str, policy: toa_server_shim::TrustPolicy) -> std::io::Result<()> {
+    let socket = toa_server_shim::uoa::UoaSocket::bind(listen, policy)?;
+    eprintln!("whoami: listening on {} (udp)", socket.local_addr()?);
+    let mut buf = [0u8; 65536];
+    loop {
+        let (_, peer) = socket.recv_from(&mut buf)?;
+        let line = format!("client={} lb={} source={}\n", peer.client, peer.lb, peer.source);
+        // A reply to the client goes back through the LB that spoke for it.
+        if let Err(e) = socket.send_to(line.as_bytes(), peer.client) {
+            eprintln!("whoami: reply to {}: {e}", peer.client);
+        }
+    }
 }

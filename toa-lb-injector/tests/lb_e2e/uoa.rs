@@ -74,6 +74,20 @@ impl Server {
     fn printed(&self, text: &str) -> bool {
         self.lines.lock().unwrap().iter().any(|l| l.contains(text))
     }
+
+    /// Whether the server prints `text` within 3 s: a server prints before
+    /// it answers, but its output reaches us through a pipe and a thread, so
+    /// an answer can come first.
+    fn saw(&self, text: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !self.printed(text) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
 }
 
 /// An unmodified UDP echo server: `recvfrom`, then `sendto` the same bytes
@@ -107,6 +121,7 @@ fn uoa_config(dp: Dp) -> String {
         ("203.0.113.10:64", "opp", "100.125.2.1:5364"),
         ("203.0.113.10:65", "opp", "100.125.2.1:5365"),
         ("[2001:db8:c::10]:65", "opp", "[2001:db8:64::2:1]:5365"),
+        ("203.0.113.10:66", "opp", "100.125.2.1:5366"),
     ] {
         text.push_str(&format!(
             "\n[[listener]]\nvip = \"{vip}\"\nprotocol = \"udp\"\nobtain_client_ip = \"uoa\"\nuoa_format = \"{format}\"\n\n[[listener.backend]]\naddress = \"{backend}\"\n"
@@ -235,7 +250,7 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
         let (client, good) = exchange(&case, vip, 1000, max);
         assert_eq!(good, 1000, "{vip}: every reply, byte for byte, through the LB");
         let shown = format!("peer {}{} {}", if mapped { "::ffff:" } else { "" }, client.ip(), client.port());
-        assert!(server.printed(&shown), "{vip}: recvfrom saw {:?}, not {client}", server.lines());
+        assert!(server.saw(&shown), "{vip}: recvfrom saw {:?}, not {client}", server.lines());
         assert!(
             !server.printed("peer 100.125.") && !server.printed("peer ::ffff:100.125."),
             "{:?}",
@@ -255,17 +270,17 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
             let (client, good, empty) = exchange_sizes(&case, vip, &[max; 5]);
             assert_eq!((good, empty), (5, 0), "{vip}: full-sized datagrams echoed, no empty one");
             let shown = format!("peer {}{} {}", if mapped { "::ffff:" } else { "" }, client.ip(), client.port());
-            assert!(server.printed(&shown), "{vip}: recvfrom saw {:?}, not {client}", server.lines());
+            assert!(server.saw(&shown), "{vip}: recvfrom saw {:?}, not {client}", server.lines());
         }
         assert_eq!(counter("udp_carriers"), carriers + 9, "3 carriers per flow, dropped");
     }
 
     let (client, good) = exchange(&case, "203.0.113.10:63", 100, mtu - 28);
     assert_eq!(good, 100, "socat, connected to the client (so to the LB), echoes");
-    assert!(socat.printed(&format!("{client}")), "socat's recvfrom saw: {:?}", socat.lines());
+    assert!(socat.saw(&format!("{client}")), "socat's recvfrom saw: {:?}", socat.lines());
     let (_, good) = exchange(&case, "203.0.113.10:64", 10, 100);
     assert_eq!(good, 10);
-    assert!(outside.printed("peer 100.125.1."), "outside the cgroup: the LB, {:?}", outside.lines());
+    assert!(outside.saw("peer 100.125.1."), "outside the cgroup: the LB, {:?}", outside.lines());
     assert!(counter("udp_found") >= 3 * 4, "3 UOAs per flow");
     assert!(counter("udp_stripped") >= 3 * 4, "opp headers removed");
     assert!(counter("udp_received") >= 3000 && counter("udp_sent") >= 3000);
@@ -301,6 +316,23 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
     let stats = uoa_server.join().unwrap();
     assert_eq!((stats.received, stats.helper), (8, 8), "{stats:?}");
 
+    // A UoaSocket inside the cgroup (whoami --runtime udp): the kernel already
+    // shows it the client, and the helper's map names the LB.
+    let whoami = std::path::Path::new(env!("CARGO_BIN_EXE_toa-lb")).with_file_name("whoami");
+    assert!(whoami.exists(), "{} is not built (cargo build -p toa-examples)", whoami.display());
+    let _whoami = Server::start(
+        inside.command_in(
+            &ns,
+            whoami.to_str().unwrap(),
+            &["--listen", "0.0.0.0:5366", "--runtime", "udp", "--trust", "100.125.0.0/16"],
+        ),
+        "listening on",
+    );
+    let (client, replies) = ask_udp(&case.bed, "203.0.113.10:66", 4);
+    for reply in &replies {
+        assert!(reply.starts_with(&format!("client={client} lb=100.125.1.")) && reply.ends_with(" source=uoa\n"), "{reply:?}");
+    }
+
     // A forged UOA from a source outside the trust list (the LB's own
     // 100.125.0.1, not its SNAT pool) is ignored and counted.
     let untrusted = counter("udp_untrusted");
@@ -316,7 +348,7 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
         assert_eq!(&buf[..n], b"forged");
     });
     assert_eq!(counter("udp_untrusted"), untrusted + 1);
-    assert!(v4.printed("peer 100.125.0.1 "), "{:?}", v4.lines());
+    assert!(v4.saw("peer 100.125.0.1 "), "{:?}", v4.lines());
     assert!(!v4.printed("203.0.113.99"), "{:?}", v4.lines());
 
     // A client's own UOA, ipo (an IPv4 option) and opp (a raw protocol-248
@@ -353,7 +385,7 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
         echoed
     });
     assert_eq!(own, ["own-ipo", "own-opp"], "both echoed through the LB");
-    assert!(v4.printed("peer 203.0.113.2 41234"), "{:?}", v4.lines());
+    assert!(v4.saw("peer 203.0.113.2 41234"), "{:?}", v4.lines());
     assert!(!v4.printed("203.0.113.99"), "a client's own UOA reached the server: {:?}", v4.lines());
 
     // The LB's counters: the flow of 1,000 datagrams got its 3 UOAs (and,
@@ -378,7 +410,10 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
         assert!(out.status.success(), "{out:?}");
         let (client, good) = exchange(&case, "203.0.113.10:62", 5, 10);
         assert_eq!(good, 5, "{mode}");
-        assert_eq!(v4.printed(&format!("peer {} {}", client.ip(), client.port())), named, "{mode}: {:?}", v4.lines());
+        let stats = String::from_utf8_lossy(&ctl_output(&case.dir, "stats").stdout).into_owned();
+        let line = stats.lines().find(|l| l.starts_with("udp/203.0.113.10:62 ")).unwrap_or_default().to_owned();
+        let shown = if named { v4.saw(&format!("peer {} {}", client.ip(), client.port())) } else { v4.printed(&format!("peer {} {}", client.ip(), client.port())) };
+        assert_eq!(shown, named, "{mode}, {client}: {:?}\nLB: {line}\nhelper: {:?}", v4.lines(), ebpf::status().map(|s| s.to_string()));
     }
 
     // Detached: no pins, no program on the link.
@@ -436,7 +471,7 @@ fn udp_flow_flood_stays_bounded() {
     });
     assert_eq!(flooded, 5000);
     assert_eq!(served, 50, "the real client got every reply through the LB");
-    assert!(server.printed(&format!("peer {} {}", real.ip(), real.port())), "{:?}", &server.lines()[..3]);
+    assert!(server.saw(&format!("peer {} {}", real.ip(), real.port())), "{:?}", &server.lines()[..3]);
     let udp = ebpf::status().expect("status").udp.expect("udp attached");
     assert!(udp.flows <= udp.max_flows && udp.max_flows >= 1024, "{udp:?}");
     assert!(udp.flows >= 512, "the map filled up to near its bound: {udp:?}");
