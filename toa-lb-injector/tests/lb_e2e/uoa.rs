@@ -133,7 +133,7 @@ fn uoa_config(dp: Dp) -> String {
 /// Sends `count` datagrams of 1 byte up to `max` bytes (each different) to
 /// `vip` from one socket of the client namespace; returns the socket's
 /// address and how many replies came back byte for byte.
-fn exchange(case: &Case, vip: &str, count: usize, max: usize) -> (SocketAddr, usize) {
+pub(super) fn exchange(case: &Case, vip: &str, count: usize, max: usize) -> (SocketAddr, usize) {
     let sizes: Vec<usize> = (0..count).map(|i| 1 + i * (max - 1) / (count - 1).max(1)).collect();
     let (client, good, empty) = exchange_sizes(case, vip, &sizes);
     assert_eq!(empty, 0, "an empty datagram came back");

@@ -163,16 +163,28 @@ fn ring_writes_uoa() {
     let socket =
         run_in(&bed.ns("be1"), || toa_server_shim::uoa::UoaSocket::bind("100.125.2.1:5354", policy)).unwrap();
     let server = std::thread::spawn(move || {
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; 2048];
         for _ in 0..5 {
             let (_, peer) = socket.recv_from(&mut buf).unwrap();
             let reply = format!("{} {}", peer.client, peer.source);
             socket.send_to(reply.as_bytes(), peer.client).unwrap();
         }
-        socket.stats()
+        let stats = socket.stats();
+        // Then an echo server, until 2 s of silence: the clients it saw.
+        socket.get_ref().set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut clients = std::collections::BTreeSet::new();
+        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            clients.insert(peer.client);
+            socket.send_to(&buf[..n], peer.client).unwrap();
+        }
+        (stats, clients)
     });
     let (client, replies) = ask_udp(bed, "203.0.113.10:54", 5);
     assert_eq!(replies, vec![format!("{client} uoa"); 5]);
-    let stats = server.join().unwrap();
+    // 1,000 datagrams of 1 byte up to the MTU, byte for byte, from one more client.
+    let (echoed_client, good) = super::uoa::exchange(&case, "203.0.113.10:54", 1000, 1472);
+    assert_eq!(good, 1000, "every datagram echoed by the UoaSocket through the LB");
+    let (stats, clients) = server.join().unwrap();
     assert_eq!((stats.received, stats.uoa, stats.remembered), (5, 3, 2), "{stats:?}");
+    assert_eq!(clients.into_iter().collect::<Vec<_>>(), [echoed_client], "every datagram named its client");
 }
