@@ -84,6 +84,7 @@
 #define CNT_UOA_INJECTED 6 /* UOAs written into datagrams */
 #define CNT_UOA_NO_ROOM 7  /* datagrams that should have carried one and had no room */
 #define CNT_UOA_STRIPPED 8 /* UOAs clients sent, removed */
+#define CNT_UOA_CARRIERS 9 /* empty datagrams sent only to carry a UOA */
 #define NR_COUNTERS 10
 #define MAX_LISTENERS 1024
 
@@ -848,11 +849,185 @@ static __always_inline int strip_client_opp(struct __sk_buff *skb)
 	return 1;
 }
 
+/* The UOA as it goes on the wire: an opp header and the option, or the
+ * option alone (ipo, in the first 20 bytes). Typed fields, not bytes at
+ * offsets: clang turns &buf[k] on an aligned stack buffer into an OR on the
+ * pointer, which the verifier refuses. An IPv4 client's address is 4 bytes
+ * followed by zeros in the key: the option's length cuts it there. */
+struct uoa_bytes {
+	__u8 version;
+	__u8 protocol;
+	__u16 length;
+	__u8 code;
+	__u8 len;
+	__u16 port;
+	__u32 addr[4];
+};
+
+static __always_inline void uoa_bytes_of(struct uoa_bytes *uoa, const struct flow_key *key, int opp, __u32 grow)
+{
+	int client4 = key->family == 4;
+	__u8 option = client4 ? 8 : 20;
+	if (opp) {
+		uoa->version = (client4 ? 1 : 2) << 4;
+		uoa->protocol = IPPROTO_UDP;
+		uoa->length = bpf_htons(grow);
+		uoa->code = IPOPT_UOA;
+		uoa->len = option;
+		uoa->port = key->cport;
+		uoa->addr[0] = key->client[0];
+		uoa->addr[1] = key->client[1];
+		uoa->addr[2] = key->client[2];
+		uoa->addr[3] = key->client[3];
+	} else {
+		uoa->version = IPOPT_UOA;
+		uoa->protocol = option;
+		uoa->length = key->cport;
+		uoa->code = ((const __u8 *)key->client)[0];
+		uoa->len = ((const __u8 *)key->client)[1];
+		uoa->port = ((const __u16 *)key->client)[1];
+		uoa->addr[0] = key->client[1];
+		uoa->addr[1] = key->client[2];
+		uoa->addr[2] = key->client[3];
+	}
+}
+
+/* Writes `uoa` (grow bytes) right after the fixed IP header of the UDP
+ * datagram p and fixes the IP header. bpf_skb_adjust_room makes the room
+ * there and leaves the UDP header where it was, so a CHECKSUM_PARTIAL skb's
+ * csum_start stays right; the UDP checksum covers none of it. 0, -1 when
+ * nothing was changed, -2 when the room was made but not filled. */
+static __always_inline int write_uoa(struct __sk_buff *skb, const struct pkt *p, const struct uoa_bytes *uoa,
+				     int opp, __u32 grow)
+{
+	if (bpf_skb_adjust_room(skb, (__s32)grow, BPF_ADJ_ROOM_NET, 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, p->l3 + (p->l4 - p->l3), uoa, grow == 8 ? 8 : grow == 12 ? 12 : grow == 20 ? 20 : 24, 0) < 0)
+		return -2;
+	if (p->family == 4) {
+		__u8 vihl = opp ? 0x45 : 0x40 | ((20 + grow) / 4);
+		__u8 proto = opp ? IPPROTO_UOA_OPP : IPPROTO_UDP;
+		__u16 tot = bpf_htons(p->end - p->l3 + grow);
+		bpf_skb_store_bytes(skb, p->l3, &vihl, 1, 0);
+		bpf_skb_store_bytes(skb, p->l3 + 2, &tot, 2, 0);
+		bpf_skb_store_bytes(skb, p->l3 + 9, &proto, 1, 0);
+		ipv4_checksum(skb, p->l3, opp ? 20 : 20 + grow);
+	} else {
+		__u8 next = IPPROTO_UOA_OPP;
+		__u16 plen = bpf_htons(p->end - p->l4 + grow);
+		bpf_skb_store_bytes(skb, p->l3 + 4, &plen, 2, 0);
+		bpf_skb_store_bytes(skb, p->l3 + 6, &next, 1, 0);
+	}
+	return 0;
+}
+
+/* The payload bytes a carrier can stand in for (a jumbo frame's). */
+#define CARRIER_MAX 9216
+#define CSUM_CHUNK 512
+
+/* What a datagram was before it became a carrier, to put it back. */
+struct carrier_scratch {
+	__u8 ip[40];
+	__u8 udp[8];
+	__u8 payload[CARRIER_MAX + 4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct carrier_scratch);
+} toa_lb_carrier SEC(".maps");
+
+/* The negated one's-complement sum of s->payload[0..len) (zero padded to a
+ * multiple of 4), in the chunks bpf_csum_diff takes: the diff that takes the
+ * payload out of a checksum. */
+__noinline int payload_sum(struct carrier_scratch *s, __u32 len)
+{
+	if (!s || len > CARRIER_MAX)
+		return 0;
+	__u32 len4 = (len + 3) & ~3U;
+	__s64 sum = 0;
+	for (int c = 0; c < CARRIER_MAX / CSUM_CHUNK; c++) {
+		__u32 off = c * CSUM_CHUNK;
+		if (off >= len4)
+			break;
+		__u32 n = len4 - off; /* a multiple of 4, at least 4 */
+		if (n > CSUM_CHUNK)
+			n = CSUM_CHUNK;
+		/* 4..512 in a form the verifier can bound */
+		__u32 size = ((n - 4) & (CSUM_CHUNK - 4)) + 4;
+		sum = bpf_csum_diff((__be32 *)(s->payload + off), size, 0, 0, (__wsum)sum);
+		if (sum < 0)
+			return 0;
+	}
+	return (int)sum;
+}
+
+/* DPVS's answer to a datagram with no room for the UOA, at egress: an empty
+ * datagram of the flow that carries it, sent just before (the backend learns
+ * the client first). The datagram itself becomes the carrier (payload cut,
+ * lengths and checksum moved by the helpers, which handle a PARTIAL and a
+ * full checksum alike, the UOA written), a clone of it goes out now
+ * (bpf_clone_redirect, unmarked: it passes through here untouched), then the
+ * datagram is put back byte for byte from a per-CPU copy and goes on.
+ * 1 when the carrier went. */
+static __always_inline int send_carrier(struct __sk_buff *skb, const struct pkt *p, const struct uoa_bytes *uoa,
+					int opp, __u32 grow)
+{
+	__u32 zero = 0;
+	struct carrier_scratch *s = bpf_map_lookup_elem(&toa_lb_carrier, &zero);
+	__u32 hlen = p->l4 - p->l3;
+	__u32 udp_len = p->end - p->l4;
+	if (!s || udp_len <= 8 || udp_len - 8 > CARRIER_MAX || (hlen != 20 && hlen != 40))
+		return 0;
+	__u32 len = udp_len - 8;
+	__u32 skb_len = skb->len;
+	if (bpf_skb_load_bytes(skb, p->l3, s->ip, hlen == 20 ? 20 : 40) < 0 ||
+	    bpf_skb_load_bytes(skb, p->l4, s->udp, 8) < 0 ||
+	    bpf_skb_load_bytes(skb, p->l4 + 8, s->payload, len & 0x3fff) < 0)
+		return 0;
+	__builtin_memset(s->payload + (len & 0x3fff), 0, 4); /* the padding the sum reads */
+	__u32 removed = payload_sum(s, len);
+
+	/* The datagram becomes an empty one of the same flow. */
+	if (bpf_skb_change_tail(skb, p->l4 + 8, 0) < 0)
+		return 0;
+	__u16 old_len = bpf_htons(udp_len), new_len = bpf_htons(8);
+	__u32 check = p->l4 + 6;
+	bpf_skb_store_bytes(skb, p->l4 + 4, &new_len, 2, 0);
+	bpf_l4_csum_replace(skb, check, old_len, new_len, BPF_F_MARK_MANGLED_0 | 2);
+	bpf_l4_csum_replace(skb, check, old_len, new_len, BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR | 2);
+	bpf_l4_csum_replace(skb, check, 0, removed, BPF_F_MARK_MANGLED_0); /* a diff: the payload's negated sum */
+	struct pkt c = *p;
+	c.end = p->l4 + 8;
+	if (p->family == 4) {
+		__u16 tot = bpf_htons(hlen + 8);
+		bpf_skb_store_bytes(skb, p->l3 + 2, &tot, 2, 0);
+		ipv4_checksum(skb, p->l3, 20);
+	} else {
+		bpf_skb_store_bytes(skb, p->l3 + 4, &new_len, 2, 0);
+	}
+	int sent = 0;
+	int written = write_uoa(skb, &c, uoa, opp, grow);
+	if (written == 0)
+		sent = bpf_clone_redirect(skb, skb->ifindex, 0) == 0;
+
+	/* And back, byte for byte. */
+	if (written != -1 && bpf_skb_adjust_room(skb, -(__s32)grow, BPF_ADJ_ROOM_NET, 0) < 0)
+		return -1;
+	if (bpf_skb_change_tail(skb, skb_len, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, p->l3, s->ip, hlen == 20 ? 20 : 40, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, p->l4, s->udp, 8, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, p->l4 + 8, s->payload, len & 0x3fff, 0) < 0)
+		return -1;
+	return sent;
+}
+
 /* Writes the UOA naming the flow at `index` into a datagram at egress, after
  * NAT: an opp header (or, IPv4 with no options and format ipo, an IPv4
- * option) right after the fixed IP header. bpf_skb_adjust_room makes the
- * room there and leaves the UDP header where it was, so a CHECKSUM_PARTIAL
- * skb's csum_start stays right; the UDP checksum covers none of it. */
+ * option) right after the fixed IP header; past the MTU, a carrier goes
+ * ahead of the datagram instead. */
 static __always_inline int uoa_egress(struct __sk_buff *skb, __u32 index)
 {
 	struct flow_slot *fs = bpf_map_lookup_elem(&toa_lb_flows, &index);
@@ -862,74 +1037,29 @@ static __always_inline int uoa_egress(struct __sk_buff *skb, __u32 index)
 	struct pkt p;
 	if (parse(skb, &p) < 0 || p.proto != IPPROTO_UDP)
 		return TC_NEXT;
-	int client4 = fs->key.family == 4;
 	int opp = fs->flow.kind == UOA_OPP || p.family == 6;
 	__u32 hlen = p.l4 - p.l3;
-	__u32 option = client4 ? 8 : 20;
-	__u32 grow = opp ? OPP_HEADER_LEN + option : option;
+	__u32 grow = (opp ? OPP_HEADER_LEN : 0) + (fs->key.family == 4 ? 8 : 20);
+	struct uoa_bytes uoa = {};
+	uoa_bytes_of(&uoa, &fs->key, opp, grow);
 	__u32 mtu = 0;
-	if ((!opp && hlen != 20) || skb->gso_segs > 1 ||
-	    bpf_check_mtu(skb, 0, &mtu, (__s32)grow, 0) != BPF_MTU_CHK_RET_SUCCESS) {
+	if ((!opp && hlen != 20) || skb->gso_segs > 1) {
 		count(slot, CNT_UOA_NO_ROOM);
 		return TC_NEXT;
 	}
-	/* Typed fields, not bytes at offsets: clang turns &buf[k] on an aligned
-	 * stack buffer into an OR on the pointer, which the verifier refuses.
-	 * An IPv4 client's address is 4 bytes followed by zeros in the key: the
-	 * option's length cuts it there. */
-	struct {
-		__u8 version; /* opp: the header, then the option */
-		__u8 protocol;
-		__u16 length;
-		__u8 code;
-		__u8 len;
-		__u16 port;
-		__u32 addr[4];
-	} uoa = {};
-	if (opp) {
-		uoa.version = (client4 ? 1 : 2) << 4;
-		uoa.protocol = IPPROTO_UDP;
-		uoa.length = bpf_htons(grow);
-		uoa.code = IPOPT_UOA;
-		uoa.len = option;
-		uoa.port = fs->key.cport;
-		uoa.addr[0] = fs->key.client[0];
-		uoa.addr[1] = fs->key.client[1];
-		uoa.addr[2] = fs->key.client[2];
-		uoa.addr[3] = fs->key.client[3];
-	} else {
-		/* ipo: the option alone, in the first 20 bytes */
-		uoa.version = IPOPT_UOA;
-		uoa.protocol = option;
-		uoa.length = fs->key.cport;
-		uoa.code = ((__u8 *)fs->key.client)[0];
-		uoa.len = ((__u8 *)fs->key.client)[1];
-		uoa.port = ((__u16 *)fs->key.client)[1];
-		uoa.addr[0] = fs->key.client[1];
-		uoa.addr[1] = fs->key.client[2];
-		uoa.addr[2] = fs->key.client[3];
-	}
-	if (bpf_skb_adjust_room(skb, (__s32)grow, BPF_ADJ_ROOM_NET, 0) < 0) {
+	if (bpf_check_mtu(skb, 0, &mtu, (__s32)grow, 0) != BPF_MTU_CHK_RET_SUCCESS) {
 		count(slot, CNT_UOA_NO_ROOM);
+		int sent = send_carrier(skb, &p, &uoa, opp, grow);
+		if (sent < 0)
+			return TC_ACT_SHOT; /* could not be put back: it must not go half made */
+		if (sent)
+			count(slot, CNT_UOA_CARRIERS);
 		return TC_NEXT;
 	}
-	if (bpf_skb_store_bytes(skb, p.l3 + hlen, &uoa, grow == 8 ? 8 : grow == 12 ? 12 : grow == 20 ? 20 : 24, 0) < 0)
+	int written = write_uoa(skb, &p, &uoa, opp, grow);
+	if (written == -2)
 		return TC_ACT_SHOT; /* the room is made: a datagram with garbage in it must not go */
-	if (p.family == 4) {
-		__u8 vihl = opp ? 0x45 : 0x40 | ((20 + grow) / 4);
-		__u8 proto = opp ? IPPROTO_UOA_OPP : IPPROTO_UDP;
-		__u16 tot = bpf_htons(p.end - p.l3 + grow);
-		bpf_skb_store_bytes(skb, p.l3, &vihl, 1, 0);
-		bpf_skb_store_bytes(skb, p.l3 + 2, &tot, 2, 0);
-		bpf_skb_store_bytes(skb, p.l3 + 9, &proto, 1, 0);
-		ipv4_checksum(skb, p.l3, opp ? 20 : 20 + grow);
-	} else {
-		__u8 next = IPPROTO_UOA_OPP;
-		__u16 plen = bpf_htons(p.end - p.l4 + grow);
-		bpf_skb_store_bytes(skb, p.l3 + 4, &plen, 2, 0);
-		bpf_skb_store_bytes(skb, p.l3 + 6, &next, 1, 0);
-	}
-	count(slot, CNT_UOA_INJECTED);
+	count(slot, written == 0 ? CNT_UOA_INJECTED : CNT_UOA_NO_ROOM);
 	return TC_NEXT;
 }
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
-"""Checks the TCP checksum of every segment an interface receives, for the
-kernel datapath's end-to-end test (an oracle apart from the project's code).
+"""Checks the TCP and UDP checksum of every segment and datagram an
+interface receives, for the kernel datapath's end-to-end tests (an oracle
+apart from the project's code). A UDP datagram may carry a UOA: an IPv4
+option (outside the checksum) or an opp header (IP protocol 248, skipped:
+the UDP checksum's pseudo-header says 17).
 
 Usage: checksums.py IFACE SECONDS SOURCE_PREFIX...
 
@@ -11,7 +14,8 @@ JSON object: how many verified with a full checksum, how many arrived with
 CHECKSUM_PARTIAL (the kernel then says so in PACKET_AUXDATA, and the
 checksum field must hold the folded pseudo-header sum for the device to
 finish), how many were wrong, and how many SYNs and pure ACKs carried a TOA
-(kind 254).
+(kind 254); for UDP the same under udp_*, and how many datagrams carried a
+UOA (udp_uoa) and of those how many were empty carriers (udp_carriers).
 """
 import json
 import socket
@@ -32,6 +36,23 @@ def fold(data):
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return total
+
+
+def options_codes(opts):
+    """The codes of an IPv4 option list."""
+    codes, i = [], 0
+    while i < len(opts):
+        code = opts[i]
+        if code == 0:
+            break
+        if code == 1:
+            i += 1
+            continue
+        if i + 1 >= len(opts) or opts[i + 1] < 2:
+            break
+        codes.append(code)
+        i += opts[i + 1]
+    return codes
 
 
 def has_toa(segment):
@@ -59,6 +80,7 @@ def main():
     s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
     print("ready", flush=True)
     counts = {"full_ok": 0, "partial_ok": 0, "bad": 0, "syn_toa": 0, "ack_toa": 0, "bad_examples": []}
+    counts.update({"udp_full_ok": 0, "udp_partial_ok": 0, "udp_uoa": 0, "udp_carriers": 0})
     # Other traffic (health probes) keeps coming: the deadline moves only with ours.
     deadline = time.monotonic() + seconds
     try:
@@ -75,37 +97,54 @@ def main():
             if ethertype == 0x800:
                 ihl = (data[14] & 15) * 4
                 total = struct.unpack("!H", data[16:18])[0]
-                if data[23] != 6:
+                proto = data[23]
+                if proto not in (6, 17, 248):
                     continue
                 ip = data[14 : 14 + total]
                 src = socket.inet_ntop(socket.AF_INET, ip[12:16])
                 segment = ip[ihl:]
-                pseudo = ip[12:20] + struct.pack("!BBH", 0, 6, len(segment))
+                uoa = 0x1F in options_codes(ip[20:ihl])
             elif ethertype == 0x86DD:
                 payload = struct.unpack("!H", data[18:20])[0]
-                if data[20] != 6:
+                proto = data[20]
+                if proto not in (6, 17, 248):
                     continue
                 ip = data[14 : 14 + 40 + payload]
                 src = socket.inet_ntop(socket.AF_INET6, ip[8:24])
                 segment = ip[40:]
-                pseudo = ip[8:40] + struct.pack("!IxxxB", len(segment), 6)
+                uoa = False
             else:
                 continue
+            if proto == 248:  # opp: its header, then UDP
+                segment = segment[struct.unpack("!H", segment[2:4])[0] :]
+                proto, uoa = 17, True
+            if ethertype == 0x800:
+                pseudo = ip[12:20] + struct.pack("!BBH", 0, proto, len(segment))
+            else:
+                pseudo = ip[8:40] + struct.pack("!IxxxB", len(segment), proto)
             if not any(src.startswith(p) for p in prefixes):
                 continue
             deadline = time.monotonic() + seconds
+            at = 16 if proto == 6 else 6
+            prefix = "" if proto == 6 else "udp_"
             if status & TP_STATUS_CSUMNOTREADY:
-                field = struct.unpack("!H", segment[16:18])[0]
+                field = struct.unpack("!H", segment[at : at + 2])[0]
                 ok = field == fold(pseudo)
-                kind = "partial_ok"
+                kind = prefix + "partial_ok"
             else:
                 ok = fold(pseudo + segment) == 0xFFFF
-                kind = "full_ok"
+                kind = prefix + "full_ok"
             if ok:
                 counts[kind] += 1
             else:
                 counts["bad"] += 1
                 counts["bad_examples"].append(segment[:60].hex())
+            if proto == 17:
+                if uoa:
+                    counts["udp_uoa"] += 1
+                    if len(segment) == 8:
+                        counts["udp_carriers"] += 1
+                continue
             flags, doff = segment[13], (segment[12] >> 4) * 4
             if has_toa(segment):
                 if flags & 0x12 == 0x02:

@@ -17,7 +17,7 @@ use toa_testkit::require_root;
 use super::{Case, Dp, Testbed, VIP, ask, ask_vip, ctl_output, leftovers, mac_of, start_lb};
 
 /// Captures at backend 1 while `traffic` runs; returns the checker's JSON.
-fn capture(bed: &Testbed, traffic: impl FnOnce()) -> serde_json::Value {
+pub(super) fn capture(bed: &Testbed, traffic: impl FnOnce()) -> serde_json::Value {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lb_e2e/checksums.py");
     let mut child = Command::new("ip")
         .args(["netns", "exec", &bed.ns("be1"), "python3"])
@@ -38,7 +38,7 @@ fn capture(bed: &Testbed, traffic: impl FnOnce()) -> serde_json::Value {
     serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"))
 }
 
-fn client_ethtool(bed: &Testbed, setting: &str) {
+pub(super) fn client_ethtool(bed: &Testbed, setting: &str) {
     let ok = Command::new("ip")
         .args(["netns", "exec", &bed.ns("client"), "ethtool", "-K", "c0", "tx", setting])
         .output()

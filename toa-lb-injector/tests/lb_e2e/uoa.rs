@@ -122,6 +122,7 @@ fn uoa_config(dp: Dp) -> String {
         ("203.0.113.10:65", "opp", "100.125.2.1:5365"),
         ("[2001:db8:c::10]:65", "opp", "[2001:db8:64::2:1]:5365"),
         ("203.0.113.10:66", "opp", "100.125.2.1:5366"),
+        ("203.0.113.10:67", "ipo", "100.125.2.1:5367"),
     ] {
         text.push_str(&format!(
             "\n[[listener]]\nvip = \"{vip}\"\nprotocol = \"udp\"\nobtain_client_ip = \"uoa\"\nuoa_format = \"{format}\"\n\n[[listener.backend]]\naddress = \"{backend}\"\n"
@@ -257,23 +258,21 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
             server.lines()
         );
     }
-    if dp == Dp::Ring {
-        // Full-sized datagrams have no room for the UOA: the LB sends an empty
-        // carrier ahead of each of a flow's first 3; the helper records and drops
-        // it (the server never sees an empty datagram), and names the client.
-        let carriers = counter("udp_carriers");
-        for (vip, server, max, mapped) in [
-            ("203.0.113.10:61", &dual, mtu - 28, true),
-            ("203.0.113.10:62", &v4, mtu - 28, false),
-            ("[2001:db8:c::10]:61", &dual, mtu - 48, false),
-        ] {
-            let (client, good, empty) = exchange_sizes(&case, vip, &[max; 5]);
-            assert_eq!((good, empty), (5, 0), "{vip}: full-sized datagrams echoed, no empty one");
-            let shown = format!("peer {}{} {}", if mapped { "::ffff:" } else { "" }, client.ip(), client.port());
-            assert!(server.saw(&shown), "{vip}: recvfrom saw {:?}, not {client}", server.lines());
-        }
-        assert_eq!(counter("udp_carriers"), carriers + 9, "3 carriers per flow, dropped");
+    // Full-sized datagrams have no room for the UOA: the LB sends an empty
+    // carrier ahead of each of a flow's first 3; the helper records and drops
+    // it (the server never sees an empty datagram), and names the client.
+    let carriers = counter("udp_carriers");
+    for (vip, server, max, mapped) in [
+        ("203.0.113.10:61", &dual, mtu - 28, true),
+        ("203.0.113.10:62", &v4, mtu - 28, false),
+        ("[2001:db8:c::10]:61", &dual, mtu - 48, false),
+    ] {
+        let (client, good, empty) = exchange_sizes(&case, vip, &[max; 5]);
+        assert_eq!((good, empty), (5, 0), "{vip}: full-sized datagrams echoed, no empty one");
+        let shown = format!("peer {}{} {}", if mapped { "::ffff:" } else { "" }, client.ip(), client.port());
+        assert!(server.saw(&shown), "{vip}: recvfrom saw {:?}, not {client}", server.lines());
     }
+    assert_eq!(counter("udp_carriers"), carriers + 9, "3 carriers per flow, dropped");
 
     let (client, good) = exchange(&case, "203.0.113.10:63", 100, mtu - 28);
     assert_eq!(good, 100, "socat, connected to the client (so to the LB), echoes");
@@ -388,21 +387,14 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
     assert!(v4.saw("peer 203.0.113.2 41234"), "{:?}", v4.lines());
     assert!(!v4.printed("203.0.113.99"), "a client's own UOA reached the server: {:?}", v4.lines());
 
-    // The LB's counters: the flow of 1,000 datagrams got its 3 UOAs (and,
-    // on the ring datapath, the full-sized flow its 3 carriers instead).
+    // The LB's counters: the flow of 1,000 datagrams got its 3 UOAs, the
+    // full-sized flow 3 carriers instead, the own-UOA flow 2 after stripping.
     let stats = String::from_utf8_lossy(&ctl_output(&case.dir, "stats").stdout).into_owned();
     let line = stats.lines().find(|l| l.starts_with("udp/203.0.113.10:62 ")).expect("stats of :62").to_owned();
-    assert!(line.contains(" uoa_injected=5 ") && line.contains(" uoa_stripped=2 "), "{line}");
-
-    if dp == Dp::Kernel {
-        // The kernel datapath sends no carrier: a full-sized datagram goes
-        // without its UOA (counted), and is still echoed.
-        let (_, good, empty) = exchange_sizes(&case, "203.0.113.10:62", &[mtu - 28; 3]);
-        assert_eq!((good, empty), (3, 0));
-        let stats = String::from_utf8_lossy(&ctl_output(&case.dir, "stats").stdout).into_owned();
-        let line = stats.lines().find(|l| l.starts_with("udp/203.0.113.10:62 ")).unwrap().to_owned();
-        assert!(line.contains(" uoa_no_room=3 "), "{line}");
+    for counted in [" uoa_injected=5 ", " uoa_stripped=2 ", " uoa_no_room=3 ", " uoa_carriers=3 "] {
+        assert!(line.contains(counted), "{counted}: {line}");
     }
+
 
     // Switched live: off, then uoa again; each applies to new flows.
     for (mode, named) in [("off", false), ("uoa", true)] {
@@ -479,4 +471,58 @@ fn udp_flow_flood_stays_bounded() {
     // ring, socket buffers); nearly all flows were recorded.
     let found = counter("udp_found");
     assert!(found >= 4500, "{found} of 5000 new flows recorded");
+}
+
+both! {
+/// Carriers reach a backend without the helper and verify: a Rust UoaSocket
+/// (`ipo`, through IP_RECVOPTS; the kernel drops a datagram whose UDP
+/// checksum is wrong) records the client from each carrier and names it on
+/// the full-sized datagram behind it, which arrives byte for byte. On the
+/// kernel datapath, with the client's checksum offload on (the LB gets
+/// CHECKSUM_PARTIAL datagrams) and off (finished checksums).
+fn carriers_reach_a_backend_without_the_helper(dp: Dp) {
+    require_root!();
+    let case = Case::new("c", dp);
+    let _lb = start_lb_text(&case, "uoa", &uoa_config(dp));
+    let policy = TrustPolicy::new("100.125.0.0/16".parse().unwrap()).unwrap();
+    let socket =
+        run_in(&case.bed.ns("be1"), || toa_server_shim::uoa::UoaSocket::bind("100.125.2.1:5367", policy)).unwrap();
+    socket.get_ref().set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut named = Vec::new();
+        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            named.push((peer.client, peer.source, n));
+            socket.send_to(&buf[..n], peer.client).unwrap();
+        }
+        (named, socket.stats())
+    });
+    let offloads: &[&str] = if dp == Dp::Kernel { &["on", "off"] } else { &["off"] };
+    let mut clients = Vec::new();
+    for tx in offloads {
+        let mut result = None;
+        let mut send = || result = Some(exchange_sizes(&case, "203.0.113.10:67", &[1472; 4]));
+        if dp == Dp::Kernel {
+            // Every datagram and carrier at the backend's link, checked apart
+            // from the project's code: a PARTIAL one must hold the
+            // pseudo-header sum, a full one must verify.
+            super::kernel::client_ethtool(&case.bed, tx);
+            let counts = super::kernel::capture(&case.bed, send);
+            let (expect, other) = if *tx == "on" { ("udp_partial_ok", "udp_full_ok") } else { ("udp_full_ok", "udp_partial_ok") };
+            assert_eq!(counts["bad"], 0, "tx {tx}: {counts}");
+            assert_eq!((counts["udp_carriers"].as_u64(), counts[other].as_u64()), (Some(3), Some(0)), "tx {tx}: {counts}");
+            assert!(counts[expect].as_u64().unwrap() >= 7, "tx {tx}: 4 datagrams and 3 carriers, {counts}");
+        } else {
+            send();
+        }
+        let (client, good, empty) = result.unwrap();
+        assert_eq!((good, empty), (4, 0), "tx {tx}: full-sized datagrams echoed byte for byte, no empty one");
+        clients.push(client);
+    }
+    let (named, stats) = server.join().unwrap();
+    let expected: Vec<_> =
+        clients.iter().flat_map(|c| [(*c, toa_server_shim::Source::Uoa, 1472); 4]).collect();
+    assert_eq!(named, expected, "each datagram named its client, the first one too");
+    assert_eq!(stats.carriers, 3 * offloads.len() as u64, "{stats:?}");
+}
 }

@@ -35,13 +35,14 @@ pub(crate) const PROGRAMS: [(&str, TcAttachType); 2] =
 /// The egress program of the backend-facing interface (UOA), when it is another one.
 const BACKEND_EGRESS: &str = "toa_lb_backend_egress";
 /// The maps.
-pub(crate) const MAPS: [&str; 6] = [
+pub(crate) const MAPS: [&str; 7] = [
     "toa_lb_listeners",
     "toa_lb_flows",
     "toa_lb_counters",
     "toa_lb_config",
     "toa_lb_budget",
     "toa_lb_scratch",
+    "toa_lb_carrier",
 ];
 
 /// What can stop the injector, worded for the operator.
@@ -127,6 +128,8 @@ pub struct InjectorCounters {
     pub uoa_no_room: u64,
     /// UOAs clients sent, removed.
     pub uoa_stripped: u64,
+    /// Empty datagrams sent only to carry a UOA, ahead of a datagram with no room.
+    pub uoa_carriers: u64,
 }
 
 /// Checks what the injector needs: root and Linux 5.10 or later.
@@ -400,6 +403,7 @@ fn read_counters(get: impl Fn(u32) -> u64, slot: u32) -> InjectorCounters {
         uoa_injected: get(base + 6),
         uoa_no_room: get(base + 7),
         uoa_stripped: get(base + 8),
+        uoa_carriers: get(base + 9),
     }
 }
 

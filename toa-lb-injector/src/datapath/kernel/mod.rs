@@ -402,6 +402,7 @@ impl KernelLb {
             uoa_injected: inj.uoa_injected,
             uoa_no_room: inj.uoa_no_room,
             uoa_stripped: inj.uoa_stripped,
+            uoa_carriers: inj.uoa_carriers,
             dropped_no_backend: counter(format!("l{slot}_nobackend")).0,
             ..Counters::default()
         };
