@@ -979,7 +979,7 @@ static __always_inline int send_carrier(struct __sk_buff *skb, const struct pkt 
 	struct carrier_scratch *s = bpf_map_lookup_elem(&toa_lb_carrier, &zero);
 	__u32 hlen = p->l4 - p->l3;
 	__u32 udp_len = p->end - p->l4;
-	if (!s || udp_len <= 8 || udp_len - 8 > CARRIER_MAX || (hlen != 20 && hlen != 40))
+	if (!s || udp_len <= 8 || udp_len - 8 > CARRIER_MAX || hlen != (p->family == 4 ? 20 : 40))
 		return 0;
 	__u32 len = udp_len - 8;
 	__u32 skb_len = skb->len;
@@ -1043,7 +1043,9 @@ static __always_inline int uoa_egress(struct __sk_buff *skb, __u32 index)
 	struct uoa_bytes uoa = {};
 	uoa_bytes_of(&uoa, &fs->key, opp, grow);
 	__u32 mtu = 0;
-	if ((!opp && hlen != 20) || skb->gso_segs > 1) {
+	/* Room goes right after the fixed IP header: IPv4 options (which the
+	 * ingress only strips when they hold a UOA) would be split. */
+	if ((p.family == 4 && hlen != 20) || skb->gso_segs > 1) {
 		count(slot, CNT_UOA_NO_ROOM);
 		return TC_NEXT;
 	}

@@ -123,6 +123,7 @@ fn uoa_config(dp: Dp) -> String {
         ("[2001:db8:c::10]:65", "opp", "[2001:db8:64::2:1]:5365"),
         ("203.0.113.10:66", "opp", "100.125.2.1:5366"),
         ("203.0.113.10:67", "ipo", "100.125.2.1:5367"),
+        ("203.0.113.10:68", "opp", "100.125.2.1:5368"),
     ] {
         text.push_str(&format!(
             "\n[[listener]]\nvip = \"{vip}\"\nprotocol = \"udp\"\nobtain_client_ip = \"uoa\"\nuoa_format = \"{format}\"\n\n[[listener.backend]]\naddress = \"{backend}\"\n"
@@ -518,6 +519,33 @@ fn carriers_reach_a_backend_without_the_helper(dp: Dp) {
         let (client, good, empty) = result.unwrap();
         assert_eq!((good, empty), (4, 0), "tx {tx}: full-sized datagrams echoed byte for byte, no empty one");
         clients.push(client);
+    }
+    if dp == Dp::Kernel {
+        // A datagram with IPv4 options other than a UOA (record route) to an
+        // opp listener: the kernel datapath writes no UOA into it (room after
+        // the fixed header would split the options), counts it, and it goes
+        // through to a plain echo socket intact.
+        let echo = run_in(&case.bed.ns("be1"), || UdpSocket::bind("100.125.2.1:5368")).unwrap();
+        echo.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let echoer = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let (n, from) = echo.recv_from(&mut buf)?;
+            echo.send_to(&buf[..n], from)
+        });
+        let echoed = run_in(&case.bed.ns("client"), || {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect("203.0.113.10:68").unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            toa_testkit::sys::set_ip_options(socket.as_fd(), &[7, 7, 4, 0, 0, 0, 0, 0]).expect("IP_OPTIONS");
+            socket.send(b"record-route").unwrap();
+            let mut buf = [0u8; 64];
+            socket.recv(&mut buf).map(|n| buf[..n].to_vec())
+        });
+        assert!(echoer.join().unwrap().is_ok(), "the backend got it");
+        assert_eq!(echoed.ok().as_deref(), Some(&b"record-route"[..]));
+        let stats = String::from_utf8_lossy(&ctl_output(&case.dir, "stats").stdout).into_owned();
+        let line = stats.lines().find(|l| l.starts_with("udp/203.0.113.10:68 ")).unwrap().to_owned();
+        assert!(line.contains(" uoa_no_room=1 ") && line.contains(" uoa_injected=0 "), "{line}");
     }
     let (named, stats) = server.join().unwrap();
     let expected: Vec<_> =
