@@ -69,7 +69,7 @@ for round in $(seq "$rounds"); do
             seconds=1 "rate_$case" >/dev/null
             rate=$("rate_$case")
             if [ "$mode" = on ]; then
-                found=$("$bin/toa-shim" ebpf status | sed -n 's/.*found=\([0-9]*\).*/\1/p')
+                found=$("$bin/toa-shim" ebpf status | sed -n 's/.* found=\([0-9]*\).*/\1/p')
                 "$bin/toa-shim" ebpf detach >/dev/null
                 echo "round $round: ($case) helper attached  $rate accepts/s (TOAs found: $found)" >&2
             else
