@@ -1,25 +1,34 @@
-//! The syscalls libc has no safe wrapper for: TCP_SAVE_SYN and TCP_SAVED_SYN.
+//! The syscalls libc has no safe wrapper for: socket options, TCP_SAVED_SYN, bpf(2), packet sockets, recvmsg with IP options.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-/// Asks the kernel to keep the SYN of every connection accepted on the
-/// listening socket `fd` (Linux >= 4.2, unprivileged).
-pub(crate) fn set_save_syn(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let on: libc::c_int = 1;
+/// Sets the integer socket option `level`/`name` of `fd` to `value`.
+fn set_int_option(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `fd` is a valid open socket for the borrow; the option value is a
     // live c_int and its exact size is passed.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_SAVE_SYN,
-            (&on as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Asks the kernel to keep the SYN of every connection accepted on the
+/// listening socket `fd` (Linux >= 4.2, unprivileged).
+pub(crate) fn set_save_syn(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_SAVE_SYN, 1)
 }
 
 /// Reads (and so releases) the saved SYN of the accepted socket `fd` into
@@ -242,17 +251,8 @@ pub(crate) mod tap {
             )
         })?;
         // Room for bursts of handshakes between two accept() calls (capped by net.core.rmem_max).
-        let size: libc::c_int = 4 << 20;
-        // SAFETY: a live c_int and its size.
-        let _ = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&size as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        let _ =
+            super::set_int_option(std::os::fd::AsFd::as_fd(&fd), libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
         // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
@@ -306,18 +306,7 @@ pub(crate) mod udp {
 
     /// Asks the kernel to hand over the IPv4 options of each datagram.
     pub(crate) fn set_recv_opts(fd: BorrowedFd<'_>) -> io::Result<()> {
-        let on: libc::c_int = 1;
-        // SAFETY: a valid socket for the borrow; a live c_int and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_RECVOPTS,
-                (&on as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+        super::set_int_option(fd, libc::IPPROTO_IP, libc::IP_RECVOPTS, 1)
     }
 
     /// One datagram into `buf`: (its length, its source, its IPv4 options, up to 40 bytes).
