@@ -217,22 +217,30 @@ static __always_inline int copy_options(const __u8 *data, const __u8 *data_end, 
  * verifier refuses loads through a modified context pointer. */
 #define CTX_READ(field) ({ __u32 __v; asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(__v) : "r"(skops), "i"(__builtin_offsetof(struct bpf_sock_ops, field))); __v; })
 
-static __always_inline int trusted(const struct bpf_sock_ops *skops, const struct toa_config *cfg)
+/* Whether a packet from addr (16 bytes, IPv4 as ::ffff:a.b.c.d) is trusted. */
+static __always_inline int trusted_addr(const __u32 *addr, const struct toa_config *cfg)
 {
 	if (cfg->trust_any)
 		return 1;
 	struct trust_key key = {.prefixlen = 128};
-	if (skops->family == AF_INET) {
-		key.addr[10] = 0xff;
-		key.addr[11] = 0xff;
-		__u32 ip = CTX_READ(remote_ip4);
-		__builtin_memcpy(&key.addr[12], &ip, 4);
-	} else {
-		__u32 ip[4] = {CTX_READ(remote_ip6[0]), CTX_READ(remote_ip6[1]), CTX_READ(remote_ip6[2]),
-			       CTX_READ(remote_ip6[3])};
-		__builtin_memcpy(key.addr, ip, 16);
-	}
+	__builtin_memcpy(key.addr, addr, 16);
 	return bpf_map_lookup_elem(&toa_trust, &key) != NULL;
+}
+
+/* Whether the connection's peer is trusted. */
+static __always_inline int trusted(const struct bpf_sock_ops *skops, const struct toa_config *cfg)
+{
+	__u32 addr[4] = {};
+	if (skops->family == AF_INET) {
+		addr[2] = bpf_htonl(0xffff);
+		addr[3] = CTX_READ(remote_ip4);
+	} else {
+		addr[0] = CTX_READ(remote_ip6[0]);
+		addr[1] = CTX_READ(remote_ip6[1]);
+		addr[2] = CTX_READ(remote_ip6[2]);
+		addr[3] = CTX_READ(remote_ip6[3]);
+	}
+	return trusted_addr(addr, cfg);
 }
 
 /* Records a TOA found in a packet of a connection from a trusted peer. */
@@ -420,25 +428,31 @@ int toa_getpeername4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* Shows a client (family, address as stored: IPv4 in addr[0]) to an IPv6
+ * socket: an IPv4 one as ::ffff:a.b.c.d (a dual-stack socket). */
+static __always_inline void show_client6(struct bpf_sock_addr *ctx, __u8 family, const __u32 *addr, __u16 port)
+{
+	if (family == AF_INET) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = addr[0];
+	} else {
+		ctx->user_ip6[0] = addr[0];
+		ctx->user_ip6[1] = addr[1];
+		ctx->user_ip6[2] = addr[2];
+		ctx->user_ip6[3] = addr[3];
+	}
+	ctx->user_port = port;
+}
+
 SEC("cgroup/getpeername6")
 int toa_getpeername6(struct bpf_sock_addr *ctx)
 {
 	struct toa_peer *peer = answered(ctx);
 	if (!peer)
 		return 1;
-	if (peer->family == AF_INET) {
-		/* a dual-stack socket: the IPv4 client as ::ffff:a.b.c.d */
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = bpf_htonl(0xffff);
-		ctx->user_ip6[3] = peer->addr[0];
-	} else {
-		ctx->user_ip6[0] = peer->addr[0];
-		ctx->user_ip6[1] = peer->addr[1];
-		ctx->user_ip6[2] = peer->addr[2];
-		ctx->user_ip6[3] = peer->addr[3];
-	}
-	ctx->user_port = peer->port;
+	show_client6(ctx, peer->family, peer->addr, peer->port);
 	count(CNT_REWRITTEN);
 	return 1;
 }
@@ -455,16 +469,6 @@ int toa_getpeername6(struct bpf_sock_addr *ctx)
  * not run. */
 #define TC_NEXT (-1)
 #define TC_ACT_SHOT 2
-
-/* Whether a packet from addr (16 bytes, IPv4 as ::ffff:a.b.c.d) is trusted. */
-static __always_inline int trusted_addr(const __u32 *addr, const struct toa_config *cfg)
-{
-	if (cfg->trust_any)
-		return 1;
-	struct trust_key key = {.prefixlen = 128};
-	__builtin_memcpy(key.addr, addr, 16);
-	return bpf_map_lookup_elem(&toa_trust, &key) != NULL;
-}
 
 /* The client as the way-back key holds it: IPv4 as ::ffff:a.b.c.d. */
 static __always_inline void client_key(struct udp_rkey *rk, const struct uoa_client *c, __u16 local_port)
@@ -718,18 +722,7 @@ int toa_udp_recvmsg6(struct bpf_sock_addr *ctx)
 	const struct uoa_client *c = udp_flow(&key, sk, ctx->user_port);
 	if (!c)
 		return 1;
-	if (c->family == AF_INET) {
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = bpf_htonl(0xffff);
-		ctx->user_ip6[3] = c->addr[0];
-	} else {
-		ctx->user_ip6[0] = c->addr[0];
-		ctx->user_ip6[1] = c->addr[1];
-		ctx->user_ip6[2] = c->addr[2];
-		ctx->user_ip6[3] = c->addr[3];
-	}
-	ctx->user_port = c->port;
+	show_client6(ctx, c->family, c->addr, c->port);
 	count(CNT_UDP_RECV);
 	return 1;
 }
