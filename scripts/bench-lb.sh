@@ -5,20 +5,26 @@
 # the testbed. The kernel is measured as its users run it, with the veths'
 # offloads on, and also with them off, the handicap the user-space ring
 # datapath needs:
-#   kernel FULLNAT, offloads on       the baseline
-#   toa-lb kernel datapath, TOA on    offloads on
-#   toa-lb kernel datapath, TOA off   offloads on
-#   kernel FULLNAT, offloads off      the ring datapath's own baseline
-#   toa-lb ring datapath, TOA on      offloads off
+#   0 kernel FULLNAT, offloads on       the baseline
+#   1 toa-lb kernel datapath, TOA on    offloads on
+#   2 toa-lb kernel datapath, TOA off   offloads on
+#   3 kernel FULLNAT, offloads off      the ring datapath's own baseline
+#   4 toa-lb ring datapath, TOA on      offloads off
 # Needs root. The paths run ROUNDS times, in a rotated order each round (so
-# that none always runs first or last on this noisy shared machine); prints
-# each round, then the means with ratios to both baselines.
+# that none always runs first or last on this noisy shared machine). Each
+# path starts from an empty conntrack table and a second of warm-up load.
+# Prints each round, then the means with ratios to both baselines, and the
+# median (and range) of the per-round ratios, each path to its baseline of
+# the same round: the steadier figure when rounds drift.
 # Usage: scripts/bench-lb.sh [SECONDS] [ROUNDS]   (defaults 3, 5)
+# BENCH_LB_PATHS="0 1 2" runs only those paths (more rounds in the same
+# time for an A/B); a path's ratios need its baseline (0, or 3 for 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-3}
 rounds=${2:-5}
 [ "$(id -u)" = 0 ] || { echo "bench-lb.sh: needs root" >&2; exit 1; }
+command -v conntrack >/dev/null || { echo "bench-lb.sh: needs conntrack (apt-get install conntrack)" >&2; exit 1; }
 cargo build --release -q -p toa-lb-injector --bin toa-lb -p toa-examples --bin accept-bench --bin bulk-bench
 bin=./target/release
 . scripts/lib/session.sh
@@ -43,12 +49,16 @@ conn_rate() { # CLIENTS: connections per second with that many closed-loop clien
     wait "$load" 2>/dev/null || true
 }
 
-measure() { # prints "conn/s(2 clients) conn/s(64 clients) MB/s"
+measure() { # prints "conn/s(2 clients) conn/s(64 clients) MB/s" (NA for a run that failed)
     local few many mbs
+    # A second of load first: what the path loads on its first connections
+    # (modules, JIT, caches) is not its steady rate.
+    seconds=1 conn_rate 64 >/dev/null
     few=$(conn_rate 2)
     many=$(conn_rate 64)
-    mbs=$(ip netns exec "$client" "$bin/bulk-bench" --send 203.0.113.10:81 --seconds "$seconds")
-    echo "$few $many $mbs"
+    mbs=$(ip netns exec "$client" "$bin/bulk-bench" --send 203.0.113.10:81 --seconds "$seconds" 2>>"$work/errors") ||
+        echo "bulk stream failed (see below)" >&2
+    echo "${few:-NA} ${many:-NA} ${mbs:-NA}"
 }
 
 lb_run() { # MODE DATAPATH
@@ -105,6 +115,9 @@ NFT
 paths=("kernel FULLNAT, offloads on (baseline)" "toa-lb kernel, TOA on" "toa-lb kernel, TOA off"
     "kernel FULLNAT, offloads off" "toa-lb ring, TOA on, offloads off")
 run_path() {
+    # The previous path's entries (10 s in CLOSE by the kernel's defaults)
+    # would be this one's to look past.
+    ip netns exec "$lbns" conntrack -F >/dev/null 2>&1 || true
     case "$1" in
         0) offloads on; kernel_run ;;
         1) offloads on; lb_run toa kernel ;;
@@ -113,25 +126,53 @@ run_path() {
         4) offloads off; lb_run toa ring ;;
     esac
 }
-n=${#paths[@]}
-declare -a few=(0 0 0 0 0) many=(0 0 0 0 0) mbs=(0 0 0 0 0)
+selected=(${BENCH_LB_PATHS:-0 1 2 3 4})
+n=${#selected[@]}
 for round in $(seq "$rounds"); do
     for k in $(seq 0 $((n - 1))); do
-        i=$(( (k + round - 1) % n ))
+        i=${selected[$(( (k + round - 1) % n ))]}
         # (Not `< <(...)`: the next path must not start while this one's toa-lb still cleans up.)
         result=$(run_path "$i")
         read -r f m b <<<"$result"
         echo "round $round: ${paths[$i]}: $f conn/s (2 clients), $m conn/s (64 clients), $b MB/s" >&2
-        few[$i]=$((few[i] + f)); many[$i]=$((many[i] + m)); mbs[$i]=$((mbs[i] + b))
+        echo "$round $i $f $m $b" >>"$work/results"
     done
 done
+[ -s "$work/errors" ] && { echo "errors of failed runs (left out of the means):" >&2; sort -u "$work/errors" >&2; }
 echo "conn/s: closed-loop clients, 2 (latency-bound) and 64 (a loaded LB); MB/s: one bulk stream"
-printf '%-38s %9s %9s %8s   %-17s  %s\n' "path (mean of $rounds rounds)" "conn/s 2" "conn/s 64" "MB/s" \
-    "to offloads on" "to offloads off"
-for i in $(seq 0 $((n - 1))); do
-    awk -v n="${paths[$i]}" -v f="${few[$i]}" -v m="${many[$i]}" -v b="${mbs[$i]}" \
-        -v kf="${few[0]}" -v km="${many[0]}" -v kb="${mbs[0]}" \
-        -v of="${few[3]}" -v om="${many[3]}" -v ob="${mbs[3]}" -v r="$rounds" \
-        'BEGIN { printf "%-38s %9.0f %9.0f %8.0f   %4.2f %4.2f %4.2f     %4.2f %4.2f %4.2f\n",
-            n, f / r, m / r, b / r, f / kf, m / km, b / kb, f / of, m / om, b / ob }'
-done
+names=$(printf '%s\n' "${paths[@]}")
+awk -v r="$rounds" -v names="$names" '
+    function median(list,   a, k, j, t, c) {
+        c = split(list, a, " ")
+        for (k = 2; k <= c; k++) for (j = k; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+        if (c == 0) return "-"
+        return sprintf("%.2f (%.2f-%.2f)", c % 2 ? a[(c + 1) / 2] : (a[c / 2] + a[c / 2 + 1]) / 2, a[1], a[c])
+    }
+    function ratio(x, y) { return y > 0 ? sprintf("%4.2f", x / y) : "   -" }
+    BEGIN { split(names, name, "\n") }
+    {
+        seen[$2] = 1
+        for (m = 0; m < 3; m++) if ($(3 + m) != "NA") { sum[$2, m] += $(3 + m); cnt[$2, m]++; v[$1, $2, m] = $(3 + m) }
+    }
+    END {
+        for (p = 0; p < 5; p++) for (m = 0; m < 3; m++) mean[p, m] = cnt[p, m] ? sum[p, m] / cnt[p, m] : 0
+        printf "%-38s %9s %9s %8s   %-15s  %-15s\n", "path (mean of the rounds)", "conn/s 2", "conn/s 64", "MB/s", "to offloads on", "to offloads off"
+        for (p = 0; p < 5; p++) {
+            if (!(p in seen)) continue
+            printf "%-38s %9.0f %9.0f %8.0f   %s %s %s   %s %s %s\n", name[p + 1], mean[p, 0], mean[p, 1], mean[p, 2],
+                ratio(mean[p, 0], mean[0, 0]), ratio(mean[p, 1], mean[0, 1]), ratio(mean[p, 2], mean[0, 2]),
+                ratio(mean[p, 0], mean[3, 0]), ratio(mean[p, 1], mean[3, 1]), ratio(mean[p, 2], mean[3, 2])
+        }
+        print "median (min-max) of the per-round ratios to the baseline of the same round:"
+        for (p = 0; p < 5; p++) {
+            base = p == 4 ? 3 : 0
+            if (!(p in seen) || p == base || !(base in seen)) continue
+            line = sprintf("%-52s", name[p + 1] " / " (base ? "offloads off" : "offloads on"))
+            for (m = 0; m < 3; m++) {
+                list = ""
+                for (k = 1; k <= r; k++) if (((k, p, m) in v) && ((k, base, m) in v) && v[k, base, m] > 0) list = list " " v[k, p, m] / v[k, base, m]
+                line = line "  " median(substr(list, 2))
+            }
+            print line
+        }
+    }' "$work/results"
