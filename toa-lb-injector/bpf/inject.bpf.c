@@ -333,27 +333,26 @@ static __always_inline int options_clean(const __u8 *o, const void *data_end, __
 	return 0;
 }
 
+/* parse_linear(): the headers are not all in the linear part. */
+#define NOT_LINEAR (-3)
+
 /* Ethernet, then IPv4 (not a fragment) or IPv6 (no extension header), then
- * TCP or UDP, read in place. Returns -1 for anything else: not the injector's. */
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+ * TCP or UDP, read in place from the linear part. Returns -1 for anything
+ * else (not the injector's), -2 for a malformed TCP header, NOT_LINEAR when
+ * a header ends past the linear part. */
+static __always_inline int parse_linear(struct __sk_buff *skb, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	if (data + HEADROOM > data_end && skb->len > data_end - data) {
-		/* Headers beyond the linear part (rare on veth and NICs): pull them in. */
-		bpf_skb_pull_data(skb, skb->len < HEADROOM ? skb->len : HEADROOM);
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-	}
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
-		return -1;
+		return NOT_LINEAR;
 	p->l3 = ETH_HLEN;
 	__u8 *l4;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > data_end)
-			return -1;
+			return NOT_LINEAR;
 		if (ip->version != 4 || ip->ihl < 5 || (ip->frag_off & bpf_htons(0x3fff)))
 			return -1;
 		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
@@ -370,7 +369,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > data_end)
-			return -1;
+			return NOT_LINEAR;
 		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
 			return -1;
 		p->family = 6;
@@ -388,14 +387,14 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	if (p->proto != IPPROTO_TCP) {
 		__u16 *ports = (void *)l4;
 		if ((void *)(ports + 2) > data_end)
-			return -1;
+			return NOT_LINEAR;
 		p->sport = ports[0];
 		p->dport = ports[1];
 		return 0;
 	}
 	struct tcphdr *th = (void *)l4;
 	if ((void *)(th + 1) > data_end)
-		return -1;
+		return NOT_LINEAR;
 	p->sport = th->source;
 	p->dport = th->dest;
 	p->hlen = th->doff * 4;
@@ -406,6 +405,22 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return -2; /* malformed: counted by the caller */
 	p->fast = options_clean((__u8 *)(th + 1), data_end, p->hlen - 20);
 	return 0;
+}
+
+/* parse_linear(), after pulling the headers into the linear part if they
+ * are not there (rare: a TCP stack or a NIC puts the headers of a packet in
+ * its linear part and the payload in pages, so a pull of a fixed size would
+ * copy payload, and often reallocate the head, on every data segment). */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	int r = parse_linear(skb, p);
+	if (r != NOT_LINEAR)
+		return r;
+	if (skb->len <= skb->data_end - skb->data)
+		return -1; /* truncated */
+	bpf_skb_pull_data(skb, skb->len < HEADROOM ? skb->len : HEADROOM);
+	r = parse_linear(skb, p);
+	return r == NOT_LINEAR ? -1 : r;
 }
 
 static __always_inline const struct listener *listener_of(const struct pkt *p, const __u32 *addr, __u16 port)
