@@ -413,14 +413,17 @@ static __always_inline int parse_linear(struct __sk_buff *skb, struct pkt *p)
  * copy payload, and often reallocate the head, on every data segment). */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
-	int r = parse_linear(skb, p);
-	if (r != NOT_LINEAR)
-		return r;
-	if (skb->len <= skb->data_end - skb->data)
-		return -1; /* truncated */
-	bpf_skb_pull_data(skb, skb->len < HEADROOM ? skb->len : HEADROOM);
-	r = parse_linear(skb, p);
-	return r == NOT_LINEAR ? -1 : r;
+	/* A loop, not two calls: parse_linear() is inlined once per caller. */
+#pragma nounroll
+	for (int pulled = 0; pulled < 2; pulled++) {
+		int r = parse_linear(skb, p);
+		if (r != NOT_LINEAR)
+			return r;
+		if (pulled || skb->len <= skb->data_end - skb->data)
+			return -1; /* truncated */
+		bpf_skb_pull_data(skb, skb->len < HEADROOM ? skb->len : HEADROOM);
+	}
+	return -1;
 }
 
 static __always_inline const struct listener *listener_of(const struct pkt *p, const __u32 *addr, __u16 port)
