@@ -226,9 +226,17 @@ fn detach_dir(dir: &Path, interface: &str) -> Result<usize, InjectCliError> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(0) };
     let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
     // Links first: the programs stop before their maps go.
-    paths.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+    let is_link = |p: &Path| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_"));
+    paths.sort_by_key(|p| !is_link(p));
     let mut removed = 0;
     for path in paths {
+        if is_link(&path) {
+            // Detached at once: removing the pin alone lets the programs run
+            // on for a moment after this returns. Should the detach fail (the
+            // interface already gone), removing the pin still releases the
+            // link, only later.
+            let _ = crate::sys::bpf::detach_pinned_link(&path);
+        }
         std::fs::remove_file(&path)
             .map_err(|e| InjectCliError::Io(format!("remove {}", path.display()), e))?;
         removed += 1;

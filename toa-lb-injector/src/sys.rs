@@ -421,8 +421,71 @@ pub(crate) fn poll_readable(fds: &[&OwnedFd], timeout_ms: i32) -> Option<io::Err
     Some(if rc < 0 { io::Error::last_os_error() } else { io::Error::from_raw_os_error(error) })
 }
 
-/// The map layouts shared with `bpf/inject.bpf.c`.
+/// The map layouts shared with `bpf/inject.bpf.c`, and the one `bpf(2)`
+/// command aya lacks.
 pub(crate) mod bpf {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+
+    /// The `BPF_OBJ_GET` member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+
+    /// Detaches the pinned link at `path` now, with `BPF_LINK_DETACH`; the
+    /// pin itself stays for the caller to remove.
+    ///
+    /// Removing the last pin of a link releases it too, but later: the
+    /// kernel frees a bpffs inode after an RCU grace period and puts the
+    /// link from a workqueue, so for a moment after `unlink` returns the
+    /// program still runs. An explicit detach takes effect before it returns.
+    pub(crate) fn detach_pinned_link(path: &Path) -> io::Result<()> {
+        let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let attr = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+        // SAFETY: `attr` is a live, fully initialised prefix of `union bpf_attr`
+        // for this command and its exact size is passed (the kernel zero-fills
+        // the rest); `pathname` points to a NUL-terminated string that outlives
+        // the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET,
+                &attr as *const ObjGet,
+                size_of::<ObjGet>() as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+        let link = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+        let attr: u32 = link.as_raw_fd() as u32;
+        // SAFETY: the `link_detach` member of `union bpf_attr` is one u32,
+        // the link's fd (live: `link` is dropped after the call); its exact
+        // size is passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_LINK_DETACH,
+                &attr as *const u32,
+                size_of::<u32>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// `struct listener_key`.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

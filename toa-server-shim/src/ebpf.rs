@@ -735,6 +735,10 @@ fn udp_status() -> Result<Option<UdpStatus>, EbpfError> {
     Ok(Some(UdpStatus { interfaces, flows, max_flows }))
 }
 
+fn is_link_pin(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+}
+
 /// Removes every pin (links first, which detaches the programs, then maps)
 /// and the pin directory. Returns how many pins were removed; 0 when nothing
 /// was attached. Safe after an interrupted attach.
@@ -746,9 +750,16 @@ pub fn detach() -> Result<usize, EbpfError> {
     let Ok(entries) = fs::read_dir(dir) else { return Ok(0) };
     let mut names: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     // Links before maps: the programs stop before their maps go.
-    names.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+    names.sort_by_key(|p| !is_link_pin(p));
     let mut removed = 0;
     for path in names {
+        if is_link_pin(&path) {
+            // Detached at once: removing the pin alone lets the programs run
+            // on for a moment after this returns. Should the detach fail
+            // (a cgroup or interface already gone), removing the pin still
+            // releases the link, only later.
+            let _ = crate::sys::bpf::detach_pinned_link(&path);
+        }
         fs::remove_file(&path).map_err(|e| EbpfError::Io(format!("remove {}", path.display()), e))?;
         removed += 1;
     }

@@ -110,9 +110,11 @@ pub(crate) mod bpf {
     unsafe impl aya::Pod for Meta {}
 
     /// `BPF_OBJ_GET` and `BPF_MAP_LOOKUP_ELEM`, the two commands a listener
-    /// needs to read the helper's socket storage.
+    /// needs to read the helper's socket storage, and `BPF_LINK_DETACH`.
     const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
     const BPF_OBJ_GET: libc::c_long = 7;
+    #[cfg(feature = "ebpf")]
+    const BPF_LINK_DETACH: libc::c_long = 34;
     /// `file_flags` of `BPF_OBJ_GET`: read only.
     const BPF_F_RDONLY: u32 = 1 << 3;
 
@@ -134,13 +136,14 @@ pub(crate) mod bpf {
         flags: u64,
     }
 
-    /// Opens a pinned map, read only.
-    pub(crate) fn open_pinned_read_only(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    /// Opens a pinned object with `BPF_OBJ_GET` (`file_flags` 0: read and
+    /// write, the only mode links allow).
+    fn open_pinned(path: &std::path::Path, file_flags: u32) -> std::io::Result<std::os::fd::OwnedFd> {
         use std::os::fd::FromRawFd;
         use std::os::unix::ffi::OsStrExt;
         let path = std::ffi::CString::new(path.as_os_str().as_bytes())
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        let attr = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: BPF_F_RDONLY };
+        let attr = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags };
         // SAFETY: `attr` is a live, fully initialised prefix of `union bpf_attr`
         // for this command and its exact size is passed (the kernel zero-fills
         // the rest); `pathname` points to a NUL-terminated string that outlives
@@ -158,6 +161,41 @@ pub(crate) mod bpf {
         }
         // SAFETY: the kernel returned a new file descriptor that nothing else owns.
         Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+    }
+
+    /// Opens a pinned map, read only.
+    pub(crate) fn open_pinned_read_only(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+        open_pinned(path, BPF_F_RDONLY)
+    }
+
+    /// Detaches the pinned link at `path` now, with `BPF_LINK_DETACH`; the
+    /// pin itself stays for the caller to remove.
+    ///
+    /// Removing the last pin of a link releases it too, but later: the
+    /// kernel frees a bpffs inode after an RCU grace period and puts the
+    /// link from a workqueue, so for a moment after `unlink` returns the
+    /// program still runs (a connection accepted then was still rewritten).
+    /// An explicit detach takes effect before it returns.
+    #[cfg(feature = "ebpf")]
+    pub(crate) fn detach_pinned_link(path: &std::path::Path) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let link = open_pinned(path, 0)?;
+        let attr: u32 = link.as_raw_fd() as u32;
+        // SAFETY: the `link_detach` member of `union bpf_attr` is one u32,
+        // the link's fd (live: `link` is dropped after the call); its exact
+        // size is passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_LINK_DETACH,
+                &attr as *const u32,
+                size_of::<u32>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// `BPF_MAP_LOOKUP_ELEM` of `key` in `map` into `value`; whether it was there.
