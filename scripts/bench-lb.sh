@@ -12,7 +12,15 @@
 #   4 toa-lb ring datapath, TOA on      offloads off
 # Needs root. The paths run ROUNDS times, in a rotated order each round (so
 # that none always runs first or last on this noisy shared machine). Each
-# path starts from an empty conntrack table and a second of warm-up load.
+# path starts from an empty conntrack table and warms up under load for
+# BENCH_LB_WARMUP seconds (default 12) before it is measured: long enough for
+# the first flows' conntrack entries to expire (the clients close with RST:
+# CLOSE, 10 s by the kernel's default, 1 s by toa-lb's policy), so that each
+# path is measured in its steady state, deleting entries as fast as it makes
+# them, as a long-running LB does. (With a 1 s warm-up the baseline deleted
+# almost nothing while it was measured and toa-lb paid for all its
+# deletions: toa-lb, TOA off, 64 clients, measured 0.85-0.89 of the baseline
+# that way, and 1.01 with its CLOSE timeout raised to the kernel's 10 s.)
 # Prints each round, then the means with ratios to both baselines, and the
 # median (and range) of the per-round ratios, each path to its baseline of
 # the same round: the steadier figure when rounds drift.
@@ -23,6 +31,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-3}
 rounds=${2:-5}
+warmup=${BENCH_LB_WARMUP:-12}
 [ "$(id -u)" = 0 ] || { echo "bench-lb.sh: needs root" >&2; exit 1; }
 command -v conntrack >/dev/null || { echo "bench-lb.sh: needs conntrack (apt-get install conntrack)" >&2; exit 1; }
 cargo build --release -q -p toa-lb-injector --bin toa-lb -p toa-examples --bin accept-bench --bin bulk-bench
@@ -51,9 +60,9 @@ conn_rate() { # CLIENTS: connections per second with that many closed-loop clien
 
 measure() { # prints "conn/s(2 clients) conn/s(64 clients) MB/s" (NA for a run that failed)
     local few many mbs
-    # A second of load first: what the path loads on its first connections
-    # (modules, JIT, caches) is not its steady rate.
-    seconds=1 conn_rate 64 >/dev/null
+    # Load first, until the path's conntrack table is in its steady state
+    # (see the top).
+    seconds=$warmup conn_rate 64 >/dev/null
     few=$(conn_rate 2)
     many=$(conn_rate 64)
     mbs=$(ip netns exec "$client" "$bin/bulk-bench" --send 203.0.113.10:81 --seconds "$seconds" 2>>"$work/errors") ||
