@@ -10,12 +10,17 @@
  *     size change, incremental checksum update), in every mode: a client may
  *     not speak for itself. An option that overruns the header ends it: an
  *     EOL is written over it, so that no reader looks further;
- *   - at a SYN in TOA mode the flow is recorded (toa_lb_flows), so that
- *     its handshake ACK and data follow the mode it started with, whatever a
- *     live switch does meanwhile; a client FIN or RST forgets it. The table
- *     is direct-mapped (a slot per hash of the flow's addresses, no lock, no
- *     allocation): a flow whose slot another takes loses its record, which
- *     only a flood makes likely, as an LRU would evict it;
+ *   - at a SYN in TOA mode the flow is recorded (toa_lb_tcp_flows), so
+ *     that its handshake ACK and data follow the mode it started with,
+ *     whatever a live switch does meanwhile; a client FIN or RST forgets it.
+ *     The table is direct-mapped (a slot per hash of the flow's addresses,
+ *     no lock, no allocation): a flow whose slot another takes loses its
+ *     record, which only a flood makes likely, as an LRU would evict it.
+ *     A slot is 16 bytes (a flow is known by a second, 32-bit hash of its
+ *     addresses, not by the addresses), because several packets of every
+ *     connection look it up: with the whole key in each slot the table was
+ *     9 MB for max_flows = 100000, and the cache misses of its lookups were
+ *     a quarter of this program's time;
  *   - the client's address and port go into a TOA in the SYN, the
  *     handshake's pure ACK (seq = ISN + 1, ack = the backend's ISN + 1) and/or
  *     data segments until the backend first sends data, as the placement says
@@ -123,19 +128,30 @@ struct flow_key {
 	__u8 pad[2];
 };
 
-/* A TCP flow in TOA mode, from its SYN until the client's FIN or RST; a
- * UDP flow while datagrams come (for max_flows). */
+/* A UDP flow while datagrams come (for max_flows, and UOA). */
 struct flow {
-	__u64 seen;        /* bpf_ktime_get_ns() of the last datagram (UDP) */
+	__u64 seen;     /* bpf_ktime_get_ns() of the last datagram */
+	__u32 slot;     /* the listener's counters */
+	__u8 placement; /* PLACE_UOA in UOA mode */
+	__u8 kind;      /* UOA: the format (UOA_*) */
+	__u8 len;       /* UOA: the datagrams left to mark */
+	__u8 pad;
+};
+
+/* A TCP flow in TOA mode, from its SYN until the client's FIN or RST: one
+ * slot of toa_lb_tcp_flows. The option's length follows from the client's
+ * family (8 bytes for IPv4, 20 for IPv6). */
+struct tcp_flow {
+	__u32 tag;         /* tcp_tag() of the flow; 0: an empty slot */
 	__u32 isn;         /* the client's initial sequence number */
 	__u32 backend_isn; /* the backend's, from its SYN-ACK (0: not seen) */
-	__u32 slot;
-	__u8 placement;
-	__u8 kind;
-	__u8 len;          /* the option's length: 8 or 20 */
-	__u8 backend_spoke;
-	__u8 pad[4];
+	__u16 slot;        /* the listener's counters */
+	__u8 placement;    /* PLACE_SYN | PLACE_ACK | PLACE_DATA, and BACKEND_SPOKE */
+	__u8 kind;         /* the option's kind */
 };
+
+/* tcp_flow.placement: the backend has sent data (data placement ends). */
+#define BACKEND_SPOKE 0x80
 
 /* One slot of the flow table. */
 struct flow_slot {
@@ -148,7 +164,7 @@ struct config {
 	__u32 flags;            /* CFG_* */
 	__u64 udp_timeout_ns;   /* a UDP flow idle this long is new again (conntrack's udp timeout) */
 	__u32 flow_mask;        /* toa_lb_flows has flow_mask + 1 slots, a power of two */
-	__u32 pad;
+	__u32 tcp_flow_mask;    /* toa_lb_tcp_flows has tcp_flow_mask + 1 slots, a power of two */
 	__u8 kind_formats[256]; /* kind -> FMT_BIT()s of the formats stripped from clients */
 };
 
@@ -165,6 +181,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct flow_slot);
 } toa_lb_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536); /* the loader sets it, with config.tcp_flow_mask */
+	__type(key, __u32);
+	__type(value, struct tcp_flow);
+} toa_lb_tcp_flows SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -407,6 +430,36 @@ static __always_inline int parse_linear(struct __sk_buff *skb, struct pkt *p)
 	return 0;
 }
 
+/* The TCP flags byte of an IPv4 or IPv6 TCP segment whose headers are in
+ * the linear part, or -1 for anything else (parse() then looks closer). A
+ * fragment or a bad header length may give a wrong byte: parse() refuses
+ * those anyway. */
+static __always_inline int peek_tcp_flags(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u8 *th;
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP)
+			return -1;
+		th = (__u8 *)ip + ip->ihl * 4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end || ip6->nexthdr != IPPROTO_TCP)
+			return -1;
+		th = (__u8 *)(ip6 + 1);
+	} else {
+		return -1;
+	}
+	if ((void *)(th + 14) > data_end)
+		return -1;
+	return th[13];
+}
+
 /* parse_linear(), after pulling the headers into the linear part if they
  * are not there (rare: a TCP stack or a NIC puts the headers of a packet in
  * its linear part and the payload in pages, so a pull of a fixed size would
@@ -433,20 +486,14 @@ static __always_inline const struct listener *listener_of(const struct pkt *p, c
 	return bpf_map_lookup_elem(&toa_lb_listeners, &key);
 }
 
-static __always_inline void flow_key_of(struct flow_key *key, const struct pkt *p, int from_client)
+/* The key of the UDP flow of a datagram from a client. */
+static __always_inline void flow_key_of(struct flow_key *key, const struct pkt *p)
 {
 	__builtin_memset(key, 0, sizeof(*key));
-	if (from_client) {
-		__builtin_memcpy(key->client, p->saddr, 16);
-		__builtin_memcpy(key->vip, p->daddr, 16);
-		key->cport = p->sport;
-		key->vport = p->dport;
-	} else {
-		__builtin_memcpy(key->client, p->daddr, 16);
-		__builtin_memcpy(key->vip, p->saddr, 16);
-		key->cport = p->dport;
-		key->vport = p->sport;
-	}
+	__builtin_memcpy(key->client, p->saddr, 16);
+	__builtin_memcpy(key->vip, p->daddr, 16);
+	key->cport = p->sport;
+	key->vport = p->dport;
 	key->family = p->family;
 	key->proto = p->proto;
 }
@@ -499,12 +546,48 @@ static __always_inline void flow_put(const struct flow_key *key, const struct fl
 	}
 }
 
-/* Forgets the flow `key`. */
-static __always_inline void flow_forget(const struct flow_key *key, const struct config *cfg)
+#define MIX64 0x9e3779b97f4a7c15ULL
+
+/* A 64-bit hash of a TCP flow's addresses and ports (the client's side
+ * first, whichever way the packet goes): its low bits pick the flow's slot
+ * in toa_lb_tcp_flows, its high 32 bits are the flow's tag (tcp_tag). */
+static __always_inline __u64 tcp_flow_hash(const struct pkt *p, int from_client)
 {
-	struct flow_slot *slot = flow_slot(key, cfg);
-	if (slot && same_key(&slot->key, key))
-		slot->key.family = 0;
+	const __u32 *client = from_client ? p->saddr : p->daddr;
+	const __u32 *vip = from_client ? p->daddr : p->saddr;
+	__u32 ports = from_client ? ((__u32)p->sport << 16) | p->dport : ((__u32)p->dport << 16) | p->sport;
+	__u64 h = MIX64 ^ p->family;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		h = (h ^ client[i]) * MIX64;
+		h ^= h >> 29;
+		h = (h ^ vip[i]) * MIX64;
+		h ^= h >> 29;
+	}
+	h = (h ^ ports) * MIX64;
+	h ^= h >> 32;
+	h *= 0xbf58476d1ce4e5b9ULL;
+	return h ^ (h >> 31);
+}
+
+/* A flow's tag: never 0, which marks an empty slot. */
+static __always_inline __u32 tcp_tag(__u64 hash)
+{
+	return (__u32)(hash >> 32) | 1;
+}
+
+/* The slot of the TCP flow with this hash (whichever flow holds it). */
+static __always_inline struct tcp_flow *tcp_flow_slot(__u64 hash, const struct config *cfg)
+{
+	__u32 index = (__u32)hash & cfg->tcp_flow_mask;
+	return bpf_map_lookup_elem(&toa_lb_tcp_flows, &index);
+}
+
+/* The record of the TCP flow with this hash, or NULL. */
+static __always_inline struct tcp_flow *tcp_flow_find(__u64 hash, const struct config *cfg)
+{
+	struct tcp_flow *f = tcp_flow_slot(hash, cfg);
+	return f && f->tag == tcp_tag(hash) ? f : 0;
 }
 
 /* A size for a helper, 1..64, whatever the verifier knows of `n` (callers
@@ -575,16 +658,15 @@ __noinline int move_payload(struct __sk_buff *skb, struct scratch *s, __u32 from
  * s->opts[0..optlen) (stripped already), growing the header when it must.
  * Returns 0, or -1 when there is no room.
  */
-static __always_inline int insert_toa(struct __sk_buff *skb, const struct pkt *p, struct scratch *s,
-				      const struct flow *f)
+static __always_inline int insert_toa(struct __sk_buff *skb, const struct pkt *p, struct scratch *s, __u8 kind)
 {
 	int optlen = p->hlen - 20;
 	__u32 payload = p->end - p->l4 - p->hlen;
-	int toa_len = f->len == 20 ? 20 : 8;
+	int toa_len = p->family == 4 ? 8 : 20;
 
 	/* Zero padded to the 20 bytes build_with_toa() copies. */
 	__builtin_memset(s->toa, 0, 20);
-	s->toa[0] = f->kind;
+	s->toa[0] = kind;
 	s->toa[1] = toa_len;
 	__builtin_memcpy(&s->toa[2], &p->sport, 2);
 	if (toa_len == 8)
@@ -680,9 +762,8 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 				count(l->slot, CNT_MALFORMED);
 		}
 	}
-	struct flow_key key;
-	struct flow cur = {};
-	struct flow *f = 0;
+	struct tcp_flow cur = {};
+	struct tcp_flow *f;
 	__u32 payload = p->end - p->l4 - p->hlen;
 	int want = 0;
 	if (syn) {
@@ -694,19 +775,20 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 				skb->mark |= cfg->transparent_mark;
 			return TC_NEXT;
 		}
-		flow_key_of(&key, p, 1);
-		cur.isn = p->seq;
-		cur.slot = l->slot;
-		cur.placement = l->placement;
-		cur.kind = p->family == 4 ? l->kind4 : l->kind6;
-		cur.len = p->family == 4 ? 8 : 20;
-		f = flow_find(&key, cfg);
-		if (f && f->isn == p->seq) {
+		__u64 hash = tcp_flow_hash(p, 1);
+		f = tcp_flow_slot(hash, cfg);
+		if (f && f->tag == tcp_tag(hash) && f->isn == p->seq) {
 			cur = *f; /* a retransmission: the flow keeps what its first SYN had */
 		} else { /* a new connection (perhaps from a port used before) */
 			if (!admit(l->slot))
 				return TC_ACT_SHOT;
-			flow_put(&key, &cur, cfg);
+			cur.tag = tcp_tag(hash);
+			cur.isn = p->seq;
+			cur.slot = l->slot;
+			cur.placement = l->placement & (PLACE_SYN | PLACE_ACK | PLACE_DATA);
+			cur.kind = p->family == 4 ? l->kind4 : l->kind6;
+			if (f)
+				*f = cur;
 		}
 		want = cur.placement & PLACE_SYN;
 	} else {
@@ -715,17 +797,16 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 					: (l->placement & PLACE_ACK) && (p->flags & (F_ACK | F_FIN | F_RST)) == F_ACK;
 		if (!candidate && !(p->flags & (F_FIN | F_RST)))
 			return TC_NEXT;
-		flow_key_of(&key, p, 1);
-		f = flow_find(&key, cfg);
+		f = tcp_flow_find(tcp_flow_hash(p, 1), cfg);
 		if (!f)
 			return TC_NEXT;
 		if (p->flags & (F_FIN | F_RST)) {
-			flow_forget(&key, cfg);
+			f->tag = 0;
 			return TC_NEXT;
 		}
 		cur = *f;
 		if (payload)
-			want = (cur.placement & PLACE_DATA) && !cur.backend_spoke;
+			want = (cur.placement & PLACE_DATA) && !(cur.placement & BACKEND_SPOKE);
 		else
 			want = (cur.placement & PLACE_ACK) && p->seq == cur.isn + 1 &&
 			       (!cur.backend_isn || p->ack_seq == cur.backend_isn + 1);
@@ -739,7 +820,7 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 		if (optlen > 0 && load_options(skb, p->l4 + 20, s->opts, optlen) < 0)
 			return TC_NEXT;
 	}
-	if (insert_toa(skb, p, s, &cur) < 0)
+	if (insert_toa(skb, p, s, cur.kind) < 0)
 		count(cur.slot, CNT_NO_ROOM);
 	else
 		count(cur.slot, CNT_INJECTED);
@@ -1089,7 +1170,7 @@ static __always_inline int udp_ingress(struct __sk_buff *skb, const struct pkt *
 				       const struct config *cfg)
 {
 	struct flow_key key;
-	flow_key_of(&key, p, 1);
+	flow_key_of(&key, p);
 	__u64 now = bpf_ktime_get_ns();
 	struct flow *f = flow_find(&key, cfg);
 	if (f && now - f->seen < cfg->udp_timeout_ns) {
@@ -1175,28 +1256,30 @@ int toa_lb_egress(struct __sk_buff *skb)
 		skb->mark = mark & ~(UOA_MARK | UOA_INDEX_MASK);
 		return uoa_egress(skb, mark & UOA_INDEX_MASK);
 	}
+	__u32 zero = 0;
+	const struct config *cfg = bpf_map_lookup_elem(&toa_lb_config, &zero);
+	if (!cfg)
+		return TC_NEXT;
+	int data = cfg->flags & CFG_DATA_PLACEMENT;
+	/* Most segments leave here, before the parse: only SYN-ACKs matter
+	 * (and data, when some listener places the TOA in data). */
+	if (!data) {
+		int flags = peek_tcp_flags(skb);
+		if (flags >= 0 && (flags & (F_SYN | F_ACK)) != (F_SYN | F_ACK))
+			return TC_NEXT;
+	}
 	struct pkt p;
 	if (parse(skb, &p) < 0 || p.proto != IPPROTO_TCP)
 		return TC_NEXT;
 	int synack = (p.flags & (F_SYN | F_ACK)) == (F_SYN | F_ACK);
 	__u32 payload = p.end - p.l4 - p.hlen;
-	if (!synack) {
-		__u32 zero = 0;
-		const struct config *c = bpf_map_lookup_elem(&toa_lb_config, &zero);
-		if (!payload || !c || !(c->flags & CFG_DATA_PLACEMENT))
-			return TC_NEXT;
-	}
-	__u32 zero = 0;
-	const struct config *cfg = bpf_map_lookup_elem(&toa_lb_config, &zero);
-	if (!cfg)
+	if (!synack && (!payload || !data))
 		return TC_NEXT;
-	struct flow_key key;
-	flow_key_of(&key, &p, 0);
-	struct flow *f = flow_find(&key, cfg);
+	struct tcp_flow *f = tcp_flow_find(tcp_flow_hash(&p, 0), cfg);
 	if (!f)
 		return TC_NEXT;
 	if (payload)
-		f->backend_spoke = 1;
+		f->placement |= BACKEND_SPOKE;
 	if (!synack)
 		return TC_NEXT;
 	f->backend_isn = p.seq;
@@ -1206,7 +1289,7 @@ int toa_lb_egress(struct __sk_buff *skb)
 	if (!s || load_options(skb, p.l4 + 20, s->old, optlen) < 0)
 		return TC_NEXT;
 	__builtin_memcpy(s->opts, s->old, OPT_BUF);
-	if (clamp_area(s, optlen, (f->len + 3) & ~3) <= 0)
+	if (clamp_area(s, optlen, p.family == 4 ? 8 : 20) <= 0)
 		return TC_NEXT;
 	if (rewrite_options(skb, p.l4 + 20, p.l4 + offsetof(struct tcphdr, check), s->old, s->opts, optlen) == 0)
 		count(f->slot, CNT_MSS_CLAMPED);

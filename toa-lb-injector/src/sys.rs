@@ -517,7 +517,7 @@ pub(crate) mod bpf {
         pub(crate) flags: u32,
         pub(crate) udp_timeout_ns: u64,
         pub(crate) flow_mask: u32,
-        pub(crate) pad: u32,
+        pub(crate) tcp_flow_mask: u32,
         pub(crate) kind_formats: [u8; 256],
     }
 

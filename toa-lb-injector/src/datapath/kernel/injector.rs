@@ -35,9 +35,10 @@ pub(crate) const PROGRAMS: [(&str, TcAttachType); 2] =
 /// The egress program of the backend-facing interface (UOA), when it is another one.
 const BACKEND_EGRESS: &str = "toa_lb_backend_egress";
 /// The maps.
-pub(crate) const MAPS: [&str; 7] = [
+pub(crate) const MAPS: [&str; 8] = [
     "toa_lb_listeners",
     "toa_lb_flows",
+    "toa_lb_tcp_flows",
     "toa_lb_counters",
     "toa_lb_config",
     "toa_lb_budget",
@@ -77,8 +78,9 @@ fn bpf_err<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> I
 /// How the injector is set up.
 #[derive(Clone, Copy, Debug)]
 pub struct InjectorOptions {
-    /// Flows remembered from SYN to handshake ACK (and UDP flows, for the
-    /// budget): the table gets the next power of two of slots, at most 2^22.
+    /// Flows remembered: TCP flows in TOA mode from SYN to handshake ACK
+    /// (16 bytes each), UDP flows while they last (for the budget and UOA;
+    /// 56 bytes). Each table gets the next power of two of slots, at most 2^22.
     pub flows: u32,
     /// The skb mark bit of transparent flows (0: never set).
     pub transparent_mark: u32,
@@ -248,6 +250,7 @@ impl Injector {
         let slots = options.flows.clamp(1024, 1 << 22).next_power_of_two();
         let mut ebpf = aya::EbpfLoader::new()
             .map_max_entries("toa_lb_flows", slots)
+            .map_max_entries("toa_lb_tcp_flows", slots)
             .load(OBJECT)
             .map_err(bpf_err("load the injector's eBPF object"))?;
         let config = RawConfig {
@@ -255,7 +258,7 @@ impl Injector {
             flags: if options.data_placement { CFG_DATA_PLACEMENT } else { 0 },
             udp_timeout_ns: u64::try_from(options.udp_timeout.as_nanos()).unwrap_or(u64::MAX),
             flow_mask: slots - 1,
-            pad: 0,
+            tcp_flow_mask: slots - 1,
             kind_formats: kind_formats(),
         };
         let mut map: Array<_, RawConfig> =
