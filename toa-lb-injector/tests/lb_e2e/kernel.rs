@@ -14,7 +14,10 @@ use toa_testkit::netns::run_in;
 use toa_testkit::rawtcp::{Client, Conn};
 use toa_testkit::require_root;
 
-use super::{Case, Dp, Testbed, VIP, ask, ask_vip, ctl_output, leftovers, mac_of, start_lb};
+use super::{
+    Case, Dp, Testbed, UDP_VIP, VIP, ask, ask_udp, ask_vip, config_text, ctl_output, leftovers, mac_of,
+    start_lb, start_lb_text,
+};
 
 /// Captures at backend 1 while `traffic` runs; returns the checker's JSON.
 pub(super) fn capture(bed: &Testbed, traffic: impl FnOnce()) -> serde_json::Value {
@@ -208,6 +211,32 @@ EOF",
     assert!(line.starts_with("client=100.125.1.9:"), "{line}");
     let detached = inject(&bed, &pins, &["detach"]);
     assert!(String::from_utf8_lossy(&detached.stderr).contains("not attached"));
+}
+
+/// The backends' egress program (it writes UOAs) is attached only once a UDP
+/// listener exists: a TCP-only configuration has no program on the way to
+/// the backends, and a reload that adds a UDP listener attaches it.
+#[test]
+fn backend_program_only_with_udp_listeners() {
+    require_root!();
+    let case = Case::new("bp", Dp::Kernel);
+    let (bed, dir) = (&case.bed, &case.dir);
+    let full = config_text("toa", Dp::Kernel.config());
+    let tcp_only =
+        &full[..full.find(&format!("[[listener]]\nvip = \"{UDP_VIP}\"")).expect("the UDP listener")];
+    let _lb = start_lb_text(&case, "tcp", tcp_only);
+    let programs =
+        || run_in(&bed.ns("lb"), || toa_lb_injector::datapath::kernel::injector::attached_programs("lb-br"));
+    assert_eq!(programs(), Vec::<String>::new(), "TCP only: nothing on the backend interface");
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "{line}");
+    std::fs::write(dir.join("lb-tcp.toml"), &full).unwrap();
+    let out = ctl_output(dir, "reload");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // (The kernel keeps 15 bytes of a program's name.)
+    assert_eq!(programs(), vec!["toa_lb_backend_".to_owned()], "attached by the reload");
+    let (_, replies) = ask_udp(bed, UDP_VIP, 1);
+    assert_eq!(replies.len(), 1);
 }
 
 /// A start that fails (an interface that is not there) says so in one line

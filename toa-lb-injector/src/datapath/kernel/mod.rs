@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::datapath::{Balancer, ControlError, ListenerView, Snapshot};
-use crate::engine::config::{Backend, ObtainClientIp};
+use crate::engine::config::{Backend, ObtainClientIp, Protocol};
 use crate::engine::listeners::Listeners;
 use crate::engine::{BackendCounters, Counters, ListenerKey};
 use crate::file::LbConfig;
@@ -91,6 +91,8 @@ struct State {
     full: bool,
     /// Flows by conntrack mark, and when they were counted.
     flows: Option<(Instant, HashMap<u32, usize>)>,
+    /// Whether the backends' egress program is attached.
+    backend_egress: bool,
 }
 
 impl State {
@@ -117,6 +119,23 @@ impl State {
             mode: l.config.obtain_client_ip,
             placement: l.config.placement,
         })
+    }
+
+    /// Attaches the backends' egress program to the backend interface (when
+    /// it is not the clients') once a UDP listener exists: it writes UOAs,
+    /// and only datagrams need it. Without one, packets to backends go out
+    /// without a program on the way (a tc hook costs on every packet). It
+    /// stays attached until stop.
+    fn sync_backend_egress(&mut self) -> Result<(), injector::InjectError> {
+        let wanted = self.config.backend_interface != self.config.client_interface
+            && self.listeners.configs().any(|l| l.protocol == Protocol::Udp);
+        if wanted && !self.backend_egress {
+            if let Some(injector) = self.injector.as_mut() {
+                injector.attach_egress(&self.config.backend_interface)?;
+                self.backend_egress = true;
+            }
+        }
+        Ok(())
     }
 
     fn injector(&mut self) -> Result<&mut Injector, ControlError> {
@@ -270,15 +289,14 @@ impl KernelLb {
                 evicted: BTreeMap::new(),
                 full: false,
                 flows: None,
+                backend_egress: false,
             };
             state.render().map_err(|e| KernelError::Other(e.to_string()))?;
             state.sync_injector().map_err(|e| KernelError::Other(e.to_string()))?;
             if let Some(injector) = state.injector.as_mut() {
                 injector.attach(&config.client_interface)?;
-                if config.backend_interface != config.client_interface {
-                    injector.attach_egress(&config.backend_interface)?;
-                }
             }
+            state.sync_backend_egress()?;
             Ok::<_, KernelError>(state)
         })();
         match result {
@@ -520,6 +538,7 @@ impl Balancer for KernelLb {
             }
             state.render()?;
             state.sync_injector()?;
+            state.sync_backend_egress().map_err(|e| datapath(&e))?;
             // Listeners that went: their packets pass untouched from now on.
             let new_keys: HashSet<ListenerKey> = state.listeners.all().iter().map(|l| l.key()).collect();
             for (protocol, vip) in old_keys.difference(&new_keys) {
