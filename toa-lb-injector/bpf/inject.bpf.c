@@ -19,8 +19,10 @@
  *     A slot is 16 bytes (a flow is known by a second, 32-bit hash of its
  *     addresses, not by the addresses), because several packets of every
  *     connection look it up: with the whole key in each slot the table was
- *     9 MB for max_flows = 100000, and the cache misses of its lookups were
- *     a quarter of this program's time;
+ *     9 MB for max_flows = 100000. The loads of a slot are still where this
+ *     program waits most (about a quarter of its samples in perf): the
+ *     packets of a connection are handled on different CPUs, and its slot
+ *     moves between their caches, as conntrack's entry does;
  *   - the client's address and port go into a TOA in the SYN, the
  *     handshake's pure ACK (seq = ISN + 1, ack = the backend's ISN + 1) and/or
  *     data segments until the backend first sends data, as the placement says
