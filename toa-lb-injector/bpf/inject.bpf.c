@@ -572,7 +572,10 @@ static __always_inline __u64 tcp_flow_hash(const struct pkt *p, int from_client)
 	return h ^ (h >> 31);
 }
 
-/* A flow's tag: never 0, which marks an empty slot. */
+/* A flow's tag: never 0, which marks an empty slot. Two flows in one slot
+ * with one tag (a chance in 2^31) would share a record; the option written
+ * always names the packet's own source, so at worst a segment would get an
+ * option it should not have, or miss one. */
 static __always_inline __u32 tcp_tag(__u64 hash)
 {
 	return (__u32)(hash >> 32) | 1;
@@ -1280,8 +1283,8 @@ int toa_lb_egress(struct __sk_buff *skb)
 	struct tcp_flow *f = tcp_flow_find(tcp_flow_hash(&p, 0), cfg);
 	if (!f)
 		return TC_NEXT;
-	if (payload)
-		f->placement |= BACKEND_SPOKE;
+	if (payload && !(f->placement & BACKEND_SPOKE))
+		f->placement |= BACKEND_SPOKE; /* written once: the slot is shared between CPUs */
 	if (!synack)
 		return TC_NEXT;
 	f->backend_isn = p.seq;

@@ -13,8 +13,8 @@ one, and prints one
 JSON object: how many verified with a full checksum, how many arrived with
 CHECKSUM_PARTIAL (the kernel then says so in PACKET_AUXDATA, and the
 checksum field must hold the folded pseudo-header sum for the device to
-finish), how many were wrong, and how many SYNs and pure ACKs carried a TOA
-(kind 254); for UDP the same under udp_*, and how many datagrams carried a
+finish), how many were wrong, and how many SYNs, pure ACKs and segments
+with data carried a TOA (kind 254); for UDP the same under udp_*, and how many datagrams carried a
 UOA (udp_uoa) and of those how many were empty carriers (udp_carriers).
 """
 import json
@@ -79,7 +79,7 @@ def main():
     s.bind((iface, 0))
     s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
     print("ready", flush=True)
-    counts = {"full_ok": 0, "partial_ok": 0, "bad": 0, "syn_toa": 0, "ack_toa": 0, "bad_examples": []}
+    counts = {"full_ok": 0, "partial_ok": 0, "bad": 0, "syn_toa": 0, "ack_toa": 0, "data_toa": 0, "bad_examples": []}
     counts.update({"udp_full_ok": 0, "udp_partial_ok": 0, "udp_uoa": 0, "udp_carriers": 0})
     # Other traffic (health probes) keeps coming: the deadline moves only with ours.
     deadline = time.monotonic() + seconds
@@ -151,6 +151,8 @@ def main():
                     counts["syn_toa"] += 1
                 elif flags & 0x17 == 0x10 and len(segment) == doff:
                     counts["ack_toa"] += 1
+                elif len(segment) > doff:
+                    counts["data_toa"] += 1
     except socket.timeout:
         pass
     print(json.dumps(counts), flush=True)

@@ -87,6 +87,44 @@ fn checksums_verify_with_offloads_on_and_off() {
     assert_eq!(mss, 1440);
 }
 
+/// Data placement: the TOA goes into the client's data segments until the
+/// backend first sends data (here: the first request only), not into the
+/// SYN or the handshake ACK; every segment verifies, and the MSS is lowered.
+#[test]
+fn data_placement_until_the_backend_speaks() {
+    require_root!();
+    let case = Case::new("dp", Dp::Kernel);
+    let bed = &case.bed;
+    let text = config_text("toa", Dp::Kernel.config());
+    let echo = "vip = \"203.0.113.10:81\"\nobtain_client_ip = \"toa\"\n";
+    assert!(text.contains(echo));
+    let text =
+        text.replace(echo, &format!("{echo}placement = {{ syn = false, ack = false, data = true }}\n"));
+    let _lb = start_lb_text(&case, "data", &text);
+    let counts = capture(bed, || {
+        run_in(&bed.ns("client"), || {
+            let mut stream =
+                TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10))
+                    .unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            for request in [&b"first"[..], b"second", b"third"] {
+                std::io::Write::write_all(&mut stream, request).unwrap();
+                let mut reply = vec![0u8; request.len()];
+                stream.read_exact(&mut reply).unwrap();
+                assert_eq!(reply, request);
+            }
+            let mss =
+                nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::TcpMaxSeg).unwrap();
+            assert_eq!(mss, 1440, "the MSS leaves room for the option");
+        });
+    });
+    assert_eq!(counts["bad"], 0, "{counts}");
+    assert_eq!((counts["syn_toa"].as_u64(), counts["ack_toa"].as_u64()), (Some(0), Some(0)), "{counts}");
+    // The first request, and nothing after the backend's answer (a
+    // retransmission of the first would carry it again).
+    assert!((1..=2).contains(&counts["data_toa"].as_u64().unwrap()), "{counts}");
+}
+
 /// Sends `size` bytes through the echo listener (203.0.113.10:81) and checks what comes back.
 fn echo_bulk(bed: &Testbed, size: usize) {
     run_in(&bed.ns("client"), || {
