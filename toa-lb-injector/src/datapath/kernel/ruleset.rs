@@ -217,8 +217,8 @@ pub fn render(inputs: &Inputs<'_>, ids: &Ids, stale_chains: &[String]) -> (Strin
     let maps = [
         ("vip4", "inet_proto . ipv4_addr . inet_service : verdict"),
         ("vip6", "inet_proto . ipv6_addr . inet_service : verdict"),
-        ("flows", "mark : counter; size 65536"),
-        ("traffic", "ct_dir . mark : counter; size 131072"),
+        ("flows", "mark : counter"),
+        ("traffic", "ct_dir . mark : counter"),
     ];
     for (name, kind) in maps {
         let _ = writeln!(s, "add map {t} {name} {{ type {kind}; }}");
