@@ -14,8 +14,9 @@ JSON object: how many verified with a full checksum, how many arrived with
 CHECKSUM_PARTIAL (the kernel then says so in PACKET_AUXDATA, and the
 checksum field must hold the folded pseudo-header sum for the device to
 finish), how many were wrong, and how many SYNs, pure ACKs and segments
-with data carried a TOA (kind 254); for UDP the same under udp_*, and how many datagrams carried a
-UOA (udp_uoa) and of those how many were empty carriers (udp_carriers).
+with data carried a TOA (kind 254); for UDP the same under udp_*, and how
+many datagrams carried a UOA (udp_uoa) and of those how many were empty
+carriers (udp_carriers).
 """
 import json
 import socket

@@ -324,8 +324,12 @@ impl Injector {
 
     /// Attaches the backends' egress program to `interface`, the one that
     /// faces the backends when it is not the clients' (UOA goes in there,
-    /// after the kernel's NAT). It stays attached while this value lives.
+    /// after the kernel's NAT). It stays attached while this value lives;
+    /// once attached, attaching it again does nothing.
     pub fn attach_egress(&mut self, interface: &str) -> Result<(), InjectError> {
+        if self.links.iter().any(|(name, _)| *name == BACKEND_EGRESS) {
+            return Ok(());
+        }
         self.attach_programs(interface, &[(BACKEND_EGRESS, TcAttachType::Egress)])
     }
 

@@ -91,8 +91,6 @@ struct State {
     full: bool,
     /// Flows by conntrack mark, and when they were counted.
     flows: Option<(Instant, HashMap<u32, usize>)>,
-    /// Whether the backends' egress program is attached.
-    backend_egress: bool,
 }
 
 impl State {
@@ -129,13 +127,10 @@ impl State {
     fn sync_backend_egress(&mut self) -> Result<(), injector::InjectError> {
         let wanted = self.config.backend_interface != self.config.client_interface
             && self.listeners.configs().any(|l| l.protocol == Protocol::Udp);
-        if wanted && !self.backend_egress {
-            if let Some(injector) = self.injector.as_mut() {
-                injector.attach_egress(&self.config.backend_interface)?;
-                self.backend_egress = true;
-            }
+        match self.injector.as_mut() {
+            Some(injector) if wanted => injector.attach_egress(&self.config.backend_interface),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn injector(&mut self) -> Result<&mut Injector, ControlError> {
@@ -289,7 +284,6 @@ impl KernelLb {
                 evicted: BTreeMap::new(),
                 full: false,
                 flows: None,
-                backend_egress: false,
             };
             state.render().map_err(|e| KernelError::Other(e.to_string()))?;
             state.sync_injector().map_err(|e| KernelError::Other(e.to_string()))?;
