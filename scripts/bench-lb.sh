@@ -27,6 +27,14 @@
 # Prints each round, then the means with ratios to both baselines, and the
 # median (and range) of the per-round ratios, each path to its baseline of
 # the same round: the steadier figure when rounds drift.
+# The connection load comes from BENCH_LB_SOURCES client addresses (default
+# 16, 203.0.113.100 and up), each client cycling through them and its own
+# share of the ports, so that no source address and port comes back within
+# a minute, as with the many clients of a production LB. From one address
+# (BENCH_LB_SOURCES=0: the kernel's port choice) a port comes back every ~5 s,
+# and the kernel's 10 s CLOSE timeout then carries two thirds of the new
+# connections on their predecessors' conntrack entries (old NAT binding, no
+# new-flow rules); toa-lb ends RST-closed flows after 1 s and schedules each.
 # Usage: scripts/bench-lb.sh [SECONDS] [ROUNDS]   (defaults 3, 5)
 # BENCH_LB_PATHS="0 1 2" runs only those paths (more rounds in the same
 # time for an A/B); a path's ratios need its baseline (0; 3 for 4; 0 and 5
@@ -45,6 +53,12 @@ bin=./target/release
 session "tbench$$"
 ./scripts/testbed.sh up "$prefix" 1 >/dev/null
 lbns="$prefix-lb"; be="$prefix-be1"; client="$prefix-client"
+sources=${BENCH_LB_SOURCES:-16}
+from=()
+if [ "$sources" -gt 0 ]; then
+    for i in $(seq 100 $((99 + sources))); do ip netns exec "$client" ip addr add "203.0.113.$i/24" dev c0; done
+    from=(--from "$(seq -s, -f '203.0.113.%g' 100 $((99 + sources)))")
+fi
 ip netns exec "$be" "$bin/bulk-bench" --serve 0.0.0.0:8081 >/dev/null & pids+=($!)
 
 offloads() { # on|off, on every veth and the bridge
@@ -56,7 +70,7 @@ offloads() { # on|off, on every veth and the bridge
 }
 
 conn_rate() { # CLIENTS: connections per second with that many closed-loop clients
-    ip netns exec "$client" "$bin/accept-bench" --load 203.0.113.10:80 --clients "$1" --seconds $((seconds + 3)) &
+    ip netns exec "$client" "$bin/accept-bench" --load 203.0.113.10:80 --clients "$1" --seconds $((seconds + 3)) "${from[@]}" &
     local load=$!
     # The backend server listens on 8080 (what the VIP's port 80 maps to).
     ip netns exec "$be" "$bin/accept-bench" --serve 0.0.0.0:8080 --seconds "$seconds" 2>/dev/null

@@ -6,7 +6,7 @@
 //! `cargo run --release -p toa-examples --bin accept-bench -- [--seconds S] [--rounds N]`
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -61,7 +61,7 @@ fn measure(variant: Variant, seconds: f64, clients: usize) -> f64 {
     let load: Vec<_> = (0..clients)
         .map(|_| {
             let stop = stop.clone();
-            std::thread::spawn(move || connect_loop(addr, &stop))
+            std::thread::spawn(move || connect_loop(addr, None, &stop))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(200)); // warm up
@@ -80,13 +80,59 @@ fn measure(variant: Variant, seconds: f64, clients: usize) -> f64 {
     rate
 }
 
-fn connect_loop(addr: SocketAddr, stop: &AtomicBool) {
+/// Where one load client's connections come from with `--from`: it cycles
+/// through every address, and through its own share of the ports, so that a
+/// source address and port come back only after `addresses x ports`
+/// connections, as with many real clients. (With one address, the kernel's
+/// choice, a port comes back every few seconds at ten thousand connections a
+/// second, and a connection tracker keeping closed flows for 10 s carries the
+/// new connection on the old flow's entry instead of making a new one.)
+struct Sources {
+    addrs: Vec<IpAddr>,
+    first_port: u16,
+    ports: u16,
+    next: usize,
+}
+
+impl Sources {
+    /// Client `index` of `clients`: the ports 1024-65535 are split between them.
+    fn new(addrs: Vec<IpAddr>, index: usize, clients: usize) -> Sources {
+        let ports = ((65535 - 1024) / clients.max(1)).clamp(1, usize::from(u16::MAX)) as u16;
+        let first_port = 1024 + (index % clients.max(1)) as u16 * ports;
+        Sources { addrs, first_port, ports, next: 0 }
+    }
+
+    fn next(&mut self) -> SocketAddr {
+        let (n, k) = (self.addrs.len(), self.next);
+        self.next = self.next.wrapping_add(1);
+        let port = self.first_port + ((k / n) % usize::from(self.ports)) as u16;
+        SocketAddr::new(self.addrs[k % n], port)
+    }
+}
+
+/// A connection to `addr` from `from` (bound first).
+fn connect_from(addr: SocketAddr, from: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&from.into())?;
+    socket.connect(&addr.into())?;
+    Ok(socket.into())
+}
+
+fn connect_loop(addr: SocketAddr, mut sources: Option<Sources>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         // Closed loop: wait for the server's byte, so that at most `clients`
         // connections are in flight and the accept queue never overflows (an
         // open loop floods it whenever the server thread is descheduled, and
         // each dropped SYN stalls a client for a second).
-        if let Ok(mut stream) = TcpStream::connect(addr) {
+        let connected = match sources.as_mut() {
+            Some(sources) => connect_from(addr, sources.next()),
+            None => TcpStream::connect(addr),
+        };
+        if let Ok(mut stream) = connected {
             let _ = stream.read(&mut [0u8; 1]);
             reset(&stream);
         }
@@ -157,10 +203,11 @@ fn main() {
     let mut serve_addr: Option<String> = None;
     let mut load: Option<String> = None;
     let mut clients = 2;
+    let mut from: Vec<IpAddr> = Vec::new();
     let mut args = std::env::args().skip(1);
     let usage = || -> ! {
         eprintln!(
-            "usage: accept-bench [--seconds S] [--rounds N] [--only plain-std|toa-std|plain-tokio|toa-tokio|capture-std|capture-tokio]\n       accept-bench --serve ADDR [--seconds S] | --load ADDR [--clients N] [--seconds S]"
+            "usage: accept-bench [--seconds S] [--rounds N] [--only plain-std|toa-std|plain-tokio|toa-tokio|capture-std|capture-tokio]\n       accept-bench --serve ADDR [--seconds S] | --load ADDR [--clients N] [--seconds S] [--from IP,IP,...]"
         );
         std::process::exit(2);
     };
@@ -183,6 +230,9 @@ fn main() {
             "--serve" => serve_addr = Some(value),
             "--load" => load = Some(value),
             "--clients" => clients = value.parse().unwrap_or_else(|_| usage()),
+            "--from" => {
+                from = value.split(',').map(|a| a.trim().parse().unwrap_or_else(|_| usage())).collect()
+            }
             _ => usage(),
         }
     }
@@ -191,9 +241,10 @@ fn main() {
         let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
         let stop = Arc::new(AtomicBool::new(false));
         let loops: Vec<_> = (0..clients)
-            .map(|_| {
+            .map(|i| {
                 let stop = stop.clone();
-                std::thread::spawn(move || connect_loop(addr, &stop))
+                let sources = (!from.is_empty()).then(|| Sources::new(from.clone(), i, clients));
+                std::thread::spawn(move || connect_loop(addr, sources, &stop))
             })
             .collect();
         std::thread::sleep(Duration::from_secs_f64(seconds));
