@@ -253,7 +253,8 @@ EOF",
 
 /// The backends' egress program (it writes UOAs) is attached only once a UDP
 /// listener exists: a TCP-only configuration has no program on the way to
-/// the backends, and a reload that adds a UDP listener attaches it.
+/// the backends, a reload that adds a UDP listener attaches it, and one that
+/// removes it again detaches it.
 #[test]
 fn backend_program_only_with_udp_listeners() {
     require_root!();
@@ -275,6 +276,12 @@ fn backend_program_only_with_udp_listeners() {
     assert_eq!(programs(), vec!["toa_lb_backend_".to_owned()], "attached by the reload");
     let (_, replies) = ask_udp(bed, UDP_VIP, 1);
     assert_eq!(replies.len(), 1);
+    std::fs::write(dir.join("lb-tcp.toml"), tcp_only).unwrap();
+    let out = ctl_output(dir, "reload");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(programs(), Vec::<String>::new(), "detached by the reload that removed the UDP listener");
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "{line}");
 }
 
 /// A start that fails (an interface that is not there) says so in one line

@@ -333,6 +333,18 @@ impl Injector {
         self.attach_programs(interface, &[(BACKEND_EGRESS, TcAttachType::Egress)])
     }
 
+    /// Detaches the backends' egress program ([`Injector::attach_egress`]);
+    /// not attached is fine.
+    pub fn detach_egress(&mut self) -> Result<(), InjectError> {
+        let Some(at) = self.links.iter().position(|(name, _)| *name == BACKEND_EGRESS) else {
+            return Ok(());
+        };
+        let (name, id) = self.links.remove(at);
+        let program: &mut SchedClassifier =
+            self.ebpf.program_mut(name).ok_or_else(missing(name))?.try_into().map_err(bpf_err(name))?;
+        program.detach(id).map_err(bpf_err(format!("detach {name}")))
+    }
+
     fn attach_programs(
         &mut self,
         interface: &str,

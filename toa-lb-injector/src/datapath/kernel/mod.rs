@@ -122,14 +122,15 @@ impl State {
     /// Attaches the backends' egress program to the backend interface (when
     /// it is not the clients') once a UDP listener exists: it writes UOAs,
     /// and only datagrams need it. Without one, packets to backends go out
-    /// without a program on the way (a tc hook costs on every packet). It
-    /// stays attached until stop.
+    /// without a program on the way (a tc hook costs on every packet), so a
+    /// reload that removes the last UDP listener detaches it again.
     fn sync_backend_egress(&mut self) -> Result<(), injector::InjectError> {
         let wanted = self.config.backend_interface != self.config.client_interface
             && self.listeners.configs().any(|l| l.protocol == Protocol::Udp);
         match self.injector.as_mut() {
             Some(injector) if wanted => injector.attach_egress(&self.config.backend_interface),
-            _ => Ok(()),
+            Some(injector) => injector.detach_egress(),
+            None => Ok(()),
         }
     }
 
