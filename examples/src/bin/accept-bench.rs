@@ -96,10 +96,13 @@ struct Sources {
 
 impl Sources {
     /// Client `index` of `clients`: the ports 1024-65535 are split between them.
+    /// (At most [`MAX_SOURCED_CLIENTS`] clients: [`check_sources`].)
     fn new(addrs: Vec<IpAddr>, index: usize, clients: usize) -> Sources {
-        let ports = ((65535 - 1024) / clients.max(1)).clamp(1, usize::from(u16::MAX)) as u16;
-        let first_port = 1024 + (index % clients.max(1)) as u16 * ports;
-        Sources { addrs, first_port, ports, next: 0 }
+        let clients = clients.clamp(1, MAX_SOURCED_CLIENTS);
+        let ports = MAX_SOURCED_CLIENTS / clients;
+        let first = 1024 + (index % clients) * ports;
+        // first + ports <= 1024 + MAX_SOURCED_CLIENTS = 65535: both fit.
+        Sources { addrs, first_port: first as u16, ports: ports as u16, next: 0 }
     }
 
     fn next(&mut self) -> SocketAddr {
@@ -108,6 +111,29 @@ impl Sources {
         let port = self.first_port + ((k / n) % usize::from(self.ports)) as u16;
         SocketAddr::new(self.addrs[k % n], port)
     }
+}
+
+/// The most load clients `--from` can give ports of their own.
+const MAX_SOURCED_CLIENTS: usize = 65535 - 1024;
+
+/// Refuses `--from` addresses that cannot work before the load starts (every
+/// connection would fail and the load would spin, measuring nothing): another
+/// family than `target`'s, an address this host does not have, or more
+/// clients than there are ports to share.
+fn check_sources(from: &[IpAddr], target: SocketAddr, clients: usize) -> Result<(), String> {
+    if from.is_empty() {
+        return Ok(());
+    }
+    if clients > MAX_SOURCED_CLIENTS {
+        return Err(format!("at most {MAX_SOURCED_CLIENTS} clients (one port each), not {clients}"));
+    }
+    for &ip in from {
+        if ip.is_ipv4() != target.is_ipv4() {
+            return Err(format!("{ip} is not of {target}'s address family"));
+        }
+        TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| format!("{ip}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// A connection to `addr` from `from` (bound first).
@@ -239,6 +265,10 @@ fn main() {
     if let Some(addr) = load {
         // The load alone, in its own process (and cgroup): stops after `seconds`.
         let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+        if let Err(e) = check_sources(&from, addr, clients) {
+            eprintln!("accept-bench: --from: {e}");
+            std::process::exit(2);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let loops: Vec<_> = (0..clients)
             .map(|i| {
@@ -323,5 +353,51 @@ fn main() {
         println!("ratio tokio capture / TcpListener:     {:.3}", mean(5) / mean(2));
     } else {
         println!("(capture mode not measured: no CAP_NET_RAW)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_client_has_its_own_ports_and_all_fit() {
+        let addrs: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()];
+        for clients in [1, 2, 64, 1000, MAX_SOURCED_CLIENTS, MAX_SOURCED_CLIENTS + 10] {
+            let mut last_end = 1024;
+            let indices: std::collections::BTreeSet<usize> =
+                [0, 1, clients / 2, clients.saturating_sub(1)].into_iter().filter(|i| *i < clients).collect();
+            for index in indices {
+                let s = Sources::new(addrs.clone(), index, clients);
+                assert!(s.ports >= 1 && s.first_port >= 1024, "{clients} {index}");
+                assert!(usize::from(s.first_port) + usize::from(s.ports) <= 65535, "{clients} {index}");
+                // (More clients than ports are refused by `check_sources`; here they only must not overflow.)
+                if clients <= MAX_SOURCED_CLIENTS {
+                    assert!(s.first_port >= last_end, "spans do not overlap: {clients} {index}");
+                }
+                last_end = s.first_port + s.ports;
+            }
+        }
+        // Addresses cycle first, then ports, within the client's span.
+        let mut s = Sources::new(addrs, 1, 2);
+        let seen: Vec<SocketAddr> = (0..4).map(|_| s.next()).collect();
+        let first = 1024 + (65535 - 1024) / 2;
+        assert_eq!(seen[0], SocketAddr::new("127.0.0.1".parse().unwrap(), first as u16));
+        assert_eq!(seen[1], SocketAddr::new("127.0.0.2".parse().unwrap(), first as u16));
+        assert_eq!(seen[2].port(), first as u16 + 1);
+    }
+
+    #[test]
+    fn sources_that_cannot_work_are_refused() {
+        let v4: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let lo: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap()];
+        assert_eq!(check_sources(&[], v4, 1_000_000), Ok(()));
+        assert_eq!(check_sources(&lo, v4, 64), Ok(()));
+        assert!(check_sources(&lo, v4, MAX_SOURCED_CLIENTS + 1).unwrap_err().contains("at most"));
+        let v6: Vec<IpAddr> = vec!["::1".parse().unwrap()];
+        assert!(check_sources(&v6, v4, 2).unwrap_err().contains("address family"));
+        // A documentation address this host does not have.
+        let absent: Vec<IpAddr> = vec!["192.0.2.77".parse().unwrap()];
+        assert!(check_sources(&absent, v4, 2).is_err());
     }
 }
