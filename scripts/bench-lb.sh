@@ -56,8 +56,9 @@ lbns="$prefix-lb"; be="$prefix-be1"; client="$prefix-client"
 sources=${BENCH_LB_SOURCES:-16}
 from=()
 if [ "$sources" -gt 0 ]; then
-    for i in $(seq 100 $((99 + sources))); do ip netns exec "$client" ip addr add "203.0.113.$i/24" dev c0; done
-    from=(--from "$(seq -s, -f '203.0.113.%g' 100 $((99 + sources)))")
+    mapfile -t addrs < <(seq -f '203.0.113.%g' 100 $((99 + sources)))
+    for a in "${addrs[@]}"; do ip netns exec "$client" ip addr add "$a/24" dev c0; done
+    from=(--from "$(IFS=,; echo "${addrs[*]}")")
 fi
 ip netns exec "$be" "$bin/bulk-bench" --serve 0.0.0.0:8081 >/dev/null & pids+=($!)
 

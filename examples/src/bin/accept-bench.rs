@@ -95,13 +95,13 @@ struct Sources {
 }
 
 impl Sources {
-    /// Client `index` of `clients`: the ports 1024-65535 are split between them.
+    /// Client `index` of `clients`: the ports [`FIRST_PORT`]-65535 are split between them.
     /// (At most [`MAX_SOURCED_CLIENTS`] clients: [`check_sources`].)
     fn new(addrs: Vec<IpAddr>, index: usize, clients: usize) -> Sources {
         let clients = clients.clamp(1, MAX_SOURCED_CLIENTS);
         let ports = MAX_SOURCED_CLIENTS / clients;
-        let first = 1024 + (index % clients) * ports;
-        // first + ports <= 1024 + MAX_SOURCED_CLIENTS = 65535: both fit.
+        let first = FIRST_PORT + (index % clients) * ports;
+        // first + ports <= FIRST_PORT + MAX_SOURCED_CLIENTS = 65535: both fit.
         Sources { addrs, first_port: first as u16, ports: ports as u16, next: 0 }
     }
 
@@ -113,8 +113,10 @@ impl Sources {
     }
 }
 
+/// The lowest source port `--from` uses.
+const FIRST_PORT: usize = 1024;
 /// The most load clients `--from` can give ports of their own.
-const MAX_SOURCED_CLIENTS: usize = 65535 - 1024;
+const MAX_SOURCED_CLIENTS: usize = 65535 - FIRST_PORT;
 
 /// Refuses `--from` addresses that cannot work before the load starts (every
 /// connection would fail and the load would spin, measuring nothing): another
@@ -364,12 +366,12 @@ mod tests {
     fn each_client_has_its_own_ports_and_all_fit() {
         let addrs: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()];
         for clients in [1, 2, 64, 1000, MAX_SOURCED_CLIENTS, MAX_SOURCED_CLIENTS + 10] {
-            let mut last_end = 1024;
+            let mut last_end = FIRST_PORT as u16;
             let indices: std::collections::BTreeSet<usize> =
                 [0, 1, clients / 2, clients.saturating_sub(1)].into_iter().filter(|i| *i < clients).collect();
             for index in indices {
                 let s = Sources::new(addrs.clone(), index, clients);
-                assert!(s.ports >= 1 && s.first_port >= 1024, "{clients} {index}");
+                assert!(s.ports >= 1 && usize::from(s.first_port) >= FIRST_PORT, "{clients} {index}");
                 assert!(usize::from(s.first_port) + usize::from(s.ports) <= 65535, "{clients} {index}");
                 // (More clients than ports are refused by `check_sources`; here they only must not overflow.)
                 if clients <= MAX_SOURCED_CLIENTS {
@@ -381,7 +383,7 @@ mod tests {
         // Addresses cycle first, then ports, within the client's span.
         let mut s = Sources::new(addrs, 1, 2);
         let seen: Vec<SocketAddr> = (0..4).map(|_| s.next()).collect();
-        let first = 1024 + (65535 - 1024) / 2;
+        let first = FIRST_PORT + MAX_SOURCED_CLIENTS / 2;
         assert_eq!(seen[0], SocketAddr::new("127.0.0.1".parse().unwrap(), first as u16));
         assert_eq!(seen[1], SocketAddr::new("127.0.0.2".parse().unwrap(), first as u16));
         assert_eq!(seen[2].port(), first as u16 + 1);

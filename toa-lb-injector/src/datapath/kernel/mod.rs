@@ -543,9 +543,10 @@ impl Balancer for KernelLb {
         })();
         if let Err(e) = result {
             (state.listeners, state.ids, state.config) = before;
-            let restored = state.render().and_then(|()| state.sync_injector()).and_then(|()| {
-                state.sync_backend_egress().map_err(|e| ControlError::Datapath(e.to_string()))
-            });
+            let restored = state
+                .render()
+                .and_then(|()| state.sync_injector())
+                .and_then(|()| state.sync_backend_egress().map_err(|e| datapath(&e)));
             if let Err(restore) = restored {
                 tracing::error!("restoring the rules after a failed reload: {restore}");
             }
