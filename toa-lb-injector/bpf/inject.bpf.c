@@ -39,8 +39,13 @@
  *   - a new flow takes one from toa_lb_budget (max_flows minus the flows
  *     conntrack holds, written by toa-lb); with none left it is dropped.
  * toa_lb_egress sees the backend's SYN-ACK on its way back to the client:
- * it lowers the MSS by the option's size and notes the backend's ISN, and
- * the backend's first data ends data placement.
+ * it notes the backend's ISN and, for a flow whose listener clamps
+ * (PLACE_CLAMP: data placement, or mss_clamp = "on"), lowers the MSS by the
+ * option's size; the backend's first data ends data placement. A segment
+ * that the option would push past the MTU of the interface toward the
+ * backends (config.mtu_ifindex) goes without it (no_room):
+ * with the TOA in the SYN and the handshake's pure ACK only, just a TCP Fast
+ * Open SYN with data can come near that, so such flows need no clamp.
  * UDP listeners in UOA mode: see "UDP listeners in UOA mode" below
  * (toa_lb_backend_egress, on the interface that faces the backends).
  *
@@ -80,6 +85,7 @@
 #define PLACE_ACK 2
 #define PLACE_DATA 4
 #define PLACE_UOA 8 /* a UDP flow in UOA mode: flow.kind the format, flow.len the datagrams left */
+#define PLACE_CLAMP 16 /* TCP: the backend's SYN-ACK MSS is lowered by the option's size */
 
 /* Counters per listener slot (toa_lb_counters index: slot * NR_COUNTERS + counter). */
 #define CNT_INJECTED 0    /* TOA options written */
@@ -148,7 +154,7 @@ struct tcp_flow {
 	__u32 isn;         /* the client's initial sequence number */
 	__u32 backend_isn; /* the backend's, from its SYN-ACK (0: not seen) */
 	__u16 slot;        /* the listener's counters */
-	__u8 placement;    /* PLACE_SYN | PLACE_ACK | PLACE_DATA, and BACKEND_SPOKE */
+	__u8 placement;    /* PLACE_SYN | PLACE_ACK | PLACE_DATA | PLACE_CLAMP, and BACKEND_SPOKE */
 	__u8 kind;         /* the option's kind */
 };
 
@@ -168,6 +174,8 @@ struct config {
 	__u32 flow_mask;        /* toa_lb_flows has flow_mask + 1 slots, a power of two */
 	__u32 tcp_flow_mask;    /* toa_lb_tcp_flows has tcp_flow_mask + 1 slots, a power of two */
 	__u8 kind_formats[256]; /* kind -> FMT_BIT()s of the formats stripped from clients */
+	__u32 mtu_ifindex;      /* a grown TCP segment must fit this interface's MTU (0: the one it came in on) */
+	__u32 pad;
 };
 
 struct {
@@ -663,7 +671,8 @@ __noinline int move_payload(struct __sk_buff *skb, struct scratch *s, __u32 from
  * s->opts[0..optlen) (stripped already), growing the header when it must.
  * Returns 0, or -1 when there is no room.
  */
-static __always_inline int insert_toa(struct __sk_buff *skb, const struct pkt *p, struct scratch *s, __u8 kind)
+static __always_inline int insert_toa(struct __sk_buff *skb, const struct pkt *p, struct scratch *s, __u8 kind,
+				      __u32 mtu_ifindex)
 {
 	int optlen = p->hlen - 20;
 	__u32 payload = p->end - p->l4 - p->hlen;
@@ -686,6 +695,10 @@ static __always_inline int insert_toa(struct __sk_buff *skb, const struct pkt *p
 		s->area[len++ & OPT_MASK] = OPT_EOL;
 	__u32 grow = len - optlen;
 	if (grow && (skb->gso_size || payload > MOVE_CHUNK * MOVE_CHUNKS))
+		return -1;
+	/* Past the MTU the kernel would drop it on the way to the backend. */
+	__u32 mtu = 0;
+	if (grow && bpf_check_mtu(skb, mtu_ifindex, &mtu, (__s32)grow, 0) != BPF_MTU_CHK_RET_SUCCESS)
 		return -1;
 
 	__u32 csum_at = p->l4 + offsetof(struct tcphdr, check);
@@ -790,7 +803,7 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 			cur.tag = tcp_tag(hash);
 			cur.isn = p->seq;
 			cur.slot = l->slot;
-			cur.placement = l->placement & (PLACE_SYN | PLACE_ACK | PLACE_DATA);
+			cur.placement = l->placement & (PLACE_SYN | PLACE_ACK | PLACE_DATA | PLACE_CLAMP);
 			cur.kind = p->family == 4 ? l->kind4 : l->kind6;
 			if (f)
 				*f = cur;
@@ -825,7 +838,7 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 		if (optlen > 0 && load_options(skb, p->l4 + 20, s->opts, optlen) < 0)
 			return TC_NEXT;
 	}
-	if (insert_toa(skb, p, s, cur.kind) < 0)
+	if (insert_toa(skb, p, s, cur.kind, cfg->mtu_ifindex) < 0)
 		count(cur.slot, CNT_NO_ROOM);
 	else
 		count(cur.slot, CNT_INJECTED);
@@ -1288,7 +1301,10 @@ int toa_lb_egress(struct __sk_buff *skb)
 	if (!synack)
 		return TC_NEXT;
 	f->backend_isn = p.seq;
-	/* The client must leave room for the option added to its segments. */
+	/* The client must leave room for the option added to its segments, when
+	 * they may carry it. */
+	if (!(f->placement & PLACE_CLAMP))
+		return TC_NEXT;
 	int optlen = p.hlen - 20;
 	struct scratch *s = scratch();
 	if (!s || load_options(skb, p.l4 + 20, s->old, optlen) < 0)

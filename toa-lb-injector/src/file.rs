@@ -21,6 +21,7 @@
 //! obtain_client_ip = "toa"         # or "off", or "transparent" (DNAT only; backends route via the LB)
 //! toa_format = "toa"               # toa, toa6, ali-v6, tencent
 //! placement = { syn = true, ack = true, data = false }
+//! mss_clamp = "auto"               # lower the backends' SYN-ACK MSS for the option: auto (with data placement), on, off
 //!
 //! [[listener.backend]]
 //! address = "100.125.2.1:8080"
@@ -34,7 +35,8 @@ use serde::Deserialize;
 use toa_core::Format;
 
 use crate::engine::config::{
-    Backend, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Protocol, Scheduler, Shard, Timeouts,
+    Backend, EngineConfig, ListenerConfig, MssClamp, ObtainClientIp, Placement, Protocol, Scheduler, Shard,
+    Timeouts,
 };
 
 /// A configuration file that cannot be used, with what to fix.
@@ -176,6 +178,8 @@ struct RawListener {
     uoa_datagrams: u8,
     #[serde(default)]
     placement: RawPlacement,
+    #[serde(default = "default_mss_clamp")]
+    mss_clamp: String,
     #[serde(rename = "backend", default)]
     backends: Vec<RawBackend>,
 }
@@ -186,6 +190,10 @@ fn default_protocol() -> String {
 
 fn default_format() -> String {
     "toa".into()
+}
+
+fn default_mss_clamp() -> String {
+    MssClamp::default().to_string()
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -336,6 +344,7 @@ impl LbConfig {
                     handshake_ack: l.placement.ack,
                     data: l.placement.data,
                 },
+                mss_clamp: l.mss_clamp.parse().map_err(|e| invalid(format!("listener {}: {e}", l.vip)))?,
             });
         }
         let t = Timeouts::default();
@@ -461,7 +470,18 @@ weight = 3
         let l = &c.engine.listeners[0];
         assert_eq!(l.obtain_client_ip, ObtainClientIp::Toa(Format::Toa));
         assert_eq!(l.placement, Placement::default());
+        assert_eq!(l.mss_clamp, MssClamp::Auto);
         assert_eq!(l.backends[1].weight, 3);
+    }
+
+    #[test]
+    fn mss_clamp_is_read_and_checked() {
+        let on =
+            GOOD.replace("obtain_client_ip = \"toa\"\n", "obtain_client_ip = \"toa\"\nmss_clamp = \"on\"\n");
+        assert_eq!(LbConfig::parse("lb.toml", &on).unwrap().engine.listeners[0].mss_clamp, MssClamp::On);
+        let bad = on.replace("\"on\"", "\"always\"");
+        let err = LbConfig::parse("lb.toml", &bad).unwrap_err().to_string();
+        assert!(err.contains("listener 203.0.113.10:80: mss_clamp must be auto, on or off"), "{err}");
     }
 
     #[test]

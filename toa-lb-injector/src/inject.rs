@@ -5,7 +5,7 @@
 //! are pinned under `/sys/fs/bpf/toa-lb/IFACE/`.
 //!
 //! ```text
-//! toa-lb inject attach --iface eth0 --listener 203.0.113.10:80 [--listener ...] [--format toa] [--placement syn,ack]
+//! toa-lb inject attach --iface eth0 --listener 203.0.113.10:80 [--listener ...] [--format toa] [--placement syn,ack] [--mss-clamp auto]
 //! toa-lb inject status
 //! toa-lb inject detach [--iface eth0]
 //! ```
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use toa_core::Format;
 
 use crate::datapath::kernel::injector::{self, InjectError, InjectListener, Injector, InjectorOptions};
-use crate::engine::config::{ObtainClientIp, Placement, Protocol};
+use crate::engine::config::{MssClamp, ObtainClientIp, Placement, Protocol};
 
 /// Where `toa-lb inject` pins its state, one directory per interface.
 pub const PIN_DIR: &str = "/sys/fs/bpf/toa-lb";
@@ -57,6 +57,9 @@ pub struct AttachOptions {
     pub format: Format,
     /// Which segments carry it.
     pub placement: Placement,
+    /// Whether the backends' SYN-ACK MSS leaves room for it. A segment the
+    /// option would push past the interface's MTU goes without it.
+    pub mss_clamp: MssClamp,
     /// Flows remembered between SYN and handshake ACK (slots of a direct-mapped table).
     pub flows: u32,
     /// Where to pin (default [`PIN_DIR`]).
@@ -144,6 +147,8 @@ pub fn attach(options: &AttachOptions) -> Result<(), InjectCliError> {
             udp_timeout: std::time::Duration::from_secs(60),
             // Someone else's NAT: no bound of ours.
             budget: i64::MAX,
+            // Someone else's routes: the interface the segments come in on.
+            mtu_ifindex: 0,
         })?;
         for (slot, vip) in options.listeners.iter().enumerate() {
             injector.set_listener(&InjectListener {
@@ -152,6 +157,7 @@ pub fn attach(options: &AttachOptions) -> Result<(), InjectCliError> {
                 slot: slot as u32,
                 mode: ObtainClientIp::Toa(options.format),
                 placement: options.placement,
+                clamp_mss: options.mss_clamp.applies(options.placement),
             })?;
         }
         injector.attach(&options.interface)?;
@@ -208,9 +214,10 @@ pub fn status(pin_dir: &Path) -> Result<String, InjectCliError> {
             }
             let _ = writeln!(
                 out,
-                "  listener {} format={format} placement={} injected={} no_room={} stripped={} malformed={} mss_clamped={}",
+                "  listener {} format={format} placement={} mss_clamp={} injected={} no_room={} stripped={} malformed={} mss_clamped={}",
                 l.vip,
                 placement.join(","),
+                if l.clamp_mss { "on" } else { "off" },
                 c.injected,
                 c.no_room,
                 c.stripped,

@@ -28,7 +28,7 @@ mod nft;
 mod sys;
 
 pub use engine::config::{
-    Backend, ConfigError, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Protocol, Scheduler,
-    Shard, Timeouts,
+    Backend, ConfigError, EngineConfig, ListenerConfig, MssClamp, ObtainClientIp, Placement, Protocol,
+    Scheduler, Shard, Timeouts,
 };
 pub use engine::{BackendCounters, Counters, DropReason, Engine, ListenerKey, Verdict};

@@ -8,8 +8,8 @@ use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use toa_core::{Format, Formats, TcpFlags, TcpPacket, UdpPacket};
 use toa_lb_injector::engine::listeners::BackendError;
 use toa_lb_injector::{
-    Backend, ConfigError, DropReason, Engine, EngineConfig, ListenerConfig, ObtainClientIp, Placement,
-    Protocol, Scheduler, Shard, Timeouts, Verdict,
+    Backend, ConfigError, DropReason, Engine, EngineConfig, ListenerConfig, MssClamp, ObtainClientIp,
+    Placement, Protocol, Scheduler, Shard, Timeouts, Verdict,
 };
 
 const CLIENT: &str = "203.0.113.7:40000";
@@ -33,6 +33,7 @@ fn config(mode: ObtainClientIp, placement: Placement, backends: &[&str]) -> Engi
                 scheduler: Scheduler::RoundRobin,
                 obtain_client_ip: mode,
                 placement,
+                mss_clamp: MssClamp::default(),
             },
             ListenerConfig {
                 vip: sock(VIP6),
@@ -41,6 +42,7 @@ fn config(mode: ObtainClientIp, placement: Placement, backends: &[&str]) -> Engi
                 scheduler: Scheduler::RoundRobin,
                 obtain_client_ip: mode,
                 placement,
+                mss_clamp: MssClamp::default(),
             },
         ],
         snat: vec![
@@ -145,11 +147,7 @@ fn handshake_with_toa_in_syn_and_ack() {
     let (bsrc, bdst, _) = inspect(&back);
     assert!(matches!(v, Verdict::ToClient { next_hop, .. } if next_hop == client.ip()), "{v:?}");
     assert_eq!((bsrc, bdst), (vip, client));
-    let mss = TcpPacket::new_checked(&back[..]).unwrap().tcp().options().find_map(|o| {
-        let o = o.unwrap();
-        (o.kind == 2).then(|| u16::from_be_bytes([o.data[0], o.data[1]]))
-    });
-    assert_eq!(mss, Some(1460 - 8), "the SYN-ACK's MSS leaves room for the option");
+    assert_eq!(mss_of(&back), Some(1460), "mss_clamp auto: no data segment will grow");
 
     let (_, ack) = handle(&mut e, 0, &segment(client, vip, TcpFlags::ACK, &[], &[]));
     assert_eq!(inspect(&ack).2, Some(client), "TOA in the handshake ACK");
@@ -158,11 +156,75 @@ fn handshake_with_toa_in_syn_and_ack() {
     assert_eq!(inspect(&data).2, None, "not in data by default");
 
     let c = *e.counters(0).unwrap();
-    assert_eq!((c.flows, c.injected, c.mss_clamped, c.to_backend, c.to_client), (1, 2, 1, 3, 1));
+    assert_eq!((c.flows, c.injected, c.mss_clamped, c.to_backend, c.to_client), (1, 2, 0, 3, 1));
 
     // RST ends the flow.
     handle(&mut e, 0, &segment(client, vip, TcpFlags::RST, &[], &[]));
     assert_eq!(e.flow_count(), 0);
+}
+
+fn mss_of(packet: &[u8]) -> Option<u16> {
+    TcpPacket::new_checked(packet).unwrap().tcp().options().find_map(|o| {
+        let o = o.unwrap();
+        (o.kind == 2).then(|| u16::from_be_bytes([o.data[0], o.data[1]]))
+    })
+}
+
+/// The backend's SYN-ACK MSS goes down by the option's size (8 bytes, 20 for
+/// an IPv6 client) with `mss_clamp = "on"`, and with "auto" when data
+/// segments carry the TOA; the flow keeps what it started with.
+#[test]
+fn mss_clamp_makes_room_when_data_will_grow() {
+    let data = Placement { syn: false, handshake_ack: false, data: true };
+    for (clamp, placement, room) in [
+        (MssClamp::Auto, Placement::default(), 0),
+        (MssClamp::Auto, data, 8),
+        (MssClamp::On, Placement::default(), 8),
+        (MssClamp::Off, data, 0),
+    ] {
+        let mut c = config(ObtainClientIp::Toa(Format::Toa), placement, &["192.0.2.10:8080"]);
+        for l in &mut c.listeners {
+            l.mss_clamp = clamp;
+        }
+        let mut e = Engine::new(c).unwrap();
+        for (client, vip) in [(CLIENT, VIP), (CLIENT6, VIP6)] {
+            let (client, vip) = (sock(client), sock(vip));
+            let (_, syn) = handle(&mut e, 0, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+            let (snat, backend, _) = inspect(&syn);
+            let synack = segment(backend, snat, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]);
+            let (_, back) = handle(&mut e, 0, &synack);
+            let room = if client.is_ipv6() { room * 20 / 8 } else { room };
+            assert_eq!(mss_of(&back), Some(1460 - room), "{clamp:?} {placement:?} {client}");
+        }
+        let clamped = e.counters(0).unwrap().mss_clamped + e.counters(1).unwrap().mss_clamped;
+        assert_eq!(clamped, if room > 0 { 2 } else { 0 }, "{clamp:?} {placement:?}");
+    }
+}
+
+/// Without the clamp a full-sized data segment has no room under the MTU:
+/// it goes on intact, without the option, counted; a smaller one gets it.
+#[test]
+fn a_segment_the_option_would_push_past_the_mtu_goes_without() {
+    let data = Placement { syn: false, handshake_ack: false, data: true };
+    let mut c = config(ObtainClientIp::Toa(Format::Toa), data, &["192.0.2.10:8080"]);
+    c.listeners[0].mss_clamp = MssClamp::Off;
+    let mut e = Engine::new(c).unwrap();
+    let (client, vip) = (sock(CLIENT), sock(VIP));
+    let (_, syn) = handle(&mut e, 0, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    let (snat, backend, _) = inspect(&syn);
+    handle(&mut e, 0, &segment(backend, snat, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]));
+    let psh = TcpFlags::ACK.union(TcpFlags::PSH);
+    // 20 + 20 + 1460 = 1500 bytes: the MTU.
+    let full = segment(client, vip, psh, &[], &[7u8; 1460]);
+    assert_eq!(full.len(), 1500);
+    let (v, out) = handle(&mut e, 0, &full);
+    assert!(matches!(v, Verdict::ToBackend { len: 1500, .. }), "{v:?}");
+    assert_eq!(inspect(&out).2, None);
+    assert_eq!(&out[40..], &[7u8; 1460][..], "the payload intact");
+    let (_, small) = handle(&mut e, 0, &segment(client, vip, psh, &[], &[7u8; 1452]));
+    assert_eq!((small.len(), inspect(&small).2), (1500, Some(client)), "8 bytes under: room");
+    let c = e.counters(0).unwrap();
+    assert_eq!((c.no_room, c.injected), (1, 1));
 }
 
 #[test]
@@ -453,6 +515,7 @@ fn udp_config(mode: ObtainClientIp) -> EngineConfig {
         scheduler: Scheduler::RoundRobin,
         obtain_client_ip: mode,
         placement: Placement::default(),
+        mss_clamp: MssClamp::default(),
     });
     c
 }
@@ -661,6 +724,7 @@ fn udp_uoa_first_datagrams_carry_the_client() {
         scheduler: Scheduler::RoundRobin,
         obtain_client_ip: ObtainClientIp::Uoa { format: UoaFormat::Ipo, datagrams: 1 },
         placement: Placement::default(),
+        mss_clamp: MssClamp::default(),
     });
     let mut e = Engine::new(c).unwrap();
     let client6 = sock("[2001:db8:c::7]:40000");

@@ -80,6 +80,10 @@ enum InjectAction {
         /// Which client segments carry it: syn, ack, data, comma separated.
         #[arg(long, default_value = "syn,ack")]
         placement: String,
+        /// Lower the backends' SYN-ACK MSS by the option's size: auto (only
+        /// with data placement, the one that grows data segments), on, off.
+        #[arg(long, default_value = "auto")]
+        mss_clamp: String,
         /// Flows remembered between SYN and handshake ACK (the oldest are forgotten first).
         #[arg(long, default_value_t = 65536)]
         flows: u32,
@@ -152,16 +156,19 @@ fn run_ctl(socket: &std::path::Path, request: &str) -> Result<(), String> {
 
 fn run_inject(action: InjectAction) -> Result<(), String> {
     match action {
-        InjectAction::Attach { iface, listeners, format, placement, flows, pin_dir } => {
+        InjectAction::Attach { iface, listeners, format, placement, mss_clamp, flows, pin_dir } => {
             let format = format
                 .parse()
                 .map_err(|_| format!("unknown --format {format:?}: toa, toa6, ali-v6, tencent"))?;
             let placement = inject::parse_placement(&placement).map_err(|e| e.to_string())?;
+            let mss_clamp =
+                mss_clamp.parse().map_err(|_| format!("unknown --mss-clamp {mss_clamp:?}: auto, on, off"))?;
             let options = inject::AttachOptions {
                 interface: iface.clone(),
                 listeners,
                 format,
                 placement,
+                mss_clamp,
                 flows,
                 pin_dir,
             };

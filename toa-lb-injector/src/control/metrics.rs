@@ -152,6 +152,7 @@ mod tests {
             scheduler: Scheduler::RoundRobin,
             obtain_client_ip: ObtainClientIp::Off,
             placement: Placement::default(),
+            mss_clamp: Default::default(),
         };
         let counters = Counters { mss_clamped: 7, dropped_table_full: 3, ..Counters::default() };
         let snapshot = Snapshot {

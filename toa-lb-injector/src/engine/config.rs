@@ -58,6 +58,67 @@ impl Default for Placement {
     }
 }
 
+/// Whether the MSS of a backend's SYN-ACK is lowered by the option's size
+/// (8 bytes, 20 for an IPv6 client), so that the client's segments leave room
+/// for the TOA the LB adds to them.
+///
+/// Only data segments need that room: the SYN and the handshake's pure ACK
+/// carry no data, save a TCP Fast Open SYN, which goes without the option
+/// (counted `no_room`) when the option would push it past the MTU. Lowering
+/// the MSS costs every client segment those bytes for the whole connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MssClamp {
+    /// When the listener places the TOA in data ([`Placement::data`]).
+    #[default]
+    Auto,
+    /// Always, in TOA mode.
+    On,
+    /// Never: a data segment the option would push past the MTU goes without it.
+    Off,
+}
+
+impl MssClamp {
+    /// The values, as in a configuration file.
+    pub const NAMES: [&str; 3] = ["auto", "on", "off"];
+
+    /// Whether a listener with this setting and `placement` lowers the MSS.
+    pub fn applies(self, placement: Placement) -> bool {
+        match self {
+            MssClamp::Auto => placement.data,
+            MssClamp::On => true,
+            MssClamp::Off => false,
+        }
+    }
+}
+
+impl std::str::FromStr for MssClamp {
+    type Err = UnknownMssClamp;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(MssClamp::Auto),
+            "on" => Ok(MssClamp::On),
+            "off" => Ok(MssClamp::Off),
+            _ => Err(UnknownMssClamp(s.to_owned())),
+        }
+    }
+}
+
+impl std::fmt::Display for MssClamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MssClamp::Auto => "auto",
+            MssClamp::On => "on",
+            MssClamp::Off => "off",
+        })
+    }
+}
+
+/// An `mss_clamp` value that is none of [`MssClamp::NAMES`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("mss_clamp must be auto, on or off, not {0:?}")]
+pub struct UnknownMssClamp(pub String);
+
 /// How a listener picks a backend for a new flow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Scheduler {
@@ -116,6 +177,8 @@ pub struct ListenerConfig {
     pub obtain_client_ip: ObtainClientIp,
     /// Which segments carry it.
     pub placement: Placement,
+    /// Whether the backends' SYN-ACKs leave room for it.
+    pub mss_clamp: MssClamp,
 }
 
 /// Idle timeouts per flow state.
@@ -346,5 +409,19 @@ mod tests {
                 .sum();
             assert_eq!(total, max, "{count} shards of {max}");
         }
+    }
+
+    #[test]
+    fn mss_clamp_follows_data_placement_unless_set() {
+        let (plain, data) = (Placement::default(), Placement { data: true, ..Placement::default() });
+        assert!(!MssClamp::Auto.applies(plain) && MssClamp::Auto.applies(data));
+        assert!(MssClamp::On.applies(plain) && MssClamp::On.applies(data));
+        assert!(!MssClamp::Off.applies(plain) && !MssClamp::Off.applies(data));
+        for name in MssClamp::NAMES {
+            assert_eq!(name.parse::<MssClamp>().unwrap().to_string(), name);
+        }
+        assert_eq!(MssClamp::default(), MssClamp::Auto);
+        let err = "yes".parse::<MssClamp>().unwrap_err().to_string();
+        assert!(err.contains("auto, on or off") && err.contains("\"yes\""), "{err}");
     }
 }

@@ -36,6 +36,9 @@ pub(crate) struct Flow {
     /// The mode in force when the flow started: a later switch does not change it.
     pub(crate) mode: ObtainClientIp,
     pub(crate) placement: Placement,
+    /// Whether the backend's SYN-ACK MSS is lowered (the listener's
+    /// `mss_clamp` when the flow started).
+    pub(crate) clamp_mss: bool,
     pub(crate) state: State,
     pub(crate) created: Duration,
     pub(crate) last_seen: Duration,

@@ -235,6 +235,7 @@ mod tests {
             scheduler: Scheduler::RoundRobin,
             obtain_client_ip: ObtainClientIp::Off,
             placement: Placement::default(),
+            mss_clamp: Default::default(),
         }
     }
 

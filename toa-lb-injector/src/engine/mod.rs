@@ -500,7 +500,9 @@ impl Engine {
         let counters = &mut self.counters[listener];
         let mut len = len;
         if let Some(toa) = toa {
-            match insert(buf, len, &toa, &KINDS) {
+            // Past the MTU the segment would not reach the backend: it goes without.
+            let mtu = self.config.mtu.min(buf.len());
+            match insert(&mut buf[..mtu], len, &toa, &KINDS) {
                 Ok(new_len) => {
                     len = new_len;
                     counters.injected += 1;
@@ -548,6 +550,7 @@ impl Engine {
             stats,
             mode: config.obtain_client_ip,
             placement: config.placement,
+            clamp_mss: config.mss_clamp.applies(config.placement),
             state: State::SynSent,
             created: now,
             last_seen: now,
@@ -586,12 +589,13 @@ impl Engine {
         if flags.contains(TcpFlags::FIN) {
             flow.state = State::Closing;
         }
-        let (vip, client, mode, stats) = (flow.vip, flow.client, flow.mode, flow.stats);
+        let (vip, client, mode, stats, clamp) =
+            (flow.vip, flow.client, flow.mode, flow.stats, flow.clamp_mss);
         if flags.contains(TcpFlags::RST) {
             self.flows.remove(id);
         }
         let counters = &mut self.counters[listener];
-        if let ObtainClientIp::Toa(format) = mode {
+        if let (ObtainClientIp::Toa(format), true) = (mode, clamp) {
             // The client must leave room for the option the LB will add to its segments.
             let room = toa_for(format, client).wire_len().next_multiple_of(4) as u16;
             match clamp_mss(buf, len, room) {

@@ -54,7 +54,8 @@ pub(super) fn client_ethtool(bed: &Testbed, setting: &str) {
 /// backend receives verifies (the partial ones hold the pseudo-header sum the
 /// device will finish from), and the SYN and handshake ACK carry the TOA;
 /// 4 MiB each way crosses intact (GSO batches, GRO), and the client's MSS is
-/// lowered by the option's 8 bytes.
+/// lowered by the option's 8 bytes where the listener says `mss_clamp = "on"`
+/// (port 80), not by default (port 81: no data segment grows).
 #[test]
 fn checksums_verify_with_offloads_on_and_off() {
     require_root!();
@@ -79,12 +80,18 @@ fn checksums_verify_with_offloads_on_and_off() {
         assert!(counts["ack_toa"].as_u64().unwrap() >= 4, "tx {tx}: {counts}");
     }
     client_ethtool(bed, "on");
-    // The backend announced 1460; the client got 1452, less 12 for timestamps.
-    let mss = run_in(&bed.ns("client"), || {
-        let s = TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(5)).unwrap();
+    // The backend announced 1460; the client got 1452 on port 80, less 12 for
+    // timestamps, and 1460 on port 81.
+    assert_eq!(client_mss(bed, VIP), 1440);
+    assert_eq!(client_mss(bed, "203.0.113.10:81"), 1448);
+}
+
+/// The MSS the client uses on a connection to `vip`.
+fn client_mss(bed: &Testbed, vip: &str) -> u32 {
+    run_in(&bed.ns("client"), || {
+        let s = TcpStream::connect_timeout(&vip.parse().unwrap(), Duration::from_secs(5)).unwrap();
         nix::sys::socket::getsockopt(&s.as_fd(), nix::sys::socket::sockopt::TcpMaxSeg).unwrap()
-    });
-    assert_eq!(mss, 1440);
+    })
 }
 
 /// Data placement: the TOA goes into the client's data segments until the
@@ -123,6 +130,52 @@ fn data_placement_until_the_backend_speaks() {
     // The first request, and nothing after the backend's answer (a
     // retransmission of the first would carry it again).
     assert!((1..=2).contains(&counts["data_toa"].as_u64().unwrap()), "{counts}");
+}
+
+/// Data placement with `mss_clamp = "off"`: the client keeps its full MSS, and
+/// a first request of a full segment, which the option would push past the
+/// MTU, reaches the backend intact without it (no_room), not dropped on the
+/// way; every segment verifies.
+#[test]
+fn unclamped_full_segments_go_without_the_option() {
+    require_root!();
+    let case = Case::new("nc", Dp::Kernel);
+    let (bed, dir) = (&case.bed, &case.dir);
+    let text = config_text("toa", Dp::Kernel.config());
+    let echo = "vip = \"203.0.113.10:81\"\nobtain_client_ip = \"toa\"\n";
+    let text = text.replace(
+        echo,
+        &format!("{echo}placement = {{ syn = false, ack = false, data = true }}\nmss_clamp = \"off\"\n"),
+    );
+    let _lb = start_lb_text(&case, "noclamp", &text);
+    let counts = capture(bed, || {
+        run_in(&bed.ns("client"), || {
+            let mut stream =
+                TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10))
+                    .unwrap();
+            stream.set_nodelay(true).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mss =
+                nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::TcpMaxSeg).unwrap();
+            assert_eq!(mss, 1448, "not clamped");
+            // One full segment: 20 + 32 + 1448 = 1500 bytes, the MTU.
+            let request: Vec<u8> = (0..1448u32).map(|i| (i * 7 % 251) as u8).collect();
+            std::io::Write::write_all(&mut stream, &request).unwrap();
+            let mut reply = vec![0u8; request.len()];
+            stream.read_exact(&mut reply).unwrap();
+            assert_eq!(reply, request);
+        });
+    });
+    assert_eq!(counts["bad"], 0, "{counts}");
+    assert_eq!(counts["data_toa"].as_u64(), Some(0), "{counts}");
+    let stats = String::from_utf8(ctl_output(dir, "stats").stdout).unwrap();
+    let listener = stats.lines().find(|l| l.starts_with("203.0.113.10:81 ")).unwrap();
+    let field = |name: &str| -> u64 {
+        let value = listener.split_whitespace().find_map(|f| f.strip_prefix(name)).expect(name);
+        value.parse().expect(name)
+    };
+    assert_eq!((field("injected="), field("mss_clamped=")), (0, 0), "{listener}");
+    assert!(field("no_room=") >= 1, "{listener}");
 }
 
 /// Sends `size` bytes through the echo listener (203.0.113.10:81) and checks what comes back.
@@ -232,7 +285,7 @@ EOF",
     let status = inject(&bed, &pins, &["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("interface lb-c (2 of 2 programs pinned"), "{text}");
-    assert!(text.contains("listener 203.0.113.10:80 format=toa placement=syn,ack injected=2"), "{text}");
+    assert!(text.contains("listener 203.0.113.10:80 format=toa placement=syn,ack mss_clamp=off injected=2"), "{text}");
     let twice = inject(&bed, &pins, &["attach", "--iface", "lb-c", "--listener", VIP]);
     assert!(!twice.status.success());
     let err = String::from_utf8_lossy(&twice.stderr);

@@ -151,7 +151,7 @@ fn config_text(mode: &str, extra: &str) -> String {
         "{extra}client_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\nmetrics = \"127.0.0.1:9947\"\n\
          health = {{ interval_ms = {HEALTH_INTERVAL_MS}, timeout_ms = 100, rise = 2, fall = {HEALTH_FALL} }}\n\
          snat = [\"100.125.1.1\", \"100.125.1.2\", \"2001:db8:64::1:1\"]\n\n\
-         [[listener]]\nvip = \"{VIP}\"\nobtain_client_ip = \"{mode}\"\n\n\
+         [[listener]]\nvip = \"{VIP}\"\nobtain_client_ip = \"{mode}\"\nmss_clamp = \"on\"\n\n\
          [[listener.backend]]\naddress = \"100.125.2.1:8080\"\n\n[[listener.backend]]\naddress = \"100.125.2.2:8080\"\n\n\
          [[listener.backend]]\naddress = \"100.125.2.1:9999\"\n\n\
          [[listener]]\nvip = \"203.0.113.10:81\"\nobtain_client_ip = \"{mode}\"\n\n[[listener.backend]]\naddress = \"100.125.2.1:8081\"\n\n\

@@ -26,6 +26,11 @@ pub const MAX_LISTENERS: u32 = 1024;
 const NR_COUNTERS: u32 = 10;
 /// `config.flags`: some listener places the TOA in data.
 const CFG_DATA_PLACEMENT: u32 = 1;
+/// `listener.placement` bits (`PLACE_*`).
+const PLACE_SYN: u8 = 1;
+const PLACE_ACK: u8 = 2;
+const PLACE_DATA: u8 = 4;
+const PLACE_CLAMP: u8 = 16;
 /// Not a format: Tencent's companion options, stripped with it (`FMT_COMPANION`).
 const FMT_COMPANION: u8 = 1 << 5;
 
@@ -91,6 +96,9 @@ pub struct InjectorOptions {
     pub udp_timeout: std::time::Duration,
     /// New flows allowed at first (see [`Injector::set_budget`]); `i64::MAX`: no bound.
     pub budget: i64,
+    /// The interface (index) toward the backends, whose MTU a segment the
+    /// TOA grows must fit; 0: the interface the segment came in on.
+    pub mtu_ifindex: u32,
 }
 
 /// A listener as the injector knows it.
@@ -106,6 +114,9 @@ pub struct InjectListener {
     pub mode: ObtainClientIp,
     /// Where the TOA goes.
     pub placement: Placement,
+    /// Whether the backends' SYN-ACK MSS is lowered by the option's size
+    /// ([`crate::engine::config::MssClamp::applies`]).
+    pub clamp_mss: bool,
 }
 
 /// The injector's counters of one listener.
@@ -222,9 +233,11 @@ fn raw_listener(l: &InjectListener) -> RawListener {
         };
         return RawListener { slot: l.slot, mode, placement: datagrams, kind4: format, kind6: format };
     }
-    let placement = u8::from(l.placement.syn)
-        | u8::from(l.placement.handshake_ack) << 1
-        | u8::from(l.placement.data) << 2;
+    let bit = |on: bool, bit: u8| if on { bit } else { 0 };
+    let placement = bit(l.placement.syn, PLACE_SYN)
+        | bit(l.placement.handshake_ack, PLACE_ACK)
+        | bit(l.placement.data, PLACE_DATA)
+        | bit(l.clamp_mss, PLACE_CLAMP);
     RawListener { slot: l.slot, mode, placement, kind4, kind6 }
 }
 
@@ -260,6 +273,8 @@ impl Injector {
             flow_mask: slots - 1,
             tcp_flow_mask: slots - 1,
             kind_formats: kind_formats(),
+            mtu_ifindex: options.mtu_ifindex,
+            pad: 0,
         };
         let mut map: Array<_, RawConfig> =
             Array::try_from(ebpf.map_mut("toa_lb_config").ok_or_else(missing("toa_lb_config"))?)
@@ -515,11 +530,12 @@ fn from_raw(key: &RawKey, value: &RawListener) -> InjectListener {
             Placement::default()
         } else {
             Placement {
-                syn: value.placement & 1 != 0,
-                handshake_ack: value.placement & 2 != 0,
-                data: value.placement & 4 != 0,
+                syn: value.placement & PLACE_SYN != 0,
+                handshake_ack: value.placement & PLACE_ACK != 0,
+                data: value.placement & PLACE_DATA != 0,
             }
         },
+        clamp_mss: !uoa && value.placement & PLACE_CLAMP != 0,
     }
 }
 
@@ -531,7 +547,7 @@ mod tests {
     fn layouts_match_the_c_structs() {
         assert_eq!(size_of::<RawKey>(), 20);
         assert_eq!(size_of::<RawListener>(), 8);
-        assert_eq!(size_of::<RawConfig>(), 24 + 256);
+        assert_eq!(size_of::<RawConfig>(), 24 + 256 + 8);
     }
 
     #[test]
@@ -549,6 +565,7 @@ mod tests {
                 slot: 7,
                 mode,
                 placement: Placement { syn: false, handshake_ack: true, data: true },
+                clamp_mss: protocol == Protocol::Tcp,
             };
             assert_eq!(from_raw(&raw_key(l.vip, protocol), &raw_listener(&l)), l);
         }
@@ -559,6 +576,7 @@ mod tests {
                 slot: 3,
                 mode: ObtainClientIp::Uoa { format, datagrams: 5 },
                 placement: Placement::default(),
+                clamp_mss: false,
             };
             let raw = raw_listener(&l);
             assert_eq!((raw.mode, raw.placement), (3, 5));

@@ -116,6 +116,7 @@ impl State {
             slot: *self.ids.slots.get(&l.key())?,
             mode: l.config.obtain_client_ip,
             placement: l.config.placement,
+            clamp_mss: l.config.mss_clamp.applies(l.config.placement),
         })
     }
 
@@ -273,6 +274,8 @@ impl KernelLb {
                 data_placement,
                 udp_timeout: config.engine.timeouts.udp,
                 budget: budget(config.engine.max_flows, conntrack::total().unwrap_or(0), 0),
+                // Checked to exist above; 0 (the client interface) only if it went since.
+                mtu_ifindex: nix::net::if_::if_nametoindex(config.backend_interface.as_str()).unwrap_or(0),
             })?;
             let mut state = State {
                 config: config.clone(),

@@ -384,6 +384,7 @@ mod tests {
             scheduler,
             obtain_client_ip: ObtainClientIp::Toa(toa_core::Format::Toa),
             placement: Placement::default(),
+            mss_clamp: Default::default(),
         }
     }
 
