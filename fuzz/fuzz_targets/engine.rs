@@ -7,8 +7,8 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use toa_core::{Format, TcpPacket, UdpPacket};
 use toa_lb_injector::{
-    Backend, Engine, EngineConfig, ListenerConfig, ObtainClientIp, Placement, Protocol, Scheduler, Shard,
-    Timeouts, Verdict,
+    Backend, Engine, EngineConfig, ListenerConfig, MssClamp, ObtainClientIp, Placement, Protocol, Scheduler,
+    Shard, Timeouts, Verdict,
 };
 
 fn engine() -> Engine {
@@ -23,6 +23,8 @@ fn engine() -> Engine {
             Protocol::Udp => ObtainClientIp::Uoa { format: toa_core::uoa::UoaFormat::Ipo, datagrams: 3 },
         },
         placement: Placement { syn: true, handshake_ack: true, data: true },
+        // Data placement clamps anyway; said here so that the fuzzer reaches it whatever the default.
+        mss_clamp: MssClamp::On,
     };
     Engine::new(EngineConfig {
         listeners: vec![

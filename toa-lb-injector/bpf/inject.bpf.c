@@ -696,8 +696,10 @@ static __always_inline int insert_toa(struct __sk_buff *skb, const struct pkt *p
 	__u32 grow = len - optlen;
 	if (grow && (skb->gso_size || payload > MOVE_CHUNK * MOVE_CHUNKS))
 		return -1;
-	/* Past the MTU the kernel would drop it on the way to the backend. */
-	__u32 mtu = 0;
+	/* Past the MTU the kernel would drop it on the way to the backend. The
+	 * IP length goes in (what the helper adds the device's link header to),
+	 * not skb->len, which holds this link's header and any padding. */
+	__u32 mtu = p->end - p->l3;
 	if (grow && bpf_check_mtu(skb, mtu_ifindex, &mtu, (__s32)grow, 0) != BPF_MTU_CHK_RET_SUCCESS)
 		return -1;
 
