@@ -285,7 +285,10 @@ EOF",
     let status = inject(&bed, &pins, &["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("interface lb-c (2 of 2 programs pinned"), "{text}");
-    assert!(text.contains("listener 203.0.113.10:80 format=toa placement=syn,ack mss_clamp=off injected=2"), "{text}");
+    assert!(
+        text.contains("listener 203.0.113.10:80 format=toa placement=syn,ack mss_clamp=off injected=2"),
+        "{text}"
+    );
     let twice = inject(&bed, &pins, &["attach", "--iface", "lb-c", "--listener", VIP]);
     assert!(!twice.status.success());
     let err = String::from_utf8_lossy(&twice.stderr);
