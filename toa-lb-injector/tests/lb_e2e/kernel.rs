@@ -102,12 +102,7 @@ fn data_placement_until_the_backend_speaks() {
     require_root!();
     let case = Case::new("dp", Dp::Kernel);
     let bed = &case.bed;
-    let text = config_text("toa", Dp::Kernel.config());
-    let echo = "vip = \"203.0.113.10:81\"\nobtain_client_ip = \"toa\"\n";
-    assert!(text.contains(echo));
-    let text =
-        text.replace(echo, &format!("{echo}placement = {{ syn = false, ack = false, data = true }}\n"));
-    let _lb = start_lb_text(&case, "data", &text);
+    let _lb = start_lb_text(&case, "data", &echo_with_data_placement(""));
     let counts = capture(bed, || {
         run_in(&bed.ns("client"), || {
             let mut stream =
@@ -141,13 +136,7 @@ fn unclamped_full_segments_go_without_the_option() {
     require_root!();
     let case = Case::new("nc", Dp::Kernel);
     let (bed, dir) = (&case.bed, &case.dir);
-    let text = config_text("toa", Dp::Kernel.config());
-    let echo = "vip = \"203.0.113.10:81\"\nobtain_client_ip = \"toa\"\n";
-    let text = text.replace(
-        echo,
-        &format!("{echo}placement = {{ syn = false, ack = false, data = true }}\nmss_clamp = \"off\"\n"),
-    );
-    let _lb = start_lb_text(&case, "noclamp", &text);
+    let _lb = start_lb_text(&case, "noclamp", &echo_with_data_placement("mss_clamp = \"off\"\n"));
     let counts = capture(bed, || {
         run_in(&bed.ns("client"), || {
             let mut stream =
@@ -176,6 +165,15 @@ fn unclamped_full_segments_go_without_the_option() {
     };
     assert_eq!((field("injected="), field("mss_clamped=")), (0, 0), "{listener}");
     assert!(field("no_room=") >= 1, "{listener}");
+}
+
+/// The test configuration with data placement (and `extra` lines) on the
+/// echo listener, 203.0.113.10:81.
+fn echo_with_data_placement(extra: &str) -> String {
+    let text = config_text("toa", Dp::Kernel.config());
+    let echo = "vip = \"203.0.113.10:81\"\nobtain_client_ip = \"toa\"\n";
+    assert!(text.contains(echo));
+    text.replace(echo, &format!("{echo}placement = {{ syn = false, ack = false, data = true }}\n{extra}"))
 }
 
 /// Sends `size` bytes through the echo listener (203.0.113.10:81) and checks what comes back.

@@ -59,7 +59,7 @@ pub enum InjectError {
     #[error("the TOA injector needs root: it loads eBPF programs and attaches them to an interface")]
     NotRoot,
     /// The kernel is too old.
-    #[error("kernel {0} is too old: the TOA injector needs Linux 5.10 or later (use datapath = \"ring\")")]
+    #[error("kernel {0} is too old: the TOA injector needs Linux 5.12 or later (use datapath = \"ring\")")]
     OldKernel(String),
     /// No such interface.
     #[error("interface {0} not found; run `ip link`")]
@@ -145,14 +145,14 @@ pub struct InjectorCounters {
     pub uoa_carriers: u64,
 }
 
-/// Checks what the injector needs: root and Linux 5.10 or later.
+/// Checks what the injector needs: root and Linux 5.12 or later (`bpf_check_mtu`).
 pub fn preflight() -> Result<(), InjectError> {
     if !nix::unistd::Uid::effective().is_root() {
         return Err(InjectError::NotRoot);
     }
     let release =
         nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
-    if kernel_version(&release) < (5, 10) {
+    if kernel_version(&release) < (5, 12) {
         return Err(InjectError::OldKernel(release));
     }
     Ok(())
