@@ -12,8 +12,8 @@
 #   3 kernel FULLNAT, offloads off      the ring datapath's own baseline
 #   4 toa-lb ring datapath, TOA on      offloads off
 #   5 kernel FULLNAT, offloads on, with the backend's SYN-ACK MSS lowered by
-#     8 as toa-lb lowers it with TOA on (1460 -> 1452): the handicap the
-#     TOA path needs, shown beside the baseline, never instead of it
+#     8 as toa-lb lowers it with mss_clamp = "on" (1460 -> 1452): the
+#     handicap the clamp costs, shown beside the baseline, never instead of it
 #   6 toa-lb kernel datapath, TOA on, mss_clamp = "on" (the backend's SYN-ACK
 #     MSS lowered by the option's 8 bytes, as data placement needs it)
 # Needs root. The paths run ROUNDS times, in a rotated order each round (so
