@@ -239,6 +239,16 @@ fn inject(bed: &Testbed, pins: &std::path::Path, args: &[&str]) -> Output {
         .expect("toa-lb inject")
 }
 
+/// Removes a pin directory when dropped: unpinning the links detaches the
+/// programs, and the maps go with their last reference.
+struct Unpin(std::path::PathBuf);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn lb_sh(bed: &Testbed, script: &str) {
     let out =
         Command::new("ip").args(["netns", "exec", &bed.ns("lb"), "sh", "-ec", script]).output().unwrap();
@@ -274,6 +284,8 @@ EOF",
         }
     });
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/toa-lb-test-{}", std::process::id()));
+    // Pins live in the host's bpffs, past the testbed: gone even when an assertion fails.
+    let _unpin = Unpin(pins.clone());
     let out = inject(&bed, &pins, &["attach", "--iface", "lb-c", "--listener", VIP]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The command has exited: the injector stays, pinned.
