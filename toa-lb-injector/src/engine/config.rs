@@ -78,8 +78,17 @@ pub enum MssClamp {
 }
 
 impl MssClamp {
-    /// The values, as in a configuration file.
-    pub const NAMES: [&str; 3] = ["auto", "on", "off"];
+    /// Every value.
+    pub const ALL: [MssClamp; 3] = [MssClamp::Auto, MssClamp::On, MssClamp::Off];
+
+    /// The value as a configuration file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MssClamp::Auto => "auto",
+            MssClamp::On => "on",
+            MssClamp::Off => "off",
+        }
+    }
 
     /// Whether a listener with this setting and `placement` lowers the MSS.
     pub fn applies(self, placement: Placement) -> bool {
@@ -95,26 +104,17 @@ impl std::str::FromStr for MssClamp {
     type Err = UnknownMssClamp;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(MssClamp::Auto),
-            "on" => Ok(MssClamp::On),
-            "off" => Ok(MssClamp::Off),
-            _ => Err(UnknownMssClamp(s.to_owned())),
-        }
+        Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| UnknownMssClamp(s.to_owned()))
     }
 }
 
 impl std::fmt::Display for MssClamp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            MssClamp::Auto => "auto",
-            MssClamp::On => "on",
-            MssClamp::Off => "off",
-        })
+        f.write_str(self.name())
     }
 }
 
-/// An `mss_clamp` value that is none of [`MssClamp::NAMES`].
+/// An `mss_clamp` value that names none of [`MssClamp::ALL`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("mss_clamp must be auto, on or off, not {0:?}")]
 pub struct UnknownMssClamp(pub String);
@@ -417,8 +417,8 @@ mod tests {
         assert!(!MssClamp::Auto.applies(plain) && MssClamp::Auto.applies(data));
         assert!(MssClamp::On.applies(plain) && MssClamp::On.applies(data));
         assert!(!MssClamp::Off.applies(plain) && !MssClamp::Off.applies(data));
-        for name in MssClamp::NAMES {
-            assert_eq!(name.parse::<MssClamp>().unwrap().to_string(), name);
+        for (clamp, name) in MssClamp::ALL.into_iter().zip(["auto", "on", "off"]) {
+            assert_eq!((name.parse::<MssClamp>().unwrap(), clamp.to_string().as_str()), (clamp, name));
         }
         assert_eq!(MssClamp::default(), MssClamp::Auto);
         let err = "yes".parse::<MssClamp>().unwrap_err().to_string();

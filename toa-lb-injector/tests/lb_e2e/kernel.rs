@@ -89,9 +89,13 @@ fn checksums_verify_with_offloads_on_and_off() {
 /// The MSS the client uses on a connection to `vip`.
 fn client_mss(bed: &Testbed, vip: &str) -> u32 {
     run_in(&bed.ns("client"), || {
-        let s = TcpStream::connect_timeout(&vip.parse().unwrap(), Duration::from_secs(5)).unwrap();
-        nix::sys::socket::getsockopt(&s.as_fd(), nix::sys::socket::sockopt::TcpMaxSeg).unwrap()
+        mss_of(&TcpStream::connect_timeout(&vip.parse().unwrap(), Duration::from_secs(5)).unwrap())
     })
+}
+
+/// The MSS `stream` sends with.
+fn mss_of(stream: &TcpStream) -> u32 {
+    nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::TcpMaxSeg).unwrap()
 }
 
 /// Data placement: the TOA goes into the client's data segments until the
@@ -115,8 +119,7 @@ fn data_placement_until_the_backend_speaks() {
                 stream.read_exact(&mut reply).unwrap();
                 assert_eq!(reply, request);
             }
-            let mss =
-                nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::TcpMaxSeg).unwrap();
+            let mss = mss_of(&stream);
             assert_eq!(mss, 1440, "the MSS leaves room for the option");
         });
     });
@@ -144,8 +147,7 @@ fn unclamped_full_segments_go_without_the_option() {
                     .unwrap();
             stream.set_nodelay(true).unwrap();
             stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mss =
-                nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::TcpMaxSeg).unwrap();
+            let mss = mss_of(&stream);
             assert_eq!(mss, 1448, "not clamped");
             // One full segment: 20 + 32 + 1448 = 1500 bytes, the MTU.
             let request: Vec<u8> = (0..1448u32).map(|i| (i * 7 % 251) as u8).collect();
