@@ -63,14 +63,26 @@ fn engine(mode: ObtainClientIp) -> Engine {
     Engine::new(config(mode, Placement::default(), &["192.0.2.10:8080"])).unwrap()
 }
 
-/// Builds a TCP segment; `options` go first in the header.
+/// Builds a TCP segment with sequence number 1000; `options` go first in the header.
 fn segment(src: SocketAddr, dst: SocketAddr, flags: TcpFlags, options: &[u8], payload: &[u8]) -> Vec<u8> {
+    segment_at(1000, src, dst, flags, options, payload)
+}
+
+/// Builds a TCP segment with sequence number `seq`.
+fn segment_at(
+    seq: u32,
+    src: SocketAddr,
+    dst: SocketAddr,
+    flags: TcpFlags,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     let builder = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
         (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
         _ => panic!("mixed families"),
     };
-    let mut tcp = builder.tcp(src.port(), dst.port(), 1000, 64240);
+    let mut tcp = builder.tcp(src.port(), dst.port(), seq, 64240);
     if flags.contains(TcpFlags::SYN) {
         tcp = tcp.syn();
     }
@@ -275,6 +287,14 @@ fn retransmitted_syn_keeps_its_flow_and_out_of_order_ack_gets_no_toa() {
     let (v, ack) = handle(&mut e, 1, &segment(client, vip, TcpFlags::ACK, &[], &[]));
     assert!(matches!(v, Verdict::ToBackend { .. }));
     assert_eq!(inspect(&ack).2, None);
+    // The backend's SYN-ACK crosses a third copy: that one still goes to the same
+    // backend from the same address (a new flow there would answer the client's
+    // ACK with a reset), and with the TOA.
+    let (snat, backend, _) = inspect(&first);
+    handle(&mut e, 1, &segment(backend, snat, TcpFlags::SYN.union(TcpFlags::ACK), &[], &[]));
+    let (_, third) = handle(&mut e, 1, &segment(client, vip, TcpFlags::SYN, &[], &[]));
+    assert_eq!(inspect(&third), (snat, backend, Some(client)));
+    assert_eq!((e.flow_count(), e.counters(0).unwrap().flows), (1, 1));
     // A stray segment of an unknown connection is dropped and counted.
     let stray = segment(sock("203.0.113.8:1"), vip, TcpFlags::ACK, &[], &[]);
     assert_eq!(handle(&mut e, 1, &stray).0, Verdict::Drop(DropReason::NoFlow));
@@ -442,6 +462,11 @@ fn a_reused_client_port_starts_a_new_flow_with_the_current_mode() {
     assert_eq!(inspect(&again).2, None, "the new connection follows the new mode");
     assert_eq!(e.flow_count(), 1);
     assert_eq!(e.counters(0).unwrap().flows, 2);
+    // A SYN with another ISN during the handshake: the client gave up on the
+    // first connection and opened a new one from the same port.
+    let (_, other) = handle(&mut e, 2, &segment_at(7000, client, vip, TcpFlags::SYN, &[], &[]));
+    assert_ne!(inspect(&other).0, inspect(&again).0, "a SNAT port of its own");
+    assert_eq!((e.flow_count(), e.counters(0).unwrap().flows), (1, 3));
 }
 
 #[test]

@@ -39,6 +39,9 @@ pub(crate) struct Flow {
     /// Whether the backend's SYN-ACK MSS is lowered (the listener's
     /// `mss_clamp` when the flow started).
     pub(crate) clamp_mss: bool,
+    /// TCP: the sequence number of the client's SYN, which tells its
+    /// retransmissions from a new connection on the same port; UDP: 0.
+    pub(crate) client_isn: u32,
     pub(crate) state: State,
     pub(crate) created: Duration,
     pub(crate) last_seen: Duration,

@@ -277,6 +277,7 @@ impl Engine {
                 src: packet.src(),
                 dst: packet.dst(),
                 flags: packet.tcp().flags(),
+                seq: packet.tcp().seq_number(),
                 // The edits below change headers only: the payload keeps this length.
                 payload: packet.tcp().payload().len(),
             },
@@ -286,6 +287,7 @@ impl Engine {
                     src: packet.src(),
                     dst: packet.dst(),
                     flags: TcpFlags::default(),
+                    seq: 0,
                     payload: packet.payload().len(),
                 },
                 Err(_) => {
@@ -335,6 +337,7 @@ impl Engine {
             src: packet.src(),
             dst: packet.dst(),
             flags: TcpFlags::default(),
+            seq: 0,
             payload: packet.payload().len(),
         };
         let Some(listener) = self.listeners.for_packet(Protocol::Udp, segment.dst) else {
@@ -365,7 +368,7 @@ impl Engine {
         };
         let id = match self.flows.by_client(Protocol::Udp, client, vip) {
             Some(id) => id,
-            None => match self.new_flow(now, listener, Protocol::Udp, client, vip) {
+            None => match self.new_flow(now, listener, Protocol::Udp, client, vip, 0) {
                 Ok(id) => id,
                 Err(reason) => return drop(&mut self.counters[listener], reason),
             },
@@ -447,7 +450,7 @@ impl Engine {
         listener: usize,
         segment: Segment,
     ) -> Verdict {
-        let Segment { src: client, dst: vip, flags, payload, .. } = segment;
+        let Segment { src: client, dst: vip, flags, seq, payload, .. } = segment;
         // A client may not speak for itself: strip forged TOAs in every mode.
         let len = match strip(buf, len, &Formats::ALL) {
             Ok(stripped) => {
@@ -457,16 +460,20 @@ impl Engine {
             Err(_) => return drop(&mut self.counters[listener], DropReason::Malformed),
         };
         let syn = flags.contains(TcpFlags::SYN) && !flags.contains(TcpFlags::ACK);
-        // A SYN on a flow past its handshake is a new connection reusing the client
-        // port (the old one is closing): it gets a flow, and the mode, of its own.
+        // A SYN with the flow's ISN during the handshake is a retransmission: the
+        // client has not seen the SYN-ACK yet, or it crossed this SYN. Any other
+        // SYN is a new connection reusing the client port (the old one is
+        // closing, or was abandoned): it gets a flow, and the mode, of its own.
         if let Some(old) = self.flows.by_client(Protocol::Tcp, client, vip) {
-            if syn && self.flows.get(old).is_some_and(|f| f.state != State::SynSent) {
+            let retransmission =
+                |f: &Flow| f.client_isn == seq && matches!(f.state, State::SynSent | State::SynReceived);
+            if syn && !self.flows.get(old).is_some_and(retransmission) {
                 self.flows.remove(old);
             }
         }
         let id = match self.flows.by_client(Protocol::Tcp, client, vip) {
             Some(id) => id,
-            None if syn => match self.new_flow(now, listener, Protocol::Tcp, client, vip) {
+            None if syn => match self.new_flow(now, listener, Protocol::Tcp, client, vip, seq) {
                 Ok(id) => id,
                 Err(reason) => return drop(&mut self.counters[listener], reason),
             },
@@ -522,6 +529,7 @@ impl Engine {
         proto: Protocol,
         client: SocketAddr,
         vip: SocketAddr,
+        client_isn: u32,
     ) -> Result<usize, DropReason> {
         if self.flows.len() >= self.config.engine_bound() {
             match self.flows.evict_half_open() {
@@ -551,6 +559,7 @@ impl Engine {
             mode: config.obtain_client_ip,
             placement: config.placement,
             clamp_mss: config.mss_clamp.applies(config.placement),
+            client_isn,
             state: State::SynSent,
             created: now,
             last_seen: now,
@@ -619,6 +628,8 @@ struct Segment {
     src: SocketAddr,
     dst: SocketAddr,
     flags: TcpFlags,
+    /// TCP: the sequence number (a SYN's is the client's ISN); UDP: 0.
+    seq: u32,
     payload: usize,
 }
 

@@ -121,13 +121,26 @@ impl Drop for Testbed {
     }
 }
 
-/// A `toa-lb` process, killed on drop, and what it has logged.
-struct Lb(Child, Arc<Mutex<String>>);
+/// A `toa-lb` process, killed on drop, what it has logged, and the directory
+/// of its control socket.
+struct Lb(Child, Arc<Mutex<String>>, PathBuf);
 
 impl Drop for Lb {
     /// SIGTERM, so that it cleans up after itself (the kernel datapath's state
-    /// file would outlive the namespace otherwise); SIGKILL if it hangs.
+    /// file would outlive the namespace otherwise); SIGKILL if it hangs. When
+    /// the test is failing, first prints what the LB saw: its counters,
+    /// listeners and log.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for request in ["stats", "listeners"] {
+                let out = ctl_output(&self.2, request);
+                eprintln!("--- toa-lb ctl {request}:\n{}", String::from_utf8_lossy(&out.stdout));
+            }
+            eprintln!(
+                "--- toa-lb log:\n{}",
+                self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+            );
+        }
         let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
         for _ in 0..100 {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -217,7 +230,7 @@ fn start_lb_text(case: &Case, name: &str, text: &str) -> Lb {
         assert!(std::time::Instant::now() < deadline, "the dead backend was never marked down");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Lb(child, log)
+    Lb(child, log, dir.clone())
 }
 
 /// One test's world: the testbed, a scratch directory, the backends; all
