@@ -162,14 +162,18 @@ fn serve(
             ctl::mode_name(l.obtain_client_ip)
         );
     }
-    tracing::info!(
-        clients = %config.client_interface,
-        backends = %config.backend_interface,
-        datapath = ?config.datapath,
-        "running on the interfaces"
-    );
+    // Said once the datapath takes frames (the user-space ones open their sockets first).
+    let ready = || {
+        tracing::info!(
+            clients = %config.client_interface,
+            backends = %config.backend_interface,
+            datapath = ?config.datapath,
+            "running on the interfaces"
+        );
+    };
     match running {
         Running::Kernel(lb) => {
+            ready();
             lb.spawn_poller(stop.clone());
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
@@ -187,9 +191,10 @@ fn serve(
                     owned.clone(),
                     config.busy_poll,
                     stop,
+                    ready,
                 )
             } else {
-                crate::datapath::pnet::run(shards.clone(), &client, &backend, owned.clone(), stop)
+                crate::datapath::pnet::run(shards.clone(), &client, &backend, owned.clone(), stop, ready)
             };
             result.map_err(fail)
         }

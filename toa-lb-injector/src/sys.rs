@@ -31,19 +31,18 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
-/// `setsockopt(fd, SOL_PACKET, name, value)`.
-fn set_packet_option<T>(fd: &OwnedFd, name: libc::c_int, value: &T) -> io::Result<()> {
+/// `setsockopt(fd, level, name, value)`.
+fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
     // SAFETY: `fd` is an open socket; `value` is a live T and its exact size is passed.
     let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            name,
-            (value as *const T).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
+        libc::setsockopt(fd.as_raw_fd(), level, name, (value as *const T).cast(), size_of::<T>() as libc::socklen_t)
     };
     check(rc).map(drop)
+}
+
+/// `setsockopt(fd, SOL_PACKET, name, value)`.
+fn set_packet_option<T>(fd: &OwnedFd, name: libc::c_int, value: &T) -> io::Result<()> {
+    set_option(fd, libc::SOL_PACKET, name, value)
 }
 
 /// An AF_PACKET raw socket for `protocol` (host order; converted here).
@@ -104,9 +103,16 @@ pub(crate) enum RxFrame<'a> {
 impl RxRing {
     /// A ring of `frames` slots of `frame_size` bytes (a power of two, at
     /// least 2048) receiving every frame of `ifindex`, outgoing ones excepted.
+    ///
+    /// The ring takes no frame until [`RxRing::admit`]: a group of rings sets
+    /// its steering up first, or the frames that arrive meanwhile would land
+    /// on workers whose engines do not own their flows.
     pub(crate) fn open(ifindex: u32, frame_size: usize, frames: usize) -> io::Result<RxRing> {
-        let all = libc::ETH_P_ALL as u16;
-        let fd = packet_socket(all)?;
+        // Protocol 0: no frames at all until the bind below; by then the filter drops them.
+        let fd = packet_socket(0)?;
+        let reject_all = [libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: 0 }];
+        let prog = libc::sock_fprog { len: 1, filter: reject_all.as_ptr().cast_mut() };
+        set_option(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
         set_packet_option(&fd, libc::PACKET_VERSION, &TPACKET_V2)?;
         // Our own transmissions would come back to every tap on the interface.
         set_packet_option(&fd, libc::PACKET_IGNORE_OUTGOING, &(1 as libc::c_int))?;
@@ -138,8 +144,14 @@ impl RxRing {
         }
         let map = NonNull::new(map.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
         let ring = RxRing { fd, map, map_len, frame_size, frames, next: 0 };
-        bind(&ring.fd, ifindex, all)?;
+        bind(&ring.fd, ifindex, libc::ETH_P_ALL as u16)?;
         Ok(ring)
+    }
+
+    /// Lets frames in: removes the filter that [`RxRing::open`] set up to drop
+    /// every frame.
+    pub(crate) fn admit(&self) -> io::Result<()> {
+        set_option(&self.fd, libc::SOL_SOCKET, libc::SO_DETACH_FILTER, &(0 as libc::c_int))
     }
 
     /// The socket, for `poll`.

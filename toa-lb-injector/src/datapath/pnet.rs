@@ -42,17 +42,20 @@ fn open(interface: &NetworkInterface) -> Result<PnetChannel, DatapathError> {
 
 /// Runs the pnet (fallback) datapath until `stop` is set: one frame per
 /// system call, the calling thread serving the client interface and a second
-/// thread the backend interface, both on engine 0 of `shards`.
+/// thread the backend interface, both on engine 0 of `shards`. `ready` is
+/// called once both channels are open.
 pub fn run(
     shards: Arc<Shards>,
     client: &NetworkInterface,
     backend: &NetworkInterface,
     owned: Owned,
     stop: Arc<AtomicBool>,
+    ready: impl FnOnce(),
 ) -> Result<(), DatapathError> {
     let link = Link::new([PortInfo::new(client)?, PortInfo::new(backend)?], owned);
     let (client_tx, client_rx) = open(client)?;
     let (backend_tx, backend_rx) = open(backend)?;
+    ready();
     let txs = [Mutex::new(client_tx), Mutex::new(backend_tx)];
     std::thread::scope(|scope| {
         scope.spawn(|| serve(&link, &shards, &txs, 1, backend_rx, &stop));

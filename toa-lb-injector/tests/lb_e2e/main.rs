@@ -356,8 +356,20 @@ fn ask_vip(bed: &Testbed, vip: &str) -> (SocketAddr, String) {
             .expect("connect to the VIP");
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut line = String::new();
-        stream.read_to_string(&mut line).expect("read");
-        (stream.local_addr().unwrap(), line.trim_end().to_owned())
+        let local = stream.local_addr().unwrap();
+        if let Err(e) = stream.read_to_string(&mut line) {
+            // Where the connection stands on each side (the client's still open)
+            // tells a lost handshake ACK (backend in SYN-RECV) from a lost answer.
+            for ns in ["client", "be1", "be2"] {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &bed.ns(ns), "ss", "-tanoi", "exclude", "time-wait"])
+                    .output();
+                let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+                eprintln!("--- ss in {ns}:\n{text}");
+            }
+            panic!("read from {vip} (client {local}): {e}");
+        }
+        (local, line.trim_end().to_owned())
     })
 }
 

@@ -106,6 +106,12 @@ struct Sockets {
 
 /// Opens the rings of `workers` workers on both ports and forms the two
 /// fanout groups (members join in worker order, so member `i` is worker `i`).
+/// Only then do the rings take frames: one that came in while the group was
+/// forming would be steered by the members present, not by all, and a worker
+/// whose engine does not own its flow would take it. (A client's SYN taken
+/// so made a flow in the wrong engine: the backend's SYN-ACK came back through
+/// it, and the client's handshake ACK went to its rightful worker, which knew
+/// nothing of it, for as long as the client tried.)
 fn open_all(
     ports: &[PortInfo; 2],
     sizes: [(usize, usize); 2],
@@ -135,12 +141,17 @@ fn open_all(
     for (side, port_at) in [(0, 0), (1, 2)] {
         all[0].rx[side].set_steering(&steering(port_at)).map_err(open_err(side))?;
     }
+    for sockets in &all {
+        for side in 0..2 {
+            sockets.rx[side].admit().map_err(open_err(side))?;
+        }
+    }
     Ok(all)
 }
 
 /// Runs the ring datapath until `stop` is set: a worker per engine of
 /// `shards`, the calling thread waiting for them. An idle worker spins for
-/// `spin` before it sleeps.
+/// `spin` before it sleeps. `ready` is called once the rings take frames.
 pub fn run(
     shards: Arc<Shards>,
     client: &NetworkInterface,
@@ -148,6 +159,7 @@ pub fn run(
     owned: Owned,
     spin: Duration,
     stop: Arc<AtomicBool>,
+    ready: impl FnOnce(),
 ) -> Result<(), DatapathError> {
     let link = Link::new([PortInfo::new(client)?, PortInfo::new(backend)?], owned);
     // Read once: each reading is an ioctl, and a failure warns.
@@ -155,6 +167,7 @@ pub fn run(
     let sockets = open_all(&link.ports, sizes, shards.len())?;
     let slot = sizes[0].0.max(sizes[1].0);
     tracing::info!(workers = sockets.len(), "ring datapath (TPACKET_V2 rings, fanout by port)");
+    ready();
     std::thread::scope(|scope| {
         for (i, sockets) in sockets.into_iter().enumerate() {
             let (link, shards, stop) = (&link, &shards, &stop);
