@@ -35,7 +35,13 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
 fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
     // SAFETY: `fd` is an open socket; `value` is a live T and its exact size is passed.
     let rc = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), level, name, (value as *const T).cast(), size_of::<T>() as libc::socklen_t)
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
     };
     check(rc).map(drop)
 }
@@ -110,7 +116,8 @@ impl RxRing {
     pub(crate) fn open(ifindex: u32, frame_size: usize, frames: usize) -> io::Result<RxRing> {
         // Protocol 0: no frames at all until the bind below; by then the filter drops them.
         let fd = packet_socket(0)?;
-        let reject_all = [libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: 0 }];
+        let reject_all =
+            [libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: 0 }];
         let prog = libc::sock_fprog { len: 1, filter: reject_all.as_ptr().cast_mut() };
         set_option(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
         set_packet_option(&fd, libc::PACKET_VERSION, &TPACKET_V2)?;

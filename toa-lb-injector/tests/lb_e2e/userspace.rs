@@ -218,7 +218,8 @@ fn ring_started_under_traffic_answers_every_connection() {
             run_in(&ns, || {
                 let mut sockets = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                    let socket =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
                     socket.set_nonblocking(true).unwrap();
                     // In progress: the SYN is out.
                     let _ = socket.connect(&vip.into());
@@ -249,6 +250,9 @@ fn ring_started_under_traffic_answers_every_connection() {
             _ => failed += 1,
         }
     }
-    assert!(silent.is_empty(), "connected, never answered: {silent:?} ({answered} answered, {failed} failed)");
+    assert!(
+        silent.is_empty(),
+        "connected, never answered: {silent:?} ({answered} answered, {failed} failed)"
+    );
     assert!(answered >= 100, "{answered} answered, {failed} failed");
 }
