@@ -150,6 +150,7 @@ fn run_ctl(socket: &std::path::Path, request: &str) -> Result<(), String> {
             Ok(())
         }
         Ok(Reply::Error(e)) => Err(e),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(format!("{}: {e}", socket.display())),
         Err(e) => Err(format!("{}: {e} (is toa-lb running? see --socket)", socket.display())),
     }
 }

@@ -449,18 +449,52 @@ pub fn mode_name(mode: ObtainClientIp) -> String {
     }
 }
 
-/// Sends one request to a running `toa-lb` and returns its reply.
+/// How long [`request`] waits for `toa-lb` to answer.
+pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends one request to a running `toa-lb` and returns its reply; a daemon
+/// that takes the request but does not answer within [`ANSWER_TIMEOUT`] is
+/// an error of kind `TimedOut`, not a wait for ever.
 pub fn request(path: &Path, request: &Request) -> std::io::Result<Reply> {
+    request_within(path, request, ANSWER_TIMEOUT)
+}
+
+fn request_within(path: &Path, request: &Request, timeout: std::time::Duration) -> std::io::Result<Reply> {
     let mut stream = UnixStream::connect(path)?;
-    writeln!(stream, "{request}")?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     let mut wire = String::new();
-    stream.read_to_string(&mut wire)?;
+    match writeln!(stream, "{request}").and_then(|()| stream.read_to_string(&mut wire)) {
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("toa-lb took the request but did not answer within {} s", timeout.as_secs_f32()),
+            ));
+        }
+        Err(e) => return Err(e),
+    }
     Reply::from_wire(&wire).ok_or_else(|| std::io::Error::other(format!("malformed reply {wire:?}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daemon_that_does_not_answer_times_out() {
+        let path = std::env::temp_dir().join(format!("toa-lb-ctl-test-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Takes the connection (the backlog does) and never answers.
+        let started = std::time::Instant::now();
+        let err = request_within(&path, &Request::Stats, std::time::Duration::from_millis(200)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("did not answer within 0.2 s"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        drop(listener);
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn requests_parse_and_print_back() {
