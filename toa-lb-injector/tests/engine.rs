@@ -596,13 +596,23 @@ fn shards_allocate_disjoint_snat_ports() {
         c.shard = Shard { index, count: 3 };
         c.snat_seed = 12345;
         let mut e = Engine::new(c).unwrap();
+        let mut wrong = 0;
         for port in 0..200u16 {
             let client = SocketAddr::from(([203, 0, 113, 7], 1000 + port));
-            let (_, syn) = handle(&mut e, 0, &segment(client, sock(VIP), TcpFlags::SYN, &[], &[]));
+            let (v, syn) = handle(&mut e, 0, &segment(client, sock(VIP), TcpFlags::SYN, &[], &[]));
+            // A client port steered to another engine makes no flow here.
+            if Shard::steer(client.port()) % 3 != u32::from(index) {
+                assert_eq!(v, Verdict::Drop(DropReason::WrongEngine));
+                wrong += 1;
+                continue;
+            }
             let snat = inspect(&syn).0;
             let owner = Shard::steer(snat.port()) % 3;
             assert_eq!(owner, u32::from(index), "engine {index} of 3 used SNAT port {}", snat.port());
         }
+        let c = e.counters(0).unwrap();
+        assert!(wrong > 100, "{wrong}");
+        assert_eq!((c.flows, c.dropped_wrong_engine), (200 - wrong, wrong));
     }
     let mut bad = config(ObtainClientIp::Off, Placement::default(), &["192.0.2.10:8080"]);
     bad.shard = Shard { index: 3, count: 3 };

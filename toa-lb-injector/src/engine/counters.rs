@@ -106,6 +106,9 @@ counters! {
         dropped_no_snat => "toa_lb_dropped_total" reason "no_snat_port", "Packets dropped, by reason.";
         /// Drops: every backend is down or draining.
         dropped_no_backend => "toa_lb_dropped_total" reason "no_backend", "Packets dropped, by reason.";
+        /// Drops: a new flow's first packet on a datapath worker its client port
+        /// does not steer to (user-space datapaths with several workers).
+        dropped_wrong_engine => "toa_lb_dropped_total" reason "wrong_engine", "Packets dropped, by reason.";
     }
 }
 
@@ -159,9 +162,10 @@ mod tests {
             dropped_table_full: 20,
             dropped_no_snat: 21,
             dropped_no_backend: 22,
+            dropped_wrong_engine: 23,
         };
         let values: Vec<u64> = Counters::TABLE.iter().map(|d| (d.get)(&c)).collect();
-        assert_eq!(values, (1..=22).collect::<Vec<u64>>());
+        assert_eq!(values, (1..=23).collect::<Vec<u64>>());
         let names: Vec<&str> = Counters::TABLE.iter().map(|d| d.name).collect();
         assert!(names.contains(&"mss_clamped") && names.contains(&"health_changes"));
         let mut sum = c;

@@ -71,6 +71,11 @@ pub enum DropReason {
     NoSnatPort,
     /// Every backend of the listener is down (health checks).
     NoBackend,
+    /// The first packet of a new flow, on an engine that its client port does
+    /// not steer to (a datapath of several engines handed it to the wrong
+    /// one): no flow is made here, where the client's next segments would not
+    /// come, and the client's retransmission finds the right engine.
+    WrongEngine,
 }
 
 /// Counts a drop on a listener's counters and says so.
@@ -81,6 +86,7 @@ fn drop(counters: &mut Counters, reason: DropReason) -> Verdict {
         DropReason::TableFull => counters.dropped_table_full += 1,
         DropReason::NoSnatPort => counters.dropped_no_snat += 1,
         DropReason::NoBackend => counters.dropped_no_backend += 1,
+        DropReason::WrongEngine => counters.dropped_wrong_engine += 1,
     }
     Verdict::Drop(reason)
 }
@@ -531,6 +537,9 @@ impl Engine {
         vip: SocketAddr,
         client_isn: u32,
     ) -> Result<usize, DropReason> {
+        if !self.config.shard.owns(client.port()) {
+            return Err(DropReason::WrongEngine);
+        }
         if self.flows.len() >= self.config.engine_bound() {
             match self.flows.evict_half_open() {
                 Some(owner) => self.counters[owner].evicted += 1,

@@ -199,7 +199,9 @@ fn ring_writes_uoa() {
 /// fanout groups are whole and steered: before, the SYNs that came in while
 /// they formed went to worker 0, whose engine made their flows, so the
 /// client's connect succeeded while its handshake ACK went to another worker
-/// and was dropped there, again and again: connected, never answered.
+/// and was dropped there, again and again: connected, never answered. (The
+/// engines now also refuse a new flow whose client port steers elsewhere,
+/// `dropped_wrong_engine`: none may be counted here.)
 #[test]
 fn ring_started_under_traffic_answers_every_connection() {
     require_root!();
@@ -255,4 +257,9 @@ fn ring_started_under_traffic_answers_every_connection() {
         "connected, never answered: {silent:?} ({answered} answered, {failed} failed)"
     );
     assert!(answered >= 100, "{answered} answered, {failed} failed");
+    // Nor did a SYN reach a worker that does not own it (the engines would
+    // drop it, counted, and the client would wait a second for its retransmission).
+    let stats = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();
+    let line = stats.lines().find(|l| l.starts_with(&format!("{VIP} "))).expect("the listener's stats");
+    assert!(line.contains(" dropped_wrong_engine=0"), "{line}");
 }
