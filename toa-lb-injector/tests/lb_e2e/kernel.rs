@@ -15,8 +15,8 @@ use toa_testkit::rawtcp::{Client, Conn};
 use toa_testkit::require_root;
 
 use super::{
-    Case, Dp, Testbed, UDP_VIP, VIP, ask, ask_udp, ask_vip, config_text, ctl_output, leftovers, mac_of,
-    start_lb, start_lb_text,
+    Case, Dp, Testbed, UDP_VIP, VIP, ask, ask_udp, ask_vip, config_text, connect_through_start, ctl_output,
+    leftovers, mac_of, start_lb, start_lb_text,
 };
 
 /// Captures at backend 1 while `traffic` runs; returns the checker's JSON.
@@ -373,4 +373,25 @@ fn a_failed_start_leaves_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("interface lb-nope not found"), "{err}");
     assert_eq!(leftovers(&case.bed), Vec::<String>::new());
+}
+
+/// A kernel LB that starts while clients are already sending (their
+/// neighbour caches still know the VIP, as after a restart) refuses none of
+/// them, and every connection it serves carries its client's TOA: the
+/// injector is attached before the nftables table balances anything, and the
+/// VIP goes on the interface last (a SYN that met the VIP before its DNAT
+/// rule was refused by the host's own stack).
+#[test]
+fn started_under_traffic_refuses_none_and_names_every_client() {
+    require_root!();
+    let case = Case::new("h", Dp::Kernel);
+    let (_lb, outcomes) = connect_through_start(&case);
+    assert!(outcomes.silent.is_empty() && outcomes.refused == 0, "{outcomes}");
+    let unnamed: Vec<&(std::net::SocketAddr, String)> = outcomes
+        .answered
+        .iter()
+        .filter(|(local, line)| !line.contains(&format!(" client={local} ")))
+        .collect();
+    assert!(unnamed.is_empty(), "served without the TOA: {unnamed:?} ({outcomes})");
+    assert!(outcomes.answered.len() >= 100, "{outcomes}");
 }

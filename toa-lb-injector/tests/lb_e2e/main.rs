@@ -166,7 +166,7 @@ fn config_text(mode: &str, extra: &str) -> String {
          snat = [\"100.125.1.1\", \"100.125.1.2\", \"2001:db8:64::1:1\"]\n\n\
          [[listener]]\nvip = \"{VIP}\"\nobtain_client_ip = \"{mode}\"\nmss_clamp = \"on\"\n\n\
          [[listener.backend]]\naddress = \"100.125.2.1:8080\"\n\n[[listener.backend]]\naddress = \"100.125.2.2:8080\"\n\n\
-         [[listener.backend]]\naddress = \"100.125.2.1:9999\"\n\n\
+         [[listener.backend]]\naddress = \"{DEAD_BACKEND}\"\n\n\
          [[listener]]\nvip = \"203.0.113.10:81\"\nobtain_client_ip = \"{mode}\"\n\n[[listener.backend]]\naddress = \"100.125.2.1:8081\"\n\n\
          [[listener]]\nvip = \"[2001:db8:c::10]:80\"\nobtain_client_ip = \"{mode}\"\n\n\
          [[listener.backend]]\naddress = \"[2001:db8:64::2:1]:8082\"\n\n\
@@ -175,6 +175,8 @@ fn config_text(mode: &str, extra: &str) -> String {
     )
 }
 
+/// The third backend of the test configuration's :80: nothing listens there.
+const DEAD_BACKEND: &str = "100.125.2.1:9999";
 /// Health checks in the test configuration: every 100 ms, out after 2 failures.
 const HEALTH_INTERVAL_MS: u64 = 100;
 const HEALTH_FALL: u64 = 2;
@@ -222,9 +224,9 @@ fn start_lb_text(case: &Case, name: &str, text: &str) -> Lb {
     }
     // The third backend of :80 listens nowhere: wait until health checks take it out.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    while text.contains(DEAD_BACKEND) {
         let out = ctl_output(dir, "listeners");
-        if String::from_utf8_lossy(&out.stdout).contains("100.125.2.1:9999(down)") {
+        if String::from_utf8_lossy(&out.stdout).contains(&format!("{DEAD_BACKEND}(down)")) {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the dead backend was never marked down");
@@ -664,6 +666,96 @@ fn mac_of(ns: &str, iface: &str) -> [u8; 6] {
     let text = String::from_utf8(out.stdout).unwrap();
     let bytes: Vec<u8> = text.trim().split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
     bytes.try_into().unwrap()
+}
+
+/// What became of the connections [`connect_through_start`] opened.
+#[derive(Debug, Default)]
+struct Outcomes {
+    /// The backend's line, by the client's address.
+    answered: Vec<(SocketAddr, String)>,
+    /// Connected, and nothing ever came back.
+    silent: Vec<SocketAddr>,
+    /// Refused: a reset answered the SYN.
+    refused: usize,
+    /// Never connected otherwise (the SYNs met no LB).
+    failed: usize,
+}
+
+impl std::fmt::Display for Outcomes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} answered (first: {:?}), {} silent {:?}, {} refused, {} failed",
+            self.answered.len(),
+            self.answered.first(),
+            self.silent.len(),
+            self.silent,
+            self.refused,
+            self.failed
+        )
+    }
+}
+
+/// Starts the LB (`toa` mode) while the client is already sending: its
+/// neighbour cache knows the VIP (as after a restart, so SYNs go out at
+/// once), and it opens a non-blocking connection every 5 ms from 100 ms
+/// before the start until 300 ms after it. Then reads every answer, until
+/// 8 s later (time for a SYN that met no LB to be sent again at 1 s and 3 s).
+fn connect_through_start(case: &Case) -> (Lb, Outcomes) {
+    let bed = &case.bed;
+    let lb_mac = mac_of(&bed.ns("lb"), "lb-c").map(|b| format!("{b:02x}")).join(":");
+    let vip = VIP.parse::<SocketAddr>().unwrap();
+    let neigh = ["ip", "neigh", "replace", &vip.ip().to_string(), "lladdr", &lb_mac, "dev", "c0"];
+    let out = Command::new("ip").args(["netns", "exec", &bed.ns("client")]).args(neigh).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stop = Arc::new(AtomicBool::new(false));
+    let opener = {
+        let (stop, ns) = (stop.clone(), bed.ns("client"));
+        std::thread::spawn(move || {
+            run_in(&ns, || {
+                let mut sockets = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let socket =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                    socket.set_nonblocking(true).unwrap();
+                    // In progress: the SYN is out.
+                    let _ = socket.connect(&vip.into());
+                    sockets.push(TcpStream::from(socket));
+                    // (More would overflow the test backends' accept queues:
+                    // with SYN cookies, a connection then stays silent.)
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                sockets
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    // Without the dead backend: until health checks took it out, it would refuse some.
+    let text = config_text("toa", case.dp.config())
+        .replace(&format!("[[listener.backend]]\naddress = \"{DEAD_BACKEND}\"\n\n"), "");
+    assert!(!text.contains(DEAD_BACKEND));
+    let lb = start_lb_text(case, "toa", &text);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let sockets = opener.join().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let mut outcomes = Outcomes::default();
+    for mut stream in sockets {
+        stream.set_nonblocking(false).unwrap();
+        let left =
+            deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(left)).unwrap();
+        let mut line = String::new();
+        match stream.read_to_string(&mut line) {
+            Ok(_) if line.starts_with("be") => {
+                outcomes.answered.push((stream.local_addr().unwrap(), line.trim_end().to_owned()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => outcomes.refused += 1,
+            _ if stream.peer_addr().is_ok() => outcomes.silent.push(stream.local_addr().unwrap()),
+            _ => outcomes.failed += 1,
+        }
+    }
+    (lb, outcomes)
 }
 
 /// One connection of the steady load: when it started, and its local address and answer.

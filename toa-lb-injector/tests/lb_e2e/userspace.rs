@@ -1,19 +1,16 @@
 //! What only the user-space datapaths have: the pnet fallback, and the
 //! offload check that keeps them from running on frames they cannot handle.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::UdpSocket;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use toa_testkit::netns::run_in;
 use toa_testkit::require_root;
 
 use super::{
-    Case, Dp, UDP_VIP, VIP, ask, ask_udp, ask_vip, config_text, ctl_output, leftovers, mac_of, start_lb,
-    start_lb_text,
+    Case, Dp, UDP_VIP, VIP, ask, ask_udp, ask_vip, config_text, connect_through_start, ctl_output, leftovers,
+    start_lb, start_lb_text,
 };
 
 /// The pnet fallback datapath (`datapath = "pnet"`) serves the same: TOA over
@@ -206,57 +203,9 @@ fn ring_writes_uoa() {
 fn ring_started_under_traffic_answers_every_connection() {
     require_root!();
     let case = Case::new("g", Dp::Ring);
-    let bed = &case.bed;
-    let lb_mac = mac_of(&bed.ns("lb"), "lb-c").map(|b| format!("{b:02x}")).join(":");
-    let vip = VIP.parse::<SocketAddr>().unwrap();
-    let neigh = ["ip", "neigh", "replace", &vip.ip().to_string(), "lladdr", &lb_mac, "dev", "c0"];
-    let out = Command::new("ip").args(["netns", "exec", &bed.ns("client")]).args(neigh).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // A new connection every 2 ms, from before the start until after it.
-    let stop = Arc::new(AtomicBool::new(false));
-    let opener = {
-        let (stop, ns) = (stop.clone(), bed.ns("client"));
-        std::thread::spawn(move || {
-            run_in(&ns, || {
-                let mut sockets = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let socket =
-                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-                    socket.set_nonblocking(true).unwrap();
-                    // In progress: the SYN is out.
-                    let _ = socket.connect(&vip.into());
-                    sockets.push(TcpStream::from(socket));
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                sockets
-            })
-        })
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    let _lb = start_lb(&case, "toa");
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let sockets = opener.join().unwrap();
-    // A SYN that met no LB is sent again after 1 s and 3 s (or was refused by
-    // the LB host's kernel before the LB started: never connected, left out).
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let (mut answered, mut silent, mut failed) = (0, Vec::new(), 0);
-    for mut stream in sockets {
-        stream.set_nonblocking(false).unwrap();
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        stream.set_read_timeout(Some(left)).unwrap();
-        let mut line = String::new();
-        match stream.read_to_string(&mut line) {
-            Ok(_) if line.starts_with("be") => answered += 1,
-            _ if stream.peer_addr().is_ok() => silent.push(stream.local_addr().unwrap()),
-            _ => failed += 1,
-        }
-    }
-    assert!(
-        silent.is_empty(),
-        "connected, never answered: {silent:?} ({answered} answered, {failed} failed)"
-    );
-    assert!(answered >= 100, "{answered} answered, {failed} failed");
+    let (_lb, outcomes) = connect_through_start(&case);
+    assert!(outcomes.silent.is_empty() && outcomes.refused == 0, "{outcomes}");
+    assert!(outcomes.answered.len() >= 100, "{outcomes}");
     // Nor did a SYN reach a worker that does not own it (the engines would
     // drop it, counted, and the client would wait a second for its retransmission).
     let stats = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();

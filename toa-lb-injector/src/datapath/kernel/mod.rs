@@ -139,7 +139,10 @@ impl State {
         self.injector.as_mut().ok_or_else(|| ControlError::Datapath("stopped".into()))
     }
 
+    /// Tells the injector every listener (before the table balances it, so
+    /// that no connection is balanced without its TOA).
     fn sync_injector(&mut self) -> Result<(), ControlError> {
+        self.ids.assign(&self.listeners).map_err(ControlError::Datapath)?;
         for i in 0..self.listeners.all().len() {
             if let Some(l) = self.inject_listener(i) {
                 self.injector()?.set_listener(&l).map_err(|e| ControlError::Datapath(e.to_string()))?;
@@ -183,8 +186,10 @@ fn evict_half_open(entries: Vec<conntrack::Entry>, max: usize) -> Vec<u32> {
     }
 }
 
-/// Applies the host settings and addresses `config` needs.
-fn prepare_host(host: &mut Host, config: &LbConfig) -> Result<(), host::HostError> {
+/// Turns forwarding on for `config`'s interfaces (first: until the VIPs are
+/// local, a SYN that arrives early is forwarded back towards its VIP and
+/// lost, and the client sends it again).
+fn enable_forwarding(host: &mut Host, config: &LbConfig) -> Result<(), host::HostError> {
     for iface in [&config.client_interface, &config.backend_interface] {
         host.set_sysctl(&format!("net/ipv4/conf/{iface}/forwarding"), "1")?;
     }
@@ -193,6 +198,12 @@ fn prepare_host(host: &mut Host, config: &LbConfig) -> Result<(), host::HostErro
         // IPv6 forwards only when every interface does (Linux before 6.17 has no per-interface switch).
         host.set_sysctl("net/ipv6/conf/all/forwarding", "1")?;
     }
+    Ok(())
+}
+
+/// Adds the VIPs and SNAT addresses: last, once the table balances them (a
+/// SYN to a local VIP without its DNAT rule would be refused by the host).
+fn add_addresses(host: &mut Host, config: &LbConfig) -> Result<(), host::HostError> {
     for l in &config.engine.listeners {
         host.add_address(&config.client_interface, l.vip.ip())?;
     }
@@ -266,8 +277,11 @@ impl KernelLb {
         }
         check_host(config);
         let data_placement = config.engine.listeners.iter().any(|l| l.placement.data);
+        // The order matters for clients already sending (a restart): the
+        // injector knows the listeners before the table balances them, and the
+        // VIPs become local only after that.
         let result = (|| {
-            prepare_host(&mut host, config)?;
+            enable_forwarding(&mut host, config)?;
             let injector = Injector::load(&InjectorOptions {
                 flows: u32::try_from(config.engine.max_flows).unwrap_or(u32::MAX),
                 transparent_mark: config.transparent_mark,
@@ -289,11 +303,12 @@ impl KernelLb {
                 full: false,
                 flows: None,
             };
-            state.render().map_err(|e| KernelError::Other(e.to_string()))?;
             state.sync_injector().map_err(|e| KernelError::Other(e.to_string()))?;
             if let Some(injector) = state.injector.as_mut() {
                 injector.attach(&config.client_interface)?;
             }
+            state.render().map_err(|e| KernelError::Other(e.to_string()))?;
+            add_addresses(&mut host, config)?;
             state.sync_backend_egress()?;
             Ok::<_, KernelError>(state)
         })();
@@ -530,12 +545,15 @@ impl Balancer for KernelLb {
         ids.retain_listeners(listeners);
         state.config = config.clone();
         let mut host = state.host.take();
+        // As at the start: the injector first, the table, then the addresses.
         let result = (|| {
-            if let Some(host) = host.as_mut() {
-                prepare_host(host, config).map_err(|e| datapath(&e))?;
-            }
-            state.render()?;
             state.sync_injector()?;
+            state.render()?;
+            if let Some(host) = host.as_mut() {
+                enable_forwarding(host, config)
+                    .and_then(|()| add_addresses(host, config))
+                    .map_err(|e| datapath(&e))?;
+            }
             state.sync_backend_egress().map_err(|e| datapath(&e))?;
             // Listeners that went: their packets pass untouched from now on.
             let new_keys: HashSet<ListenerKey> = state.listeners.all().iter().map(|l| l.key()).collect();
@@ -545,6 +563,16 @@ impl Balancer for KernelLb {
             Ok(())
         })();
         if let Err(e) = result {
+            // Listeners the injector was told of before the failure go again.
+            let added: Vec<ListenerKey> =
+                state.listeners.all().iter().map(|l| l.key()).filter(|k| !old_keys.contains(k)).collect();
+            for (protocol, vip) in added {
+                if let Err(remove) =
+                    state.injector().and_then(|i| i.remove_listener(vip, protocol).map_err(|e| datapath(&e)))
+                {
+                    tracing::error!("removing {vip} from the injector after a failed reload: {remove}");
+                }
+            }
             (state.listeners, state.ids, state.config) = before;
             let restored = state
                 .render()
