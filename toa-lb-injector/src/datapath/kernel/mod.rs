@@ -541,6 +541,7 @@ impl Balancer for KernelLb {
         let before = (state.listeners.clone(), state.ids.clone(), state.config.clone());
         let old_keys: HashSet<ListenerKey> = state.listeners.all().iter().map(|l| l.key()).collect();
         state.listeners.reconfigure(&config.engine.listeners);
+        let new_keys: HashSet<ListenerKey> = state.listeners.all().iter().map(|l| l.key()).collect();
         let State { ids, listeners, .. } = &mut *state;
         ids.retain_listeners(listeners);
         state.config = config.clone();
@@ -556,7 +557,6 @@ impl Balancer for KernelLb {
             }
             state.sync_backend_egress().map_err(|e| datapath(&e))?;
             // Listeners that went: their packets pass untouched from now on.
-            let new_keys: HashSet<ListenerKey> = state.listeners.all().iter().map(|l| l.key()).collect();
             for (protocol, vip) in old_keys.difference(&new_keys) {
                 state.injector()?.remove_listener(*vip, *protocol).map_err(|e| datapath(&e))?;
             }
@@ -564,11 +564,10 @@ impl Balancer for KernelLb {
         })();
         if let Err(e) = result {
             // Listeners the injector was told of before the failure go again.
-            let added: Vec<ListenerKey> =
-                state.listeners.all().iter().map(|l| l.key()).filter(|k| !old_keys.contains(k)).collect();
-            for (protocol, vip) in added {
-                if let Err(remove) =
-                    state.injector().and_then(|i| i.remove_listener(vip, protocol).map_err(|e| datapath(&e)))
+            for (protocol, vip) in new_keys.difference(&old_keys) {
+                if let Err(remove) = state
+                    .injector()
+                    .and_then(|i| i.remove_listener(*vip, *protocol).map_err(|e| datapath(&e)))
                 {
                     tracing::error!("removing {vip} from the injector after a failed reload: {remove}");
                 }
