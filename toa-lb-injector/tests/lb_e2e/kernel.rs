@@ -105,8 +105,29 @@ fn mss_of(stream: &TcpStream) -> u32 {
 fn data_placement_until_the_backend_speaks() {
     require_root!();
     let case = Case::new("dp", Dp::Kernel);
-    let bed = &case.bed;
     let _lb = start_lb_text(&case, "data", &echo_with_data_placement(""));
+    three_requests_with_data_placement(&case.bed);
+}
+
+/// The same when a reload brings data placement to a datapath that started
+/// without it: the injector's egress program then starts watching the
+/// backends' data (before, it did not, and every client segment of the
+/// connection carried the TOA).
+#[test]
+fn data_placement_added_by_reload_ends_when_the_backend_speaks() {
+    require_root!();
+    let case = Case::new("dr", Dp::Kernel);
+    let dir = &case.dir;
+    let _lb = start_lb(&case, "toa");
+    std::fs::write(dir.join("lb-toa.toml"), echo_with_data_placement("")).unwrap();
+    let out = ctl_output(dir, "reload");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    three_requests_with_data_placement(&case.bed);
+}
+
+/// Three requests and their echoes through the echo listener (with data
+/// placement): the TOA is in the first request only.
+fn three_requests_with_data_placement(bed: &Testbed) {
     let counts = capture(bed, || {
         run_in(&bed.ns("client"), || {
             let mut stream =

@@ -244,6 +244,8 @@ fn raw_listener(l: &InjectListener) -> RawListener {
 /// The loaded injector: its programs and maps, and where it is attached.
 pub struct Injector {
     ebpf: aya::Ebpf,
+    /// Slots of each flow table (a power of two).
+    slots: u32,
     interface: Option<String>,
     /// The links `attach` made, by program.
     links: Vec<(&'static str, aya::programs::tc::SchedClassifierLinkId)>,
@@ -261,26 +263,13 @@ impl Injector {
     pub fn load(options: &InjectorOptions) -> Result<Injector, InjectError> {
         preflight()?;
         let slots = options.flows.clamp(1024, 1 << 22).next_power_of_two();
-        let mut ebpf = aya::EbpfLoader::new()
+        let ebpf = aya::EbpfLoader::new()
             .map_max_entries("toa_lb_flows", slots)
             .map_max_entries("toa_lb_tcp_flows", slots)
             .load(OBJECT)
             .map_err(bpf_err("load the injector's eBPF object"))?;
-        let config = RawConfig {
-            transparent_mark: options.transparent_mark,
-            flags: if options.data_placement { CFG_DATA_PLACEMENT } else { 0 },
-            udp_timeout_ns: u64::try_from(options.udp_timeout.as_nanos()).unwrap_or(u64::MAX),
-            flow_mask: slots - 1,
-            tcp_flow_mask: slots - 1,
-            kind_formats: kind_formats(),
-            mtu_ifindex: options.mtu_ifindex,
-            pad: 0,
-        };
-        let mut map: Array<_, RawConfig> =
-            Array::try_from(ebpf.map_mut("toa_lb_config").ok_or_else(missing("toa_lb_config"))?)
-                .map_err(bpf_err("toa_lb_config"))?;
-        map.set(0, config, 0).map_err(bpf_err("write toa_lb_config"))?;
-        let mut injector = Injector { ebpf, interface: None, links: Vec::new() };
+        let mut injector = Injector { ebpf, slots, interface: None, links: Vec::new() };
+        injector.set_options(options)?;
         injector.set_budget(options.budget)?;
         let ebpf = &mut injector.ebpf;
         for name in PROGRAMS.iter().map(|(name, _)| *name).chain([BACKEND_EGRESS]) {
@@ -289,6 +278,26 @@ impl Injector {
             program.load().map_err(bpf_err(format!("load {name} (the kernel verifier said no)")))?;
         }
         Ok(injector)
+    }
+
+    /// Writes the programs' configuration from `options` (at load, and when a
+    /// reload changes the listeners' placements, the UDP timeout or the
+    /// backend interface). The flow tables keep the size they were loaded
+    /// with (`flows` is read at load only), and the budget is left as it is.
+    pub fn set_options(&mut self, options: &InjectorOptions) -> Result<(), InjectError> {
+        let config = RawConfig {
+            transparent_mark: options.transparent_mark,
+            flags: if options.data_placement { CFG_DATA_PLACEMENT } else { 0 },
+            udp_timeout_ns: u64::try_from(options.udp_timeout.as_nanos()).unwrap_or(u64::MAX),
+            flow_mask: self.slots - 1,
+            tcp_flow_mask: self.slots - 1,
+            kind_formats: kind_formats(),
+            mtu_ifindex: options.mtu_ifindex,
+            pad: 0,
+        };
+        let map = self.ebpf.map_mut("toa_lb_config").ok_or_else(missing("toa_lb_config"))?;
+        let mut map: Array<_, RawConfig> = Array::try_from(map).map_err(bpf_err("toa_lb_config"))?;
+        map.set(0, config, 0).map_err(bpf_err("write toa_lb_config"))
     }
 
     fn budget_map(&mut self) -> Result<Array<&mut MapData, i64>, InjectError> {

@@ -83,6 +83,9 @@ struct State {
     chains: Vec<String>,
     /// Taken at stop: dropping it detaches the programs.
     injector: Option<Injector>,
+    /// Whether its egress program watches the backends' data (data
+    /// placement): once on, on until exit.
+    watching_data: bool,
     host: Option<Host>,
     health_changes: BTreeMap<ListenerKey, u64>,
     /// Half-open flows deleted to make room, per listener.
@@ -161,6 +164,23 @@ impl State {
             self.flows = Some((Instant::now(), counts));
         }
         &self.flows.get_or_insert_with(|| (Instant::now(), HashMap::new())).1
+    }
+}
+
+/// The injector's options for `config` (`budget`: new flows let in at first;
+/// `watching_data`: whether the egress program already watches the backends'
+/// data, which it then goes on doing: flows with data placement may outlive
+/// their listener's, and without the watch their TOA would never end).
+fn injector_options(config: &LbConfig, budget: i64, watching_data: bool) -> InjectorOptions {
+    InjectorOptions {
+        flows: u32::try_from(config.engine.max_flows).unwrap_or(u32::MAX),
+        transparent_mark: config.transparent_mark,
+        data_placement: watching_data || config.engine.listeners.iter().any(|l| l.placement.data),
+        udp_timeout: config.engine.timeouts.udp,
+        budget,
+        // Read at start and at each reload (an interface deleted and made
+        // again has a new index); 0 (the client interface) if it is gone.
+        mtu_ifindex: nix::net::if_::if_nametoindex(config.backend_interface.as_str()).unwrap_or(0),
     }
 }
 
@@ -276,27 +296,21 @@ impl KernelLb {
             );
         }
         check_host(config);
-        let data_placement = config.engine.listeners.iter().any(|l| l.placement.data);
         // The order matters for clients already sending (a restart): the
         // injector knows the listeners before the table balances them, and the
         // VIPs become local only after that.
         let result = (|| {
             enable_forwarding(&mut host, config)?;
-            let injector = Injector::load(&InjectorOptions {
-                flows: u32::try_from(config.engine.max_flows).unwrap_or(u32::MAX),
-                transparent_mark: config.transparent_mark,
-                data_placement,
-                udp_timeout: config.engine.timeouts.udp,
-                budget: budget(config.engine.max_flows, conntrack::total().unwrap_or(0), 0),
-                // Checked to exist above; 0 (the client interface) only if it went since.
-                mtu_ifindex: nix::net::if_::if_nametoindex(config.backend_interface.as_str()).unwrap_or(0),
-            })?;
+            let budget = budget(config.engine.max_flows, conntrack::total().unwrap_or(0), 0);
+            let options = injector_options(config, budget, false);
+            let injector = Injector::load(&options)?;
             let mut state = State {
                 config: config.clone(),
                 listeners: Listeners::new(&config.engine.listeners),
                 ids: Ids::default(),
                 chains: Vec::new(),
                 injector: Some(injector),
+                watching_data: options.data_placement,
                 host: None,
                 health_changes: BTreeMap::new(),
                 evicted: BTreeMap::new(),
@@ -547,7 +561,13 @@ impl Balancer for KernelLb {
         state.config = config.clone();
         let mut host = state.host.take();
         // As at the start: the injector first, the table, then the addresses.
+        // The budget is the poller's (`set_options` leaves it).
+        let options = injector_options(config, 0, state.watching_data);
         let result = (|| {
+            // Before the listeners: a new one with data placement needs the
+            // egress program to watch the backends' data from its first flow.
+            state.injector()?.set_options(&options).map_err(|e| datapath(&e))?;
+            state.watching_data = options.data_placement;
             state.sync_injector()?;
             state.render()?;
             if let Some(host) = host.as_mut() {
@@ -573,8 +593,11 @@ impl Balancer for KernelLb {
                 }
             }
             (state.listeners, state.ids, state.config) = before;
+            // (Still watching data if it started to: flows may have it.)
+            let old_options = injector_options(&state.config, 0, state.watching_data);
             let restored = state
                 .render()
+                .and_then(|()| state.injector()?.set_options(&old_options).map_err(|e| datapath(&e)))
                 .and_then(|()| state.sync_injector())
                 .and_then(|()| state.sync_backend_egress().map_err(|e| datapath(&e)));
             if let Err(restore) = restored {
