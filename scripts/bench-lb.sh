@@ -50,13 +50,16 @@ rounds=${2:-5}
 warmup=${BENCH_LB_WARMUP:-12}
 [ "$(id -u)" = 0 ] || { echo "bench-lb.sh: needs root" >&2; exit 1; }
 command -v conntrack >/dev/null || { echo "bench-lb.sh: needs conntrack (apt-get install conntrack)" >&2; exit 1; }
+sources=${BENCH_LB_SOURCES:-16}
+# 203.0.113.100 to .255.
+[[ "$sources" =~ ^[0-9]+$ && "$sources" -le 156 ]] ||
+    { echo "bench-lb.sh: BENCH_LB_SOURCES is a number from 0 to 156 (203.0.113.100-255), not $sources" >&2; exit 1; }
 cargo build --release -q -p toa-lb-injector --bin toa-lb -p toa-examples --bin accept-bench --bin bulk-bench
 bin=./target/release
 . scripts/lib/session.sh
 session "tbench$$"
 ./scripts/testbed.sh up "$prefix" 1 >/dev/null
 lbns="$prefix-lb"; be="$prefix-be1"; client="$prefix-client"
-sources=${BENCH_LB_SOURCES:-16}
 from=()
 if [ "$sources" -gt 0 ]; then
     mapfile -t addrs < <(seq -f '203.0.113.%g' 100 $((99 + sources)))
@@ -156,8 +159,11 @@ NFT
     for i in 1 2 3 4; do ip netns exec "$lbns" ip addr del "100.125.1.$i/32" dev lb-br; done
 }
 
+# Path 5's MSS: the backend's own (its link's MTU less 40 bytes of IPv4 and
+# TCP headers) less the IPv4 TOA's 8 bytes, as toa-lb's clamp lowers it.
+clamped_mss=$(( $(ip netns exec "$be" cat /sys/class/net/b0/mtu) - 40 - 8 ))
 paths=("kernel FULLNAT, offloads on (baseline)" "toa-lb kernel, TOA on" "toa-lb kernel, TOA off"
-    "kernel FULLNAT, offloads off" "toa-lb ring, TOA on, offloads off" "kernel FULLNAT, offloads on, MSS 1452"
+    "kernel FULLNAT, offloads off" "toa-lb ring, TOA on, offloads off" "kernel FULLNAT, offloads on, MSS $clamped_mss"
     "toa-lb kernel, TOA on, mss_clamp on")
 run_path() {
     # The previous path's entries (10 s in CLOSE by the kernel's defaults)
@@ -169,7 +175,7 @@ run_path() {
         2) offloads on; lb_run off kernel ;;
         3) offloads off; kernel_run ;;
         4) offloads off; lb_run toa ring ;;
-        5) offloads on; kernel_run 1452 ;;
+        5) offloads on; kernel_run "$clamped_mss" ;;
         6) offloads on; lb_run toa kernel on ;;
     esac
 }

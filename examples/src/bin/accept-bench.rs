@@ -129,10 +129,25 @@ fn check_sources(from: &[IpAddr], target: SocketAddr, clients: usize) -> Result<
     if clients > MAX_SOURCED_CLIENTS {
         return Err(format!("at most {MAX_SOURCED_CLIENTS} clients (one port each), not {clients}"));
     }
+    // Binding alone would accept any address with net.ipv4.ip_nonlocal_bind
+    // (or ipv6's) set: the address must be one of an interface's (or loopback).
+    let local: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .map_err(|e| format!("listing the interfaces' addresses: {e}"))?
+        .filter_map(|a| a.address)
+        .filter_map(|a| match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+            (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
+            _ => None,
+        })
+        .collect();
     for &ip in from {
         if ip.is_ipv4() != target.is_ipv4() {
             return Err(format!("{ip} is not of {target}'s address family"));
         }
+        if !ip.is_loopback() && !local.contains(&ip) {
+            return Err(format!("{ip} is not an address of this host's interfaces"));
+        }
+        // (An IPv6 address still in duplicate address detection cannot be bound yet.)
         TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| format!("{ip}: {e}"))?;
     }
     Ok(())
@@ -400,6 +415,6 @@ mod tests {
         assert!(check_sources(&v6, v4, 2).unwrap_err().contains("address family"));
         // A documentation address this host does not have.
         let absent: Vec<IpAddr> = vec!["192.0.2.77".parse().unwrap()];
-        assert!(check_sources(&absent, v4, 2).is_err());
+        assert!(check_sources(&absent, v4, 2).unwrap_err().contains("not an address of this host"));
     }
 }
