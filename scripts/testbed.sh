@@ -11,7 +11,8 @@
 #        |  veths on the bridge
 #   backends (PREFIX-beN)   b0 100.125.2.N/16, 2001:db8:64::2:N/64
 #
-# Usage: scripts/testbed.sh up|down [PREFIX] [BACKENDS]   (defaults: toa, 2)
+# Usage: scripts/testbed.sh up|down|relink [PREFIX] [BACKENDS]   (defaults: toa, 2)
+# relink deletes the client link (c0 - lb-c) and makes it again.
 # OFFLOADS=off turns the offloads of every veth and the bridge off, as the
 # user-space datapaths (ring, pnet) need; the default leaves them on, as the
 # kernel sets them and the kernel datapath runs.
@@ -31,6 +32,19 @@ no_offload() {
     ns "$1" ethtool -K "$2" tx off tso off gso off gro off >/dev/null 2>&1
 }
 
+# The client's veth pair, c0 - lb-c.
+client_link() {
+    ip link add c0 netns "$prefix-client" type veth peer name lb-c netns "$prefix-lb"
+    ns "$prefix-client" ip addr add 203.0.113.2/24 dev c0
+    ns "$prefix-client" ip -6 addr add 2001:db8:c::2/64 dev c0 nodad
+    ns "$prefix-client" ip link set c0 up
+    ns "$prefix-lb" ip addr add 203.0.113.1/24 dev lb-c
+    ns "$prefix-lb" ip -6 addr add 2001:db8:c::1/64 dev lb-c nodad
+    ns "$prefix-lb" ip link set lb-c up
+    no_offload "$prefix-client" c0
+    no_offload "$prefix-lb" lb-c
+}
+
 down() {
     for n in $(ip netns list | awk '{print $1}' | grep -E "^${prefix}-(client|lb|be[0-9]+)$" || true); do
         ip netns del "$n"
@@ -44,20 +58,12 @@ up() {
     ip netns add "$prefix-client"
     ip netns add "$prefix-lb"
     for n in "$prefix-client" "$prefix-lb"; do ns "$n" ip link set lo up; done
-    ip link add c0 netns "$prefix-client" type veth peer name lb-c netns "$prefix-lb"
-    ns "$prefix-client" ip addr add 203.0.113.2/24 dev c0
-    ns "$prefix-client" ip -6 addr add 2001:db8:c::2/64 dev c0 nodad
-    ns "$prefix-client" ip link set c0 up
-    ns "$prefix-lb" ip addr add 203.0.113.1/24 dev lb-c
-    ns "$prefix-lb" ip -6 addr add 2001:db8:c::1/64 dev lb-c nodad
-    ns "$prefix-lb" ip link set lb-c up
+    client_link
     ns "$prefix-lb" ip link add lb-br type bridge
     ns "$prefix-lb" ip addr add 100.125.0.1/16 dev lb-br
     ns "$prefix-lb" ip -6 addr add 2001:db8:64::1/64 dev lb-br nodad
     ns "$prefix-lb" ip link set lb-br up
     no_offload "$prefix-lb" lb-br
-    no_offload "$prefix-client" c0
-    no_offload "$prefix-lb" lb-c
     for i in $(seq "$backends"); do
         b="$prefix-be$i"
         ip netns add "$b"
@@ -82,5 +88,8 @@ up() {
 case "$action" in
     up) up; echo "testbed $prefix up (offloads $offloads): client 203.0.113.2, VIP 203.0.113.10, $backends backends 100.125.2.1-$backends" ;;
     down) down; echo "testbed $prefix down" ;;
-    *) echo "usage: $0 up|down [PREFIX] [BACKENDS]" >&2; exit 2 ;;
+    # The client link deleted (if it is there) and made again, as `up` made it
+    # (new interface indexes): what an LB had put on lb-c is gone.
+    relink) ns "$prefix-lb" ip link del lb-c 2>/dev/null || true; client_link; echo "testbed $prefix: client link made again" ;;
+    *) echo "usage: $0 up|down|relink [PREFIX] [BACKENDS]" >&2; exit 2 ;;
 esac

@@ -52,8 +52,10 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
     };
     signals.thread_block().map_err(|e| fail(format!("cannot block SIGINT/SIGTERM/SIGHUP: {e}")))?;
 
+    let watch = InterfaceWatch::new(&[&config.client_interface, &config.backend_interface]);
     let (running, balancer) = start(&config)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let gone = watch.spawn(stop.clone());
     let health = Arc::new(Mutex::new(config.health));
     let reloader = Arc::new(Reloader::new(path.to_owned(), config.clone(), balancer.clone(), health.clone()));
     // A signal only sets the flag (the datapath notices within 200 ms) or reloads.
@@ -80,6 +82,12 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
         Running::Kernel(lb) => lb.stop().map_err(fail),
         Running::Userspace { .. } => fence::remove().map_err(fail),
     };
+    if let Some(reason) = gone.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        if let Err(e) = cleanup {
+            tracing::warn!("cleaning up: {e}");
+        }
+        return Err(fail(reason));
+    }
     result?;
     cleanup?;
     tracing::info!(
@@ -90,6 +98,63 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
         }
     );
     Ok(())
+}
+
+/// The interfaces a run works on, by name and index. One deleted (and
+/// perhaps made again, with a new index) takes with it what the run put on
+/// it: the injector's programs, addresses, per-interface sysctls, the rings'
+/// bindings. Nothing would be served, silently; so the run stops with an
+/// error instead (a service manager starts it again, and the start sets all
+/// of it up anew). A link that goes down and up keeps its index: not a change.
+struct InterfaceWatch(Vec<(String, Option<u32>)>);
+
+/// How often [`InterfaceWatch`] looks.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+impl InterfaceWatch {
+    fn new(names: &[&str]) -> Self {
+        let mut seen: Vec<(String, Option<u32>)> = Vec::new();
+        for name in names {
+            if !seen.iter().any(|(n, _)| n == name) {
+                seen.push(((*name).to_owned(), nix::net::if_::if_nametoindex(*name).ok()));
+            }
+        }
+        InterfaceWatch(seen)
+    }
+
+    /// What changed, given each interface's index now (`None`: no such interface).
+    fn changed(&self, index_of: impl Fn(&str) -> Option<u32>) -> Option<String> {
+        self.0.iter().find_map(|(name, was)| {
+            let now = index_of(name);
+            (now != *was).then(|| match now {
+                None => format!(
+                    "interface {name} is gone: what toa-lb had put on it went with it; stopping (start toa-lb again once the interface is back; systemd's Restart=on-failure does)"
+                ),
+                Some(_) => format!(
+                    "interface {name} was made again (a new index): what toa-lb had put on it went with the old one; stopping (start toa-lb again; systemd's Restart=on-failure does)"
+                ),
+            })
+        })
+    }
+
+    /// Looks every [`WATCH_EVERY`] until `stop`; at a change, logs it, keeps
+    /// it in the returned slot and sets `stop`.
+    fn spawn(self, stop: Arc<AtomicBool>) -> Arc<Mutex<Option<String>>> {
+        let gone = Arc::new(Mutex::new(None));
+        let slot = gone.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(WATCH_EVERY);
+                if let Some(reason) = self.changed(|name| nix::net::if_::if_nametoindex(name).ok()) {
+                    tracing::error!("{reason}");
+                    *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason);
+                    stop.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        });
+        gone
+    }
 }
 
 /// Starts the configured datapath.
@@ -198,5 +263,24 @@ fn serve(
             };
             result.map_err(fail)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_watch_names_what_went_and_what_came_back_anew() {
+        let watch = InterfaceWatch(vec![("lb-c".into(), Some(5)), ("lb-br".into(), Some(7))]);
+        assert_eq!(watch.changed(|n| if n == "lb-c" { Some(5) } else { Some(7) }), None);
+        let gone = watch.changed(|n| if n == "lb-c" { None } else { Some(7) }).unwrap();
+        assert!(gone.starts_with("interface lb-c is gone"), "{gone}");
+        let anew = watch.changed(|n| if n == "lb-br" { Some(9) } else { Some(5) }).unwrap();
+        assert!(anew.starts_with("interface lb-br was made again"), "{anew}");
+        // One interface for both sides is watched once.
+        let one = InterfaceWatch::new(&["lo", "lo"]);
+        assert_eq!(one.0.len(), 1);
+        assert!(one.0[0].1.is_some());
     }
 }

@@ -1181,3 +1181,41 @@ fn link_flap_recovers(dp: Dp) {
     }
 }
 }
+
+both! {
+/// The client interface is deleted and made again under a running toa-lb
+/// (new index): what toa-lb had put on it (programs, VIPs, its forwarding
+/// sysctl, the rings' bindings) went with the old one, and nothing would be
+/// served. toa-lb stops with an error naming the interface, leaves nothing
+/// behind, and started again it serves.
+fn interface_made_again_stops_the_run_and_a_restart_serves(dp: Dp) {
+    require_root!();
+    let case = Case::new("i", dp);
+    let bed = &case.bed;
+    let mut lb = start_lb(&case, "toa");
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "{line}");
+    let relink = Command::new(scripts().join("testbed.sh"))
+        .args(["relink", &bed.prefix])
+        .env("OFFLOADS", dp.offloads())
+        .output()
+        .unwrap();
+    assert!(relink.status.success(), "testbed.sh relink: {}", String::from_utf8_lossy(&relink.stderr));
+    let said = "interface lb-c was made again";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let log_has_it = lb.1.lock().unwrap().contains(said);
+        match lb.0.try_wait().unwrap() {
+            Some(status) if log_has_it => break status,
+            _ => assert!(std::time::Instant::now() < deadline, "toa-lb did not stop and say {said:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "an error exit, for a service manager to restart it: {status}");
+    drop(lb);
+    assert_eq!(leftovers(bed), Vec::<String>::new());
+    let _lb = start_lb(&case, "toa");
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "served after a restart: {line}");
+}
+}

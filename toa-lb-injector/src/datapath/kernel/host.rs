@@ -159,15 +159,20 @@ fn undo(change: &Change) -> Result<(), HostError> {
             match ip(&[family, "addr", "del", &prefix(*addr), "dev", interface]) {
                 // Gone already (the interface went, or someone removed it): fine.
                 Err(HostError::Change(e))
-                    if e.contains("Cannot assign") || e.contains("Cannot find device") =>
+                    if ["Cannot assign", "Cannot find device", "Address not found"]
+                        .iter()
+                        .any(|gone| e.contains(gone)) =>
                 {
                     Ok(())
                 }
                 other => other,
             }
         }
-        Change::Sysctl { path, old } => std::fs::write(PathBuf::from("/proc/sys").join(path), old)
-            .map_err(|e| HostError::Change(format!("restore {path} to {old}: {e}"))),
+        Change::Sysctl { path, old } => match std::fs::write(PathBuf::from("/proc/sys").join(path), old) {
+            // An interface's setting that went with its interface: nothing to restore.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other.map_err(|e| HostError::Change(format!("restore {path} to {old}: {e}"))),
+        },
     }
 }
 
