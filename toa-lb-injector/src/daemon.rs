@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 
@@ -31,7 +32,23 @@ fn fail(e: impl std::fmt::Display) -> DaemonError {
 /// The datapath a run started, and how to stop it.
 enum Running {
     Kernel(Arc<KernelLb>),
-    Userspace { shards: Arc<Shards>, owned: frames::Owned },
+    Userspace { shards: Arc<Shards>, owned: frames::Owned, lb: Arc<UserspaceLb> },
+}
+
+impl Running {
+    /// What puts the datapath's nftables tables back if someone else removed them.
+    fn keeper(&self) -> Box<dyn Fn() + Send> {
+        match self {
+            Running::Kernel(lb) => {
+                let lb = lb.clone();
+                Box::new(move || lb.keep_table())
+            }
+            Running::Userspace { lb, .. } => {
+                let lb = lb.clone();
+                Box::new(move || lb.keep_fence())
+            }
+        }
+    }
 }
 
 /// Runs the load balancer of the configuration at `path` until SIGINT or
@@ -55,7 +72,7 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
     let watch = InterfaceWatch::new(&[&config.client_interface, &config.backend_interface]);
     let (running, balancer) = start(&config)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let gone = watch.spawn(stop.clone());
+    let watcher = watch.spawn(stop.clone(), running.keeper());
     let health = Arc::new(Mutex::new(config.health));
     let reloader = Arc::new(Reloader::new(path.to_owned(), config.clone(), balancer.clone(), health.clone()));
     // A signal only sets the flag (the datapath notices within 200 ms) or reloads.
@@ -78,11 +95,13 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
     }
     let result = serve(&config, socket, &running, balancer, reloader, health, stop.clone());
     stop.store(true, Ordering::Relaxed);
+    // Before the cleanup: a look after it would put the removed tables back.
+    let gone = watcher.join().unwrap_or_else(|_| Some("the interface watch panicked".into()));
     let cleanup = match &running {
         Running::Kernel(lb) => lb.stop().map_err(fail),
         Running::Userspace { .. } => fence::remove().map_err(fail),
     };
-    if let Some(reason) = gone.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+    if let Some(reason) = gone {
         if let Err(e) = cleanup {
             tracing::warn!("cleaning up: {e}");
         }
@@ -137,23 +156,28 @@ impl InterfaceWatch {
         })
     }
 
-    /// Looks every [`WATCH_EVERY`] until `stop`; at a change, logs it, keeps
-    /// it in the returned slot and sets `stop`.
-    fn spawn(self, stop: Arc<AtomicBool>) -> Arc<Mutex<Option<String>>> {
-        let gone = Arc::new(Mutex::new(None));
-        let slot = gone.clone();
+    /// Looks every [`WATCH_EVERY`] until `stop`; at a change, logs it, sets
+    /// `stop` and ends with it. Each look also runs `keep` (the datapath's
+    /// tables put back if someone else removed them).
+    fn spawn(self, stop: Arc<AtomicBool>, keep: Box<dyn Fn() + Send>) -> JoinHandle<Option<String>> {
         std::thread::spawn(move || {
+            let mut next = Instant::now() + WATCH_EVERY;
             while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(WATCH_EVERY);
+                // Short naps, so that a stop is seen within 50 ms.
+                std::thread::sleep(Duration::from_millis(50));
+                if Instant::now() < next || stop.load(Ordering::Relaxed) {
+                    continue;
+                }
+                next = Instant::now() + WATCH_EVERY;
                 if let Some(reason) = self.changed(|name| nix::net::if_::if_nametoindex(name).ok()) {
                     tracing::error!("{reason}");
-                    *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason);
                     stop.store(true, Ordering::Relaxed);
-                    return;
+                    return Some(reason);
                 }
+                keep();
             }
-        });
-        gone
+            None
+        })
     }
 }
 
@@ -195,7 +219,7 @@ fn start(config: &LbConfig) -> Result<(Running, Arc<dyn Balancer>), DaemonError>
                 owned.clone(),
                 [config.client_interface.clone(), config.backend_interface.clone()],
             ));
-            Ok((Running::Userspace { shards, owned }, balancer))
+            Ok((Running::Userspace { shards, owned, lb: balancer.clone() }, balancer))
         }
     }
 }
@@ -245,7 +269,7 @@ fn serve(
             }
             Ok(())
         }
-        Running::Userspace { shards, owned } => {
+        Running::Userspace { shards, owned, .. } => {
             let client = frames::interface(&config.client_interface).map_err(fail)?;
             let backend = frames::interface(&config.backend_interface).map_err(fail)?;
             let result = if config.datapath == Datapath::Ring {

@@ -1,8 +1,12 @@
-//! Running `nft`: scripts in one transaction, tables, named counters.
+//! Running `nft`: scripts in one transaction, tables, named counters; and
+//! asking nf_tables over netlink whether a table exists.
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
+
+use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
 
 /// What went wrong running `nft`.
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +51,105 @@ pub(crate) fn delete_table(family: &str, table: &str) -> Result<(), NftError> {
     }
 }
 
-/// Whether a table exists.
-pub(crate) fn table_exists(family: &str, table: &str) -> bool {
-    run(&["list", "table", family, table], None).is_ok()
+/// A netlink socket to netfilter (nf_tables, ctnetlink) of this network namespace.
+pub(crate) fn netfilter_socket() -> std::io::Result<OwnedFd> {
+    let fd = socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )?;
+    socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+    Ok(fd)
+}
+
+/// `NFPROTO_*` of an nft family name.
+fn family_number(family: &str) -> Option<u8> {
+    Some(match family {
+        "inet" => 1,
+        "ip" => 2,
+        "arp" => 3,
+        "netdev" => 5,
+        "bridge" => 7,
+        "ip6" => 10,
+        _ => return None,
+    })
+}
+
+/// The request: `NFT_MSG_GETTABLE` of `table` in `family`, with an ack.
+fn get_table_request(family: u8, table: &str) -> Vec<u8> {
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_GETTABLE: u16 = 1;
+    const NLM_F_REQUEST_ACK: u16 = 1 | 4;
+    const NFTA_TABLE_NAME: u16 = 1;
+    let mut msg = Vec::with_capacity(32 + table.len());
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, filled in below
+    msg.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
+    msg.extend_from_slice(&NLM_F_REQUEST_ACK.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    msg.extend_from_slice(&[family, 0, 0, 0]); // nfgenmsg: family, version 0, resource 0
+    let name_len = table.len() + 1; // NUL-terminated
+    msg.extend_from_slice(&u16::try_from(4 + name_len).unwrap_or(u16::MAX).to_ne_bytes());
+    msg.extend_from_slice(&NFTA_TABLE_NAME.to_ne_bytes());
+    msg.extend_from_slice(table.as_bytes());
+    msg.push(0);
+    msg.resize(msg.len().next_multiple_of(4), 0);
+    let len = msg.len() as u32;
+    msg[..4].copy_from_slice(&len.to_ne_bytes());
+    msg
+}
+
+/// The answer to [`get_table_request`]: `Some(true)` at the ack (the table
+/// came before it), `Some(false)` at `ENOENT`, `None` if the datagram ends
+/// before either; other errors, and malformed messages, are errors.
+fn table_answer(datagram: &[u8]) -> std::io::Result<Option<bool>> {
+    const NLMSG_ERROR: u16 = 2;
+    let malformed = || std::io::Error::other("malformed nf_tables netlink message");
+    let mut at = 0;
+    while at + 16 <= datagram.len() {
+        let field = |from: usize, n: usize| datagram.get(at + from..at + from + n).ok_or_else(malformed);
+        let len = u32::from_ne_bytes(field(0, 4)?.try_into().map_err(|_| malformed())?) as usize;
+        let kind = u16::from_ne_bytes(field(4, 2)?.try_into().map_err(|_| malformed())?);
+        if len < 16 || at + len > datagram.len() {
+            return Err(malformed());
+        }
+        if kind == NLMSG_ERROR {
+            let errno = i32::from_ne_bytes(field(16, 4)?.try_into().map_err(|_| malformed())?);
+            return match -errno {
+                0 => Ok(Some(true)),
+                libc::ENOENT => Ok(Some(false)),
+                e => Err(std::io::Error::from_raw_os_error(e)),
+            };
+        }
+        at += len.next_multiple_of(4);
+    }
+    Ok(None)
+}
+
+/// Whether a table exists: one netlink request (no `nft` process), so that
+/// it can be asked often (the daemons look for their tables being flushed
+/// away by someone else's `nft flush ruleset`).
+pub(crate) fn table_exists(family: &str, table: &str) -> std::io::Result<bool> {
+    let number = family_number(family)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("family {family}")))?;
+    let fd = netfilter_socket()?;
+    socket::sendto(
+        fd.as_raw_fd(),
+        &get_table_request(number, table),
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        if n == 0 {
+            return Err(std::io::Error::other("nf_tables netlink closed without an answer"));
+        }
+        if let Some(exists) = table_answer(&buf[..n])? {
+            return Ok(exists);
+        }
+    }
 }
 
 /// The named counters of a table: name -> (packets, bytes).
@@ -91,5 +191,56 @@ mod tests {
         assert_eq!(c.get("b1_o"), Some(&(12, 648)));
         assert_eq!(c.get("table_full"), Some(&(0, 0)));
         assert!(parse_counters("not json").is_empty());
+    }
+
+    /// An nlmsghdr of `kind` with `body`.
+    fn message(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut m = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(body);
+        m.resize(m.len().next_multiple_of(4), 0);
+        m
+    }
+
+    #[test]
+    fn get_table_request_and_its_answers() {
+        let req = get_table_request(1, "toa_lb");
+        assert_eq!(req.len(), 16 + 4 + 12, "header, nfgenmsg, name attribute padded");
+        assert_eq!(u32::from_ne_bytes(req[..4].try_into().unwrap()) as usize, req.len());
+        assert_eq!(u16::from_ne_bytes(req[4..6].try_into().unwrap()), 10 << 8 | 1);
+        assert_eq!(&req[20..22], &11u16.to_ne_bytes(), "4 + 6 bytes + NUL");
+        assert_eq!(&req[24..31], b"toa_lb\0");
+        let error = |errno: i32| message(2, &[errno.to_ne_bytes().as_slice(), &[0; 16]].concat());
+        let table = message(10 << 8, &[1, 0, 0, 0]);
+        assert_eq!(table_answer(&[table.clone(), error(0)].concat()).unwrap(), Some(true));
+        assert_eq!(table_answer(&error(-libc::ENOENT)).unwrap(), Some(false));
+        assert_eq!(table_answer(&table).unwrap(), None, "the ack is still to come");
+        assert!(table_answer(&error(-libc::EPERM)).is_err());
+        assert!(
+            table_answer(&[8, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err(),
+            "length below a header"
+        );
+        assert_eq!(table_answer(&[1, 2, 3]).unwrap(), None, "too short to be a message");
+    }
+
+    #[test]
+    fn table_exists_asks_the_kernel() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root (nf_tables over netlink in a new network namespace)");
+            return;
+        }
+        // In a namespace of its own: no other table is touched.
+        let answers = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let before = table_exists("inet", "toa_lb_probe").unwrap();
+            apply("add table inet toa_lb_probe").unwrap();
+            let after = table_exists("inet", "toa_lb_probe").unwrap();
+            let other_family = table_exists("netdev", "toa_lb_probe").unwrap();
+            (before, after, other_family, table_exists("no-such-family", "x").is_err())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(answers, (false, true, false, true));
     }
 }

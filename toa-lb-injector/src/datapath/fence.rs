@@ -30,9 +30,9 @@ pub fn remove() -> Result<(), NftError> {
     Ok(())
 }
 
-/// Whether the tables exist.
-pub fn present() -> bool {
-    nft::table_exists("inet", TABLE)
+/// Whether both tables exist.
+pub fn present() -> std::io::Result<bool> {
+    Ok(nft::table_exists("inet", TABLE)? && nft::table_exists("netdev", TABLE)?)
 }
 
 /// The drop rules for `owned`, one line per family present.

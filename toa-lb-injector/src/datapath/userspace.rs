@@ -28,6 +28,30 @@ impl UserspaceLb {
     pub fn new(shards: Arc<Shards>, owned: Owned, interfaces: [String; 2]) -> Self {
         UserspaceLb { shards, owned, interfaces }
     }
+
+    /// Puts the fence's tables back if someone else removed them (`nft flush
+    /// ruleset`, a firewall service restarted): without them the host's own
+    /// stack would answer the VIPs' and SNAT addresses' packets too. Called
+    /// periodically; says what it did.
+    pub fn keep_fence(&self) {
+        let _engines = self.shards.lock(); // no reload meanwhile
+        match fence::present() {
+            Ok(true) => {}
+            Ok(false) => {
+                let owned: Vec<IpAddr> =
+                    self.owned.read().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
+                let interfaces = [self.interfaces[0].as_str(), self.interfaces[1].as_str()];
+                match fence::install(&owned, &interfaces) {
+                    Ok(()) => tracing::warn!(
+                        "the nftables tables inet and netdev {} were removed by someone else (nft flush ruleset? a firewall service restarted?): put back",
+                        fence::TABLE
+                    ),
+                    Err(e) => tracing::error!("putting the nftables fence back: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!("looking for the nftables fence: {e}"),
+        }
+    }
 }
 
 impl Balancer for UserspaceLb {

@@ -1183,6 +1183,29 @@ fn link_flap_recovers(dp: Dp) {
 }
 
 both! {
+/// Someone else flushes the ruleset (`nft flush ruleset`, as nftables.service
+/// does when it restarts): toa-lb puts its tables back within a second or
+/// so, says so, and new connections are balanced (with their TOA) again.
+fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
+    require_root!();
+    let case = Case::new("f", dp);
+    let bed = &case.bed;
+    let lb = start_lb(&case, "toa");
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "{line}");
+    let flush = Command::new("ip").args(["netns", "exec", &bed.ns("lb"), "nft", "flush", "ruleset"]).status();
+    assert!(flush.unwrap().success(), "nft flush ruleset");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !(lb.1.lock().unwrap().contains("removed by someone else") && nft_present(bed)) {
+        assert!(std::time::Instant::now() < deadline, "the tables were not put back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "balanced with the TOA again: {line}");
+}
+}
+
+both! {
 /// The client interface is deleted and made again under a running toa-lb
 /// (new index): what toa-lb had put on it (programs, VIPs, its forwarding
 /// sysctl, the rings' bindings) went with the old one, and nothing would be

@@ -12,7 +12,7 @@ use std::io;
 
 use std::os::fd::AsRawFd;
 
-use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+use nix::sys::socket::{self, MsgFlags, NetlinkAddr};
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
@@ -144,20 +144,9 @@ fn parse(datagram: &[u8], entries: &mut Vec<Entry>) -> io::Result<Batch> {
     Ok(Batch::More)
 }
 
-fn netlink() -> io::Result<std::os::fd::OwnedFd> {
-    let fd = socket::socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )?;
-    socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
-    Ok(fd)
-}
-
 /// The conntrack entries of this network namespace whose mark & `mask` == `value`.
 pub fn dump(value: u32, mask: u32) -> io::Result<Vec<Entry>> {
-    let fd = netlink()?;
+    let fd = crate::nft::netfilter_socket()?;
     socket::sendto(
         fd.as_raw_fd(),
         &dump_request(value, mask, 1),
@@ -204,7 +193,7 @@ fn delete_request(entry: &Entry, seq: u32) -> Vec<u8> {
 /// Deletes `entries` from the connection tracker (their packets then start
 /// new flows). Returns how many went; one already gone is not an error.
 pub fn delete(entries: &[Entry]) -> io::Result<usize> {
-    let fd = netlink()?;
+    let fd = crate::nft::netfilter_socket()?;
     let mut deleted = 0;
     let mut buf = vec![0u8; 1 << 16];
     for chunk in entries.chunks(64) {

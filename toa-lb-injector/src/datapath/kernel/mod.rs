@@ -399,6 +399,31 @@ impl KernelLb {
         }
     }
 
+    /// Puts the nftables table back if someone else removed it (`nft flush
+    /// ruleset`, a firewall service restarted): without it no new flow is
+    /// balanced, and the host refuses connections to its VIPs. Its counters
+    /// start again from zero (a reset, to Prometheus). Called periodically;
+    /// says what it did.
+    pub fn keep_table(&self) {
+        let mut state = self.lock();
+        if state.injector.is_none() {
+            return; // stopped: the table is gone on purpose
+        }
+        match nft::table_exists("inet", TABLE) {
+            Ok(true) => {}
+            Ok(false) => {
+                state.chains.clear();
+                match state.render() {
+                    Ok(()) => tracing::warn!(
+                        "the nftables table inet {TABLE} was removed by someone else (nft flush ruleset? a firewall service restarted?): put back; its counters start from zero"
+                    ),
+                    Err(e) => tracing::error!("putting the nftables table inet {TABLE} back: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!("looking for the nftables table inet {TABLE}: {e}"),
+        }
+    }
+
     /// Runs [`KernelLb::poll`] every 200 ms until `stop` is set.
     pub fn spawn_poller(self: &Arc<Self>, stop: Arc<AtomicBool>) {
         let lb = self.clone();
