@@ -36,12 +36,13 @@ enum Running {
 }
 
 impl Running {
-    /// What puts the datapath's nftables tables back if someone else removed them.
+    /// What puts the datapath's nftables tables (and the kernel datapath's
+    /// addresses) back if someone else removed them.
     fn keeper(&self) -> Box<dyn Fn() + Send> {
         match self {
             Running::Kernel(lb) => {
                 let lb = lb.clone();
-                Box::new(move || lb.keep_table())
+                Box::new(move || lb.keep())
             }
             Running::Userspace { lb, .. } => {
                 let lb = lb.clone();
@@ -157,8 +158,8 @@ impl InterfaceWatch {
     }
 
     /// Looks every [`WATCH_EVERY`] until `stop`; at a change, logs it, sets
-    /// `stop` and ends with it. Each look also runs `keep` (the datapath's
-    /// tables put back if someone else removed them).
+    /// `stop` and ends with it. Each look also runs `keep` (what the datapath
+    /// put in place, put back if someone else removed it).
     fn spawn(self, stop: Arc<AtomicBool>, keep: Box<dyn Fn() + Send>) -> JoinHandle<Option<String>> {
         std::thread::spawn(move || {
             let mut next = Instant::now() + WATCH_EVERY;

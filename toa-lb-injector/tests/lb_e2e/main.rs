@@ -1184,8 +1184,10 @@ fn link_flap_recovers(dp: Dp) {
 
 both! {
 /// Someone else flushes the ruleset (`nft flush ruleset`, as nftables.service
-/// does when it restarts): toa-lb puts its tables back within a second or
-/// so, says so, and new connections are balanced (with their TOA) again.
+/// does when it restarts) and, on the kernel datapath, removes the VIP from
+/// the interface (as a network manager may): toa-lb puts them back within a
+/// second or so, says so, and new connections are balanced (with their TOA)
+/// again.
 fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
     require_root!();
     let case = Case::new("f", dp);
@@ -1193,10 +1195,21 @@ fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
     let lb = start_lb(&case, "toa");
     let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} ")), "{line}");
-    let flush = Command::new("ip").args(["netns", "exec", &bed.ns("lb"), "nft", "flush", "ruleset"]).status();
-    assert!(flush.unwrap().success(), "nft flush ruleset");
+    let lb_ns = |args: &[&str]| {
+        let ok = Command::new("ip").args(["netns", "exec", &bed.ns("lb")]).args(args).status().unwrap();
+        assert!(ok.success(), "{args:?}");
+    };
+    lb_ns(&["nft", "flush", "ruleset"]);
+    let mut expected = vec!["tables inet and netdev toa_lb were removed by someone else"];
+    if dp == Dp::Kernel {
+        lb_ns(&["ip", "addr", "del", "203.0.113.10/32", "dev", "lb-c"]);
+        expected = vec![
+            "table inet toa_lb was removed by someone else",
+            "203.0.113.10 was removed from lb-c by someone else: put back",
+        ];
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !(lb.1.lock().unwrap().contains("removed by someone else") && nft_present(bed)) {
+    while !(expected.iter().all(|e| lb.1.lock().unwrap().contains(e)) && nft_present(bed)) {
         assert!(std::time::Instant::now() < deadline, "the tables were not put back");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -152,6 +152,20 @@ fn prefix(addr: IpAddr) -> String {
     }
 }
 
+/// `ip addr add` of one of toa-lb's addresses.
+fn ip_add(interface: &str, addr: IpAddr) -> Result<(), HostError> {
+    let family = if addr.is_ipv4() { "-4" } else { "-6" };
+    let mut args = vec![family, "addr", "add"];
+    let p = prefix(addr);
+    args.extend([p.as_str(), "dev", interface]);
+    if addr.is_ipv6() {
+        // Usable at once (no duplicate address detection), and never picked
+        // as the source of the host's own connections (deprecated).
+        args.extend(["nodad", "preferred_lft", "0"]);
+    }
+    ip(&args)
+}
+
 fn undo(change: &Change) -> Result<(), HostError> {
     match change {
         Change::Address { interface, addr } => {
@@ -227,16 +241,25 @@ impl Host {
             return Ok(());
         }
         self.record(Change::Address { interface: interface.into(), addr })?;
-        let family = if addr.is_ipv4() { "-4" } else { "-6" };
-        let mut args = vec![family, "addr", "add"];
-        let p = prefix(addr);
-        args.extend([p.as_str(), "dev", interface]);
-        if addr.is_ipv6() {
-            // Usable at once (no duplicate address detection), and never picked
-            // as the source of the host's own connections (deprecated).
-            args.extend(["nodad", "preferred_lft", "0"]);
-        }
-        ip(&args)
+        ip_add(interface, addr)
+    }
+
+    /// Adds again the addresses this run added that are no longer there
+    /// (someone else removed them: a network manager reconfiguring the
+    /// interface, `ip addr flush`); returns each with how that went.
+    pub fn put_back_addresses(&self) -> Vec<((String, IpAddr), Result<(), HostError>)> {
+        let interfaces = pnet_datalink::interfaces();
+        let present = |interface: &str, addr: IpAddr| {
+            interfaces.iter().any(|i| i.name == interface && i.ips.iter().any(|n| n.ip() == addr))
+        };
+        self.addresses()
+            .into_iter()
+            .filter(|(interface, addr)| !present(interface, *addr))
+            .map(|(interface, addr)| {
+                let done = ip_add(&interface, addr);
+                ((interface, addr), done)
+            })
+            .collect()
     }
 
     /// Removes an address this run added (a reload dropped it).

@@ -399,15 +399,24 @@ impl KernelLb {
         }
     }
 
-    /// Puts the nftables table back if someone else removed it (`nft flush
-    /// ruleset`, a firewall service restarted): without it no new flow is
-    /// balanced, and the host refuses connections to its VIPs. Its counters
-    /// start again from zero (a reset, to Prometheus). Called periodically;
-    /// says what it did.
-    pub fn keep_table(&self) {
+    /// Puts back what someone else removed: the nftables table (`nft flush
+    /// ruleset`, a firewall service restarted; without it no new flow is
+    /// balanced and the host refuses connections to its VIPs; its counters
+    /// start again from zero, a reset to Prometheus) and the VIP and SNAT
+    /// addresses (a network manager reconfiguring the interface; without a
+    /// VIP nobody answers ARP for it). Called periodically; says what it did.
+    pub fn keep(&self) {
         let mut state = self.lock();
         if state.injector.is_none() {
             return; // stopped: the table is gone on purpose
+        }
+        if let Some(host) = state.host.as_ref() {
+            for ((interface, addr), done) in host.put_back_addresses() {
+                match done {
+                    Ok(()) => tracing::warn!("{addr} was removed from {interface} by someone else: put back"),
+                    Err(e) => tracing::error!("putting {addr} back on {interface}: {e}"),
+                }
+            }
         }
         match nft::table_exists("inet", TABLE) {
             Ok(true) => {}
