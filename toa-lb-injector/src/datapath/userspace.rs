@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::datapath::frames::{self, Owned};
 use crate::datapath::shards::Shards;
@@ -21,12 +21,15 @@ pub struct UserspaceLb {
     owned: Owned,
     /// Client and backend interfaces.
     interfaces: [String; 2],
+    /// Held while the fence changes (a reload, or putting it back), so that
+    /// the last fence installed is for the last `owned`.
+    fence: Mutex<()>,
 }
 
 impl UserspaceLb {
     /// Wraps running engines; `owned` is the set the frame handlers answer ARP for.
     pub fn new(shards: Arc<Shards>, owned: Owned, interfaces: [String; 2]) -> Self {
-        UserspaceLb { shards, owned, interfaces }
+        UserspaceLb { shards, owned, interfaces, fence: Mutex::new(()) }
     }
 
     /// Puts the fence's tables back if someone else removed them (`nft flush
@@ -34,7 +37,8 @@ impl UserspaceLb {
     /// stack would answer the VIPs' and SNAT addresses' packets too. Called
     /// periodically; says what it did.
     pub fn keep_fence(&self) {
-        let _engines = self.shards.lock(); // no reload meanwhile
+        // (Not the engines' lock: the workers would wait on this netlink request.)
+        let _fence = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
         match fence::present() {
             Ok(true) => {}
             Ok(false) => {
@@ -107,6 +111,7 @@ impl Balancer for UserspaceLb {
         let client = frames::interface(&config.client_interface).map_err(|e| datapath(&e))?;
         let vips: Vec<IpAddr> = config.engine.listeners.iter().map(|l| l.vip.ip()).collect();
         frames::check_vips(&client, &vips).map_err(|e| datapath(&e))?;
+        let _fence = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
         let mut engines = self.shards.lock();
         // Answer for the new VIPs and SNAT addresses, and for the SNAT addresses
         // flows still use; nftables first, so that a failure there changes nothing.

@@ -1185,9 +1185,9 @@ fn link_flap_recovers(dp: Dp) {
 both! {
 /// Someone else flushes the ruleset (`nft flush ruleset`, as nftables.service
 /// does when it restarts) and, on the kernel datapath, removes the VIP from
-/// the interface (as a network manager may): toa-lb puts them back within a
-/// second or so, says so, and new connections are balanced (with their TOA)
-/// again.
+/// the interface (as a network manager may) and turns forwarding off: toa-lb
+/// puts them back within a second or so, says so, and new connections are
+/// balanced (with their TOA) again.
 fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
     require_root!();
     let case = Case::new("f", dp);
@@ -1203,9 +1203,11 @@ fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
     let mut expected = vec!["tables inet and netdev toa_lb were removed by someone else"];
     if dp == Dp::Kernel {
         lb_ns(&["ip", "addr", "del", "203.0.113.10/32", "dev", "lb-c"]);
+        lb_ns(&["sysctl", "-qw", "net.ipv4.conf.lb-c.forwarding=0"]);
         expected = vec![
             "table inet toa_lb was removed by someone else",
             "203.0.113.10 was removed from lb-c by someone else: put back",
+            "net.ipv4.conf.lb-c.forwarding was turned off by someone else: turned on again",
         ];
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -166,6 +166,19 @@ fn ip_add(interface: &str, addr: IpAddr) -> Result<(), HostError> {
     ip(&args)
 }
 
+/// Sets a sysctl to `value` if it has another one (someone else changed it
+/// after this run set it); returns whether it did. Not recorded: the value
+/// to restore at exit is the one before the run.
+pub fn put_back_sysctl(path: &str, value: &str) -> Result<bool, HostError> {
+    let full = PathBuf::from("/proc/sys").join(path);
+    let now = std::fs::read_to_string(&full).map_err(|e| HostError::Change(format!("read {path}: {e}")))?;
+    if now.trim() == value {
+        return Ok(false);
+    }
+    std::fs::write(&full, value).map_err(|e| HostError::Change(format!("set {path} to {value}: {e}")))?;
+    Ok(true)
+}
+
 fn undo(change: &Change) -> Result<(), HostError> {
     match change {
         Change::Address { interface, addr } => {

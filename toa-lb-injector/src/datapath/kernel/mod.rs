@@ -210,15 +210,24 @@ fn evict_half_open(entries: Vec<conntrack::Entry>, max: usize) -> Vec<u32> {
 /// local, a SYN that arrives early is forwarded back towards its VIP and
 /// lost, and the client sends it again).
 fn enable_forwarding(host: &mut Host, config: &LbConfig) -> Result<(), host::HostError> {
-    for iface in [&config.client_interface, &config.backend_interface] {
-        host.set_sysctl(&format!("net/ipv4/conf/{iface}/forwarding"), "1")?;
-    }
-    let v6 = config.engine.listeners.iter().any(|l| l.vip.is_ipv6());
-    if v6 {
-        // IPv6 forwards only when every interface does (Linux before 6.17 has no per-interface switch).
-        host.set_sysctl("net/ipv6/conf/all/forwarding", "1")?;
+    for path in forwarding_sysctls(config) {
+        host.set_sysctl(&path, "1")?;
     }
     Ok(())
+}
+
+/// The sysctls that must be 1 for `config`'s flows to be forwarded.
+fn forwarding_sysctls(config: &LbConfig) -> Vec<String> {
+    let mut paths: Vec<String> = [&config.client_interface, &config.backend_interface]
+        .iter()
+        .map(|iface| format!("net/ipv4/conf/{iface}/forwarding"))
+        .collect();
+    paths.dedup();
+    if config.engine.listeners.iter().any(|l| l.vip.is_ipv6()) {
+        // IPv6 forwards only when every interface does (Linux before 6.17 has no per-interface switch).
+        paths.push("net/ipv6/conf/all/forwarding".into());
+    }
+    paths
 }
 
 /// Adds the VIPs and SNAT addresses: last, once the table balances them (a
@@ -402,9 +411,10 @@ impl KernelLb {
     /// Puts back what someone else removed: the nftables table (`nft flush
     /// ruleset`, a firewall service restarted; without it no new flow is
     /// balanced and the host refuses connections to its VIPs; its counters
-    /// start again from zero, a reset to Prometheus) and the VIP and SNAT
+    /// start again from zero, a reset to Prometheus), the VIP and SNAT
     /// addresses (a network manager reconfiguring the interface; without a
-    /// VIP nobody answers ARP for it). Called periodically; says what it did.
+    /// VIP nobody answers ARP for it) and forwarding (turned off, nothing is
+    /// forwarded). Called periodically; says what it did.
     pub fn keep(&self) {
         let mut state = self.lock();
         if state.injector.is_none() {
@@ -415,6 +425,17 @@ impl KernelLb {
                 match done {
                     Ok(()) => tracing::warn!("{addr} was removed from {interface} by someone else: put back"),
                     Err(e) => tracing::error!("putting {addr} back on {interface}: {e}"),
+                }
+            }
+            // (A change of net.ipv4.ip_forward sets every interface's.)
+            for path in forwarding_sysctls(&state.config) {
+                match host::put_back_sysctl(&path, "1") {
+                    Ok(false) => {}
+                    Ok(true) => tracing::warn!(
+                        "{} was turned off by someone else: turned on again",
+                        path.replace('/', ".")
+                    ),
+                    Err(e) => tracing::error!("turning {} on again: {e}", path.replace('/', ".")),
                 }
             }
         }
