@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pnet_datalink::NetworkInterface;
 
@@ -102,16 +102,76 @@ pub(crate) trait Transmit {
     fn transmit(&mut self, side: usize, frame: &[u8]);
 }
 
+/// Frames for a next hop whose MAC is being asked for (ARP, NDP): sent once
+/// it answers, as the kernel's queue of unresolved neighbours does, so that
+/// the first packets of a flow to a backend not heard from yet are not lost
+/// (TCP would retransmit its SYN a second later; a UDP datagram, and the UOA
+/// carrier ahead of it, would be gone).
+struct Held {
+    side: usize,
+    next_hop: IpAddr,
+    since: Instant,
+    /// Ethernet frames, their MACs still to write.
+    frames: Vec<Vec<u8>>,
+}
+
+/// Frames held per next hop (the kernel's `unres_qlen` is a few frames too);
+/// later ones are dropped.
+const HOLD_FRAMES: usize = 8;
+/// Next hops with held frames, per thread; frames for more are dropped.
+const HOLD_HOPS: usize = 64;
+/// How long frames wait for an answer before they are dropped.
+const HOLD_FOR: Duration = Duration::from_secs(1);
+
 /// A thread's view of the neighbour table: its own cache in front of the
-/// shared one, so that learning and looking up cost no lock per packet.
+/// shared one, so that learning and looking up cost no lock per packet; and
+/// the frames it holds for next hops being asked for.
 pub(crate) struct Neighbors<'a> {
     link: &'a Link,
     cache: HashMap<IpAddr, [u8; 6]>,
+    held: Vec<Held>,
 }
 
 impl<'a> Neighbors<'a> {
     pub(crate) fn new(link: &'a Link) -> Self {
-        Neighbors { link, cache: HashMap::new() }
+        Neighbors { link, cache: HashMap::new(), held: Vec::new() }
+    }
+
+    /// Holds `frames` for `next_hop` until [`Neighbors::release`] finds its
+    /// MAC. Returns whether the next hop is newly asked for (the caller
+    /// sends the request); `false` also when the frames had to be dropped.
+    fn hold(&mut self, side: usize, next_hop: IpAddr, frames: Vec<Vec<u8>>) -> bool {
+        if let Some(held) = self.held.iter_mut().find(|h| h.next_hop == next_hop && h.side == side) {
+            let room = HOLD_FRAMES.saturating_sub(held.frames.len());
+            held.frames.extend(frames.into_iter().take(room));
+            return false;
+        }
+        if self.held.len() >= HOLD_HOPS {
+            return false;
+        }
+        let frames = frames.into_iter().take(HOLD_FRAMES).collect();
+        self.held.push(Held { side, next_hop, since: Instant::now(), frames });
+        true
+    }
+
+    /// Sends the held frames whose next hop's MAC is known now (another
+    /// thread may have heard the answer), and drops those held longer than
+    /// [`HOLD_FOR`]. Costs nothing when nothing is held.
+    pub(crate) fn release(&mut self, tx: &mut impl Transmit) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut held = std::mem::take(&mut self.held);
+        held.retain_mut(|h| {
+            let Some(mac) = self.lookup(h.next_hop) else { return h.since.elapsed() < HOLD_FOR };
+            for frame in &mut h.frames {
+                frame[0..6].copy_from_slice(&mac);
+                frame[6..12].copy_from_slice(&self.link.ports[h.side].mac);
+                tx.transmit(h.side, frame);
+            }
+            false
+        });
+        self.held = held;
     }
 
     /// Records `ip` at `mac` (seen as a frame's source).
@@ -199,15 +259,24 @@ pub(crate) fn handle_frame(
                     }
                     tx.transmit(out, &buf[..14 + ip_len]);
                 }
-                // Unknown next hop: ask, and let TCP retransmit.
-                None => match next_hop {
-                    IpAddr::V4(target) => tx.transmit(out, &arp_request(&link.ports[out], target)),
-                    IpAddr::V6(target) => {
-                        if let Some(frame) = neighbor_solicit(&link.ports[out], target) {
-                            tx.transmit(out, &frame);
+                // Unknown next hop: hold the frames (the carrier first) and ask.
+                None => {
+                    let mut frames = Vec::with_capacity(2);
+                    if let Some(carrier) = engine.take_carrier() {
+                        frames.push([&buf[..14], &carrier[..]].concat());
+                    }
+                    frames.push(buf[..14 + ip_len].to_vec());
+                    if neighbors.hold(out, next_hop, frames) {
+                        match next_hop {
+                            IpAddr::V4(target) => tx.transmit(out, &arp_request(&link.ports[out], target)),
+                            IpAddr::V6(target) => {
+                                if let Some(frame) = neighbor_solicit(&link.ports[out], target) {
+                                    tx.transmit(out, &frame);
+                                }
+                            }
                         }
                     }
-                },
+                }
             }
         }
         _ => {}
@@ -338,4 +407,86 @@ fn ndp_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr, m
     frame.extend_from_slice(&dst.octets());
     frame.extend_from_slice(&icmp);
     frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Sent(Vec<(usize, Vec<u8>)>);
+
+    impl Transmit for Sent {
+        fn transmit(&mut self, side: usize, frame: &[u8]) {
+            self.0.push((side, frame.to_vec()));
+        }
+    }
+
+    fn link() -> Link {
+        let port = |index: u32, last: u8| PortInfo {
+            name: format!("p{index}"),
+            index,
+            mac: [2, 0, 0, 0, 0, last],
+            ip: Some(Ipv4Addr::new(100, 125, 0, last)),
+            ip6: None,
+        };
+        Link::new([port(1, 1), port(2, 2)], Arc::new(RwLock::new(HashSet::new())))
+    }
+
+    /// An Ethernet frame with its MACs still zero and `tag` as its payload.
+    fn frame(tag: u8) -> Vec<u8> {
+        let mut f = vec![0u8; 14];
+        f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        f.push(tag);
+        f
+    }
+
+    #[test]
+    fn frames_for_an_unknown_next_hop_wait_for_its_answer() {
+        let link = link();
+        let mut neighbors = Neighbors::new(&link);
+        let backend: IpAddr = "100.125.2.1".parse().unwrap();
+        let mut sent = Sent::default();
+        // A carrier and its datagram: the next hop is new, ask for it.
+        assert!(neighbors.hold(1, backend, vec![frame(1), frame(2)]));
+        // More for the same next hop: held too, no second request.
+        assert!(!neighbors.hold(1, backend, vec![frame(3)]));
+        neighbors.release(&mut sent);
+        assert!(sent.0.is_empty(), "no answer yet");
+        // Another thread hears the answer.
+        let mac = [2, 0, 0, 0, 2, 1];
+        link.learn(backend, mac);
+        neighbors.release(&mut sent);
+        let tags: Vec<u8> = sent.0.iter().map(|(_, f)| f[14]).collect();
+        assert_eq!(tags, [1, 2, 3], "in the order they came");
+        for (side, f) in &sent.0 {
+            assert_eq!((*side, &f[0..6], &f[6..12]), (1, &mac[..], &link.ports[1].mac[..]));
+        }
+        sent.0.clear();
+        neighbors.release(&mut sent);
+        assert!(sent.0.is_empty(), "sent once");
+    }
+
+    #[test]
+    fn held_frames_are_bounded_and_expire() {
+        let link = link();
+        let mut neighbors = Neighbors::new(&link);
+        let mut sent = Sent::default();
+        let hop = |i: usize| IpAddr::V4(Ipv4Addr::new(100, 125, 3, i as u8));
+        assert!(neighbors.hold(1, hop(0), (0..20).map(|i| frame(i as u8)).collect()));
+        assert_eq!(neighbors.held[0].frames.len(), HOLD_FRAMES);
+        assert!(!neighbors.hold(1, hop(0), vec![frame(99)]), "full: dropped");
+        assert_eq!(neighbors.held[0].frames.len(), HOLD_FRAMES);
+        for i in 1..HOLD_HOPS {
+            assert!(neighbors.hold(1, hop(i), vec![frame(0)]));
+        }
+        assert!(!neighbors.hold(1, hop(HOLD_HOPS), vec![frame(0)]), "too many next hops: dropped");
+        assert_eq!(neighbors.held.len(), HOLD_HOPS);
+        // Unanswered for longer than HOLD_FOR: dropped, nothing sent.
+        for held in &mut neighbors.held {
+            held.since = Instant::now() - HOLD_FOR;
+        }
+        neighbors.release(&mut sent);
+        assert!(neighbors.held.is_empty() && sent.0.is_empty());
+    }
 }

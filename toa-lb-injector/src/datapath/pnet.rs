@@ -84,6 +84,8 @@ fn serve(
             }
             last_expiry = Instant::now();
         }
+        // Frames held for a next hop whose answer this or the other thread has heard.
+        neighbors.release(&mut PnetTx(txs));
         let frame = match rx.next() {
             Ok(frame) => frame,
             Err(_) => continue, // read timeout: check `stop`

@@ -9,8 +9,8 @@ use toa_testkit::netns::run_in;
 use toa_testkit::require_root;
 
 use super::{
-    Case, Dp, UDP_VIP, VIP, ask, ask_udp, ask_vip, config_text, connect_through_start, ctl_output, leftovers,
-    start_lb, start_lb_text,
+    Case, DEAD_BACKEND, Dp, UDP_VIP, VIP, ask, ask_udp, ask_vip, config_text, connect_through_start,
+    ctl_output, leftovers, start_lb, start_lb_text,
 };
 
 /// The pnet fallback datapath (`datapath = "pnet"`) serves the same: TOA over
@@ -36,6 +36,23 @@ fn pnet_fallback_serves() {
         })
     });
     assert_eq!(echoed.as_deref(), Some(&b"ping"[..]));
+}
+
+/// The first datagram to a backend the ring has not heard from yet (no
+/// health checks, nothing sent before: its MAC is unknown) waits for the
+/// backend's ARP answer and goes on, instead of being lost: UDP would not
+/// send it again (TCP would, a second later). One datagram, no retry.
+#[test]
+fn ring_holds_the_first_datagram_until_the_backend_answers_arp() {
+    require_root!();
+    let case = Case::new("a", Dp::Ring);
+    let text = config_text("off", Dp::Ring.config())
+        .replace(&format!("[[listener.backend]]\naddress = \"{DEAD_BACKEND}\"\n\n"), "");
+    let health = text.lines().find(|l| l.starts_with("health = ")).unwrap().to_owned();
+    let text = text.replace(&health, "health = { enabled = false }");
+    let _lb = start_lb_text(&case, "quiet", &text);
+    let (local, replies) = ask_udp(&case.bed, UDP_VIP, 1);
+    assert_eq!(replies.len(), 1, "{local}: {replies:?}");
 }
 
 /// On a testbed with offloads on, the ring datapath refuses to start, naming

@@ -242,6 +242,8 @@ fn worker(
                     handled += 1;
                 }
             }
+            // Frames held for a next hop whose answer this or another worker has heard.
+            neighbors.release(&mut sockets.tx);
             if last_expiry.elapsed() > Duration::from_secs(1) {
                 engine.poll_expired(link.start.elapsed());
                 last_expiry = Instant::now();
