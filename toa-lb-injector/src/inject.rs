@@ -195,7 +195,26 @@ pub fn status(pin_dir: &Path) -> Result<String, InjectCliError> {
     for iface in interfaces {
         let dir = pin_dir.join(&iface);
         let links = injector::PROGRAMS.iter().filter(|(p, _)| dir.join(format!("link_{p}")).exists()).count();
-        let _ = writeln!(out, "interface {iface} ({links} of 2 programs pinned, {})", dir.display());
+        let exists = nix::net::if_::if_nametoindex(iface.as_str()).is_ok();
+        let running = if exists { injector::running_programs(&iface) } else { Some(0) };
+        let _ = writeln!(
+            out,
+            "interface {iface} ({links} of 2 programs pinned{}, {})",
+            running.map_or(String::new(), |n| format!(", {n} running")),
+            dir.display()
+        );
+        // Pins outlive the interface: links to one deleted (or deleted and
+        // made again) are pinned, but run nowhere.
+        let again = format!("run `toa-lb inject detach --iface {iface}`, then attach again");
+        if !exists {
+            let _ =
+                writeln!(out, "  NOT RUNNING: interface {iface} is gone (deleted since the attach); {again}");
+        } else if running.is_some_and(|n| n < links) {
+            let _ = writeln!(
+                out,
+                "  NOT RUNNING: the pinned programs are not attached to {iface} (made again since the attach?); {again}"
+            );
+        }
         for l in injector::pinned_listeners(&dir)? {
             let c = injector::pinned_counters(&dir, l.slot)?;
             let format = match l.mode {

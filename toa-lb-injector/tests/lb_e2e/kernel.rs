@@ -317,7 +317,8 @@ EOF",
     assert!(line.ends_with("source=saved-syn"), "{line}");
     let status = inject(&bed, &pins, &["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
-    assert!(text.contains("interface lb-c (2 of 2 programs pinned"), "{text}");
+    assert!(text.contains("interface lb-c (2 of 2 programs pinned, 2 running,"), "{text}");
+    assert!(!text.contains("NOT RUNNING"), "{text}");
     assert!(
         text.contains("listener 203.0.113.10:80 format=toa placement=syn,ack mss_clamp=off injected=2"),
         "{text}"
@@ -338,6 +339,17 @@ EOF",
     assert!(line.starts_with("client=100.125.1.9:"), "{line}");
     let detached = inject(&bed, &pins, &["detach"]);
     assert!(String::from_utf8_lossy(&detached.stderr).contains("not attached"));
+    // Attached again, then the interface is deleted and made again: the pins
+    // stay, the programs run nowhere, and status says so; detach still cleans up.
+    let out = inject(&bed, &pins, &["attach", "--iface", "lb-c", "--listener", VIP]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let relink =
+        Command::new(super::scripts().join("testbed.sh")).args(["relink", &bed.prefix]).output().unwrap();
+    assert!(relink.status.success(), "{}", String::from_utf8_lossy(&relink.stderr));
+    let text = String::from_utf8_lossy(&inject(&bed, &pins, &["status"]).stdout).into_owned();
+    assert!(text.contains("(2 of 2 programs pinned, 0 running,") && text.contains("NOT RUNNING"), "{text}");
+    assert!(inject(&bed, &pins, &["detach"]).status.success());
+    assert!(!pins.exists(), "the pins are gone");
 }
 
 /// The backends' egress program (it writes UOAs) is attached only once a UDP

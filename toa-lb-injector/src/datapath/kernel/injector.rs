@@ -461,6 +461,16 @@ pub fn detach_stale(interface: &str) {
     }
 }
 
+/// How many of the injector's client-side programs run on `interface` now;
+/// `None` where this kernel cannot tell (before TCX, 6.6).
+pub fn running_programs(interface: &str) -> Option<usize> {
+    if !has_tcx() {
+        return None;
+    }
+    let running = attached_programs(interface);
+    Some(PROGRAMS.iter().filter(|(name, _)| running.iter().any(|r| r == name)).count())
+}
+
 /// The injector's programs attached to `interface` now, by name (TCX links;
 /// before Linux 6.6 the tc filters are not listed): what a test checks is
 /// gone after a stop or a crash.
