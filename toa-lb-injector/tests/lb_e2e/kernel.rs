@@ -426,5 +426,5 @@ fn started_under_traffic_refuses_none_and_names_every_client() {
         .filter(|(local, line)| !line.contains(&format!(" client={local} ")))
         .collect();
     assert!(unnamed.is_empty(), "served without the TOA: {unnamed:?} ({outcomes})");
-    assert!(outcomes.answered.len() >= 100, "{outcomes}");
+    assert!(outcomes.answered.len() >= super::MIN_ANSWERED_THROUGH_START, "{outcomes}");
 }

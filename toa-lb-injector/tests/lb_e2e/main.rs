@@ -696,6 +696,12 @@ impl std::fmt::Display for Outcomes {
     }
 }
 
+/// Connections [`connect_through_start`] must see answered for its test to
+/// mean something: at its pace, ~80-120 open around a ring's start and
+/// ~150-200 around the kernel datapath's (it loads its BPF first); a CI run
+/// under load saw 94 for the ring, all answered, against a bound of 100.
+const MIN_ANSWERED_THROUGH_START: usize = 50;
+
 /// Starts the LB (`toa` mode) while the client is already sending: its
 /// neighbour cache knows the VIP (as after a restart, so SYNs go out at
 /// once), and it opens a non-blocking connection every 5 ms from 100 ms

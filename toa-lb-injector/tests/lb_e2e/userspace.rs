@@ -222,7 +222,7 @@ fn ring_started_under_traffic_answers_every_connection() {
     let case = Case::new("g", Dp::Ring);
     let (_lb, outcomes) = connect_through_start(&case);
     assert!(outcomes.silent.is_empty() && outcomes.refused == 0, "{outcomes}");
-    assert!(outcomes.answered.len() >= 100, "{outcomes}");
+    assert!(outcomes.answered.len() >= super::MIN_ANSWERED_THROUGH_START, "{outcomes}");
     // Nor did a SYN reach a worker that does not own it (the engines would
     // drop it, counted, and the client would wait a second for its retransmission).
     let stats = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();
