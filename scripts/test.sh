@@ -4,7 +4,8 @@
 # rustfmt, clippy -D warnings, a fuzz smoke of every cargo-fuzz target, the
 # docs (no warnings) and doctests, `cargo publish --dry-run` of toa-core, the
 # whole test suite (unit, property, golden and end-to-end tests) with
-# cargo-nextest, the demo twice, and the Debian package built, installed and
+# cargo-nextest, the kernel datapath's end-to-end tests again with tc filters
+# (as kernels before 6.6 attach), the demo twice, and the Debian package built, installed and
 # removed (scripts/package.sh --test).
 #
 # FUZZ_SECONDS (default 20) sets the fuzz time per target; 0 skips the smoke.
@@ -86,6 +87,13 @@ cargo publish --dry-run -p toa-core --locked --quiet --allow-dirty  # (a develop
 step "tests (cargo nextest)"
 [ "$(id -u)" = 0 ] || echo "note: not root, end-to-end tests that need namespaces will skip"
 cargo nextest run --workspace --locked --no-fail-fast
+
+step "the kernel datapath's end-to-end tests again, attached as before Linux 6.6 (clsact + tc filters)"
+# Debian 12's kernel (6.1) has no TCX: the injector hangs off a clsact qdisc
+# there, which lives on after toa-lb, and tc filters outlive a SIGKILL. This
+# machine's kernel may have TCX; TOA_LB_TC_NETLINK makes toa-lb attach the
+# old way anyway (a restart once failed on the clsact an earlier run left).
+TOA_LB_TC_NETLINK=1 cargo nextest run -p toa-lb-injector --test lb_e2e --locked --no-fail-fast kernel
 
 step "the demo, twice, each on a testbed it just created"
 # A first run on a new testbed once failed quietly (issue 14); demo.sh now

@@ -163,8 +163,17 @@ fn kernel_version(release: &str) -> (u32, u32) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
-/// Whether this kernel attaches tc programs with TCX links (6.6+).
+/// Set (to anything) to attach tc programs the way kernels before 6.6 need
+/// (clsact qdisc and netlink filters) on a newer kernel too: how the tests
+/// cover that path (Debian 12's 6.1) on a machine with TCX.
+pub const NETLINK_TC_ENV: &str = "TOA_LB_TC_NETLINK";
+
+/// Whether tc programs are attached with TCX links (Linux 6.6+, unless
+/// [`NETLINK_TC_ENV`] is set).
 fn has_tcx() -> bool {
+    if std::env::var_os(NETLINK_TC_ENV).is_some() {
+        return false;
+    }
     let release =
         nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     kernel_version(&release) >= (6, 6)
@@ -378,8 +387,13 @@ impl Injector {
         detach_stale(interface);
         if !has_tcx() {
             // Before TCX, tc programs hang off a clsact qdisc (one may exist).
-            if let Err(e) = tc::qdisc_add_clsact(interface) {
-                if !e.to_string().contains("exist") {
+            match tc::qdisc_add_clsact(interface) {
+                // There already (an earlier run's, someone else's): use it. The
+                // kernel says EEXIST, with a message ("Exclusivity flag on")
+                // that never names it.
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(tc::TcError::AlreadyAttached) | Ok(()) => {}
+                Err(e) => {
                     return Err(InjectError::Bpf(
                         format!("add a clsact qdisc to {interface}"),
                         e.to_string(),
@@ -390,8 +404,14 @@ impl Injector {
         for &(name, at) in programs {
             let program: &mut SchedClassifier =
                 self.ebpf.program_mut(name).ok_or_else(missing(name))?.try_into().map_err(bpf_err(name))?;
-            let id =
-                program.attach(interface, at).map_err(bpf_err(format!("attach {name} to {interface}")))?;
+            let options = if has_tcx() {
+                aya::programs::tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default())
+            } else {
+                aya::programs::tc::TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default())
+            };
+            let id = program
+                .attach_with_options(interface, at, options)
+                .map_err(bpf_err(format!("attach {name} to {interface}")))?;
             self.links.push((name, id));
         }
         Ok(())
@@ -461,25 +481,44 @@ pub fn detach_stale(interface: &str) {
     }
 }
 
-/// How many of the injector's client-side programs run on `interface` now;
-/// `None` where this kernel cannot tell (before TCX, 6.6).
-pub fn running_programs(interface: &str) -> Option<usize> {
-    if !has_tcx() {
-        return None;
-    }
+/// How many of the injector's client-side programs run on `interface` now.
+pub fn running_programs(interface: &str) -> usize {
     let running = attached_programs(interface);
-    Some(PROGRAMS.iter().filter(|(name, _)| running.iter().any(|r| r == name)).count())
+    PROGRAMS.iter().filter(|(name, _)| running.iter().any(|r| r == name)).count()
+}
+
+/// The names of the BPF programs of the tc filters on `interface` at `at`
+/// (before TCX), from `tc -j filter show`: the kernel's names, cut to 15
+/// characters as TCX queries give them. Empty when `tc` cannot say.
+fn tc_filter_programs(interface: &str, at: TcAttachType) -> Vec<String> {
+    let hook = if at == TcAttachType::Ingress { "ingress" } else { "egress" };
+    let Ok(out) =
+        std::process::Command::new("tc").args(["-j", "filter", "show", "dev", interface, hook]).output()
+    else {
+        return Vec::new();
+    };
+    parse_tc_filters(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The program names in `tc -j filter show` output.
+fn parse_tc_filters(json: &str) -> Vec<String> {
+    let Ok(serde_json::Value::Array(filters)) = serde_json::from_str(json) else { return Vec::new() };
+    filters
+        .iter()
+        .filter_map(|f| f.pointer("/options/prog/name").and_then(|n| n.as_str()).map(str::to_owned))
+        .collect()
 }
 
 /// The injector's programs attached to `interface` now, by name (TCX links;
-/// before Linux 6.6 the tc filters are not listed): what a test checks is
+/// before Linux 6.6, tc filters, as `tc` lists them): what a test checks is
 /// gone after a stop or a crash.
 pub fn attached_programs(interface: &str) -> Vec<String> {
-    if !has_tcx() {
-        return Vec::new();
-    }
     let mut names = Vec::new();
     for (_, at) in PROGRAMS {
+        if !has_tcx() {
+            names.extend(tc_filter_programs(interface, at).into_iter().filter(|n| n.starts_with("toa_lb_")));
+            continue;
+        }
         if let Ok((_, programs)) = SchedClassifier::query_tcx(interface, at) {
             names.extend(
                 programs
@@ -560,6 +599,15 @@ fn from_raw(key: &RawKey, value: &RawListener) -> InjectListener {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tc_filter_listing_names_the_programs() {
+        // `tc -j filter show dev lb-c ingress` with the injector attached (iproute2 6.x).
+        let json = r#"[{"protocol":"all","pref":49152,"kind":"bpf","chain":0},{"protocol":"all","pref":49152,"kind":"bpf","chain":0,"options":{"handle":"0x1","bpf_name":"toa_lb_ingress","direct-action":true,"not_in_hw":true,"prog":{"id":23038,"name":"toa_lb_ingress","tag":"1fe1fbfa8c03c381","jited":1}}}]"#;
+        assert_eq!(parse_tc_filters(json), ["toa_lb_ingress"]);
+        assert!(parse_tc_filters("").is_empty() && parse_tc_filters("[]").is_empty());
+    }
+
     use super::*;
 
     #[test]
