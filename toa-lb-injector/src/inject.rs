@@ -202,8 +202,8 @@ pub fn status(pin_dir: &Path) -> Result<String, InjectCliError> {
             "interface {iface} ({links} of 2 programs pinned, {running} running, {})",
             dir.display()
         );
-        // Pins outlive the interface: links to one deleted (or deleted and
-        // made again) are pinned, but run nowhere.
+        // Pins outlive the interface: the programs of one deleted (or deleted
+        // and made again) are pinned, but run nowhere.
         let again = format!("run `toa-lb inject detach --iface {iface}`, then attach again");
         if !exists {
             let _ =
@@ -211,7 +211,7 @@ pub fn status(pin_dir: &Path) -> Result<String, InjectCliError> {
         } else if running < injector::PROGRAMS.len() {
             let _ = writeln!(
                 out,
-                "  NOT RUNNING: the pinned programs are not attached to {iface} (made again since the attach?); {again}"
+                "  NOT RUNNING: the injector's programs are not attached to {iface} (made again since the attach, or detached by someone else); {again}"
             );
         }
         for l in injector::pinned_listeners(&dir)? {

@@ -599,6 +599,7 @@ fn from_raw(key: &RawKey, value: &RawListener) -> InjectListener {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn tc_filter_listing_names_the_programs() {
@@ -607,8 +608,6 @@ mod tests {
         assert_eq!(parse_tc_filters(json), ["toa_lb_ingress"]);
         assert!(parse_tc_filters("").is_empty() && parse_tc_filters("[]").is_empty());
     }
-
-    use super::*;
 
     #[test]
     fn layouts_match_the_c_structs() {
