@@ -278,6 +278,34 @@ fn lb_sh(bed: &Testbed, script: &str) {
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Before TCX (Debian 12's 6.1; here with `TOA_LB_TC_NETLINK`), another tool
+/// that deletes the interface's clsact qdisc takes the injector's tc filters
+/// with it, and connections would go on without their TOA: toa-lb attaches
+/// them again within a few seconds and says so. (With TCX links a qdisc
+/// cannot touch them; only this pass can show it.)
+#[test]
+fn injector_detached_by_someone_else_is_attached_again() {
+    require_root!();
+    if std::env::var_os(toa_lb_injector::datapath::kernel::injector::NETLINK_TC_ENV).is_none() {
+        eprintln!("skipped: TCX links; scripts/test.sh runs this with TOA_LB_TC_NETLINK=1 too");
+        return;
+    }
+    let case = Case::new("rd", Dp::Kernel);
+    let bed = &case.bed;
+    let lb = start_lb(&case, "toa");
+    lb_sh(bed, "tc qdisc del dev lb-c clsact");
+    let programs =
+        || run_in(&bed.ns("lb"), || toa_lb_injector::datapath::kernel::injector::attached_programs("lb-c"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while !(lb.1.lock().unwrap().contains("were detached from lb-c by someone else") && programs().len() == 2)
+    {
+        assert!(std::time::Instant::now() < deadline, "not attached again: {:?}", programs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "the TOA again: {line}");
+}
+
 /// `toa-lb inject` on a FULLNAT the operator runs: plain nftables DNAT and
 /// SNAT written here, no `toa-lb run`. A backend using saved SYNs sees the
 /// client; status shows the counters; attaching twice names detach; detach

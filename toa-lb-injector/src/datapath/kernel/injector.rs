@@ -355,6 +355,24 @@ impl Injector {
         Ok(())
     }
 
+    /// Attaches the client-side programs again, to the interface of
+    /// [`Injector::attach`] (someone else detached them: `bpftool link
+    /// detach`, or, before TCX, a tool that deleted the clsact qdisc).
+    pub fn reattach(&mut self) -> Result<(), InjectError> {
+        let Some(interface) = self.interface.clone() else { return Ok(()) };
+        let (stale, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(name, _)| PROGRAMS.iter().any(|(p, _)| p == name));
+        self.links = kept;
+        for (name, id) in stale {
+            // Gone already, most likely: only aya's record of it goes.
+            if let Some(Ok(program)) = self.ebpf.program_mut(name).map(<&mut SchedClassifier>::try_from) {
+                let _ = program.detach(id);
+            }
+        }
+        self.attach_programs(&interface, &PROGRAMS)
+    }
+
     /// Attaches the backends' egress program to `interface`, the one that
     /// faces the backends when it is not the clients' (UOA goes in there,
     /// after the kernel's NAT). It stays attached while this value lives;

@@ -86,6 +86,8 @@ struct State {
     /// Whether its egress program watches the backends' data (data
     /// placement): once on, on until exit.
     watching_data: bool,
+    /// When [`KernelLb::keep`] last looked for the injector's programs.
+    programs_checked: Option<Instant>,
     host: Option<Host>,
     health_changes: BTreeMap<ListenerKey, u64>,
     /// Half-open flows deleted to make room, per listener.
@@ -320,6 +322,7 @@ impl KernelLb {
                 chains: Vec::new(),
                 injector: Some(injector),
                 watching_data: options.data_placement,
+                programs_checked: None,
                 host: None,
                 health_changes: BTreeMap::new(),
                 evicted: BTreeMap::new(),
@@ -413,8 +416,9 @@ impl KernelLb {
     /// balanced and the host refuses connections to its VIPs; its counters
     /// start again from zero, a reset to Prometheus), the VIP and SNAT
     /// addresses (a network manager reconfiguring the interface; without a
-    /// VIP nobody answers ARP for it) and forwarding (turned off, nothing is
-    /// forwarded). Called periodically; says what it did.
+    /// VIP nobody answers ARP for it), forwarding (turned off, nothing is
+    /// forwarded) and the injector's programs (detached, connections go on
+    /// without their TOA). Called periodically; says what it did.
     pub fn keep(&self) {
         let mut state = self.lock();
         if state.injector.is_none() {
@@ -436,6 +440,23 @@ impl KernelLb {
                         path.replace('/', ".")
                     ),
                     Err(e) => tracing::error!("turning {} on again: {e}", path.replace('/', ".")),
+                }
+            }
+        }
+        // The programs (a TCX query, or before TCX two `tc` runs: every 2 s).
+        if state.programs_checked.is_none_or(|at| at.elapsed() >= Duration::from_secs(2)) {
+            state.programs_checked = Some(Instant::now());
+            let interface = state.config.client_interface.clone();
+            let running = injector::running_programs(&interface);
+            if running < injector::PROGRAMS.len() {
+                if let Some(injector) = state.injector.as_mut() {
+                    match injector.reattach() {
+                        Ok(()) => tracing::warn!(
+                            "the injector's programs were detached from {interface} by someone else ({running} of {} left): attached again",
+                            injector::PROGRAMS.len()
+                        ),
+                        Err(e) => tracing::error!("attaching the injector to {interface} again: {e}"),
+                    }
                 }
             }
         }
