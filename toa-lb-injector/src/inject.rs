@@ -196,10 +196,11 @@ pub fn status(pin_dir: &Path) -> Result<String, InjectCliError> {
         let dir = pin_dir.join(&iface);
         let links = injector::PROGRAMS.iter().filter(|(p, _)| dir.join(format!("link_{p}")).exists()).count();
         let exists = nix::net::if_::if_nametoindex(iface.as_str()).is_ok();
-        let running = if exists { injector::running_programs(&iface) } else { 0 };
+        let running = if exists { injector::running_programs(&iface) } else { Some(0) };
         let _ = writeln!(
             out,
-            "interface {iface} ({links} of 2 programs pinned, {running} running, {})",
+            "interface {iface} ({links} of 2 programs pinned, {} running, {})",
+            running.map_or("?".to_owned(), |n| n.to_string()),
             dir.display()
         );
         // Pins outlive the interface: the programs of one deleted (or deleted
@@ -208,7 +209,7 @@ pub fn status(pin_dir: &Path) -> Result<String, InjectCliError> {
         if !exists {
             let _ =
                 writeln!(out, "  NOT RUNNING: interface {iface} is gone (deleted since the attach); {again}");
-        } else if running < injector::PROGRAMS.len() {
+        } else if running.is_some_and(|n| n < injector::PROGRAMS.len()) {
             let _ = writeln!(
                 out,
                 "  NOT RUNNING: the injector's programs are not attached to {iface} (made again since the attach, or detached by someone else); {again}"

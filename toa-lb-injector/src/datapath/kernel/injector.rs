@@ -499,32 +499,51 @@ pub fn detach_stale(interface: &str) {
     }
 }
 
-/// How many of the injector's client-side programs run on `interface` now.
-pub fn running_programs(interface: &str) -> usize {
-    let running = attached_programs(interface);
-    PROGRAMS.iter().filter(|(name, _)| running.iter().any(|r| r == name)).count()
+/// How many of the injector's client-side programs run on `interface` now;
+/// `None` when the kernel (or `tc`) could not say: nothing is to be done on
+/// a guess.
+pub fn running_programs(interface: &str) -> Option<usize> {
+    let mut names = Vec::new();
+    for (_, at) in PROGRAMS {
+        if has_tcx() {
+            let (_, programs) = SchedClassifier::query_tcx(interface, at).ok()?;
+            names.extend(programs.iter().filter_map(|p| p.name_as_str().map(str::to_owned)));
+        } else {
+            names.extend(tc_filter_programs(interface, at)?);
+        }
+    }
+    Some(PROGRAMS.iter().filter(|(name, _)| names.iter().any(|n| n == name)).count())
 }
 
 /// The names of the BPF programs of the tc filters on `interface` at `at`
-/// (before TCX), from `tc -j filter show`: the kernel's names, cut to 15
-/// characters as TCX queries give them. Empty when `tc` cannot say.
-fn tc_filter_programs(interface: &str, at: TcAttachType) -> Vec<String> {
+/// (before TCX), from `tc -j filter show`; `None` when `tc` fails or its
+/// answer does not parse.
+fn tc_filter_programs(interface: &str, at: TcAttachType) -> Option<Vec<String>> {
     let hook = if at == TcAttachType::Ingress { "ingress" } else { "egress" };
-    let Ok(out) =
-        std::process::Command::new("tc").args(["-j", "filter", "show", "dev", interface, hook]).output()
-    else {
-        return Vec::new();
-    };
+    let out = std::process::Command::new("tc")
+        .args(["-j", "filter", "show", "dev", interface, hook])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
     parse_tc_filters(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// The program names in `tc -j filter show` output.
-fn parse_tc_filters(json: &str) -> Vec<String> {
-    let Ok(serde_json::Value::Array(filters)) = serde_json::from_str(json) else { return Vec::new() };
-    filters
-        .iter()
-        .filter_map(|f| f.pointer("/options/prog/name").and_then(|n| n.as_str()).map(str::to_owned))
-        .collect()
+/// The program names in `tc -j filter show` output: the kernel's name of the
+/// program (`options.prog.name`), or else the filter's (`options.bpf_name`),
+/// cut to the 15 characters the kernel keeps, as TCX queries give them.
+/// An empty answer (no filter at all) is an empty list.
+fn parse_tc_filters(json: &str) -> Option<Vec<String>> {
+    if json.trim().is_empty() {
+        return Some(Vec::new());
+    }
+    let serde_json::Value::Array(filters) = serde_json::from_str(json).ok()? else { return None };
+    let name = |f: &serde_json::Value| {
+        let name = f.pointer("/options/prog/name").or_else(|| f.pointer("/options/bpf_name"))?.as_str()?;
+        Some(name.chars().take(15).collect::<String>())
+    };
+    Some(filters.iter().filter_map(name).collect())
 }
 
 /// The injector's programs attached to `interface` now, by name (TCX links;
@@ -534,7 +553,8 @@ pub fn attached_programs(interface: &str) -> Vec<String> {
     let mut names = Vec::new();
     for (_, at) in PROGRAMS {
         if !has_tcx() {
-            names.extend(tc_filter_programs(interface, at).into_iter().filter(|n| n.starts_with("toa_lb_")));
+            let programs = tc_filter_programs(interface, at).unwrap_or_default();
+            names.extend(programs.into_iter().filter(|n| n.starts_with("toa_lb_")));
             continue;
         }
         if let Ok((_, programs)) = SchedClassifier::query_tcx(interface, at) {
@@ -623,8 +643,13 @@ mod tests {
     fn tc_filter_listing_names_the_programs() {
         // `tc -j filter show dev lb-c ingress` with the injector attached (iproute2 6.x).
         let json = r#"[{"protocol":"all","pref":49152,"kind":"bpf","chain":0},{"protocol":"all","pref":49152,"kind":"bpf","chain":0,"options":{"handle":"0x1","bpf_name":"toa_lb_ingress","direct-action":true,"not_in_hw":true,"prog":{"id":23038,"name":"toa_lb_ingress","tag":"1fe1fbfa8c03c381","jited":1}}}]"#;
-        assert_eq!(parse_tc_filters(json), ["toa_lb_ingress"]);
-        assert!(parse_tc_filters("").is_empty() && parse_tc_filters("[]").is_empty());
+        assert_eq!(parse_tc_filters(json).unwrap(), ["toa_lb_ingress"]);
+        // Without the program's own name, the filter's, cut as the kernel cuts names.
+        let json = r#"[{"kind":"bpf","options":{"bpf_name":"toa_lb_backend_egress"}}]"#;
+        assert_eq!(parse_tc_filters(json).unwrap(), ["toa_lb_backend_"]);
+        assert_eq!(parse_tc_filters("").unwrap(), Vec::<String>::new(), "no filter at all");
+        assert_eq!(parse_tc_filters("[]").unwrap(), Vec::<String>::new());
+        assert_eq!(parse_tc_filters("Error: something"), None, "not an answer: no guess");
     }
 
     #[test]

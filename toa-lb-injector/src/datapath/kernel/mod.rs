@@ -448,7 +448,7 @@ impl KernelLb {
             state.programs_checked = Some(Instant::now());
             let interface = state.config.client_interface.clone();
             let running = injector::running_programs(&interface);
-            if running < injector::PROGRAMS.len() {
+            if let Some(running) = running.filter(|n| *n < injector::PROGRAMS.len()) {
                 if let Some(injector) = state.injector.as_mut() {
                     match injector.reattach() {
                         Ok(()) => tracing::warn!(
