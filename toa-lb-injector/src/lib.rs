@@ -24,6 +24,7 @@ pub mod datapath;
 pub mod engine;
 pub mod file;
 pub mod inject;
+mod nfnetlink;
 mod nft;
 mod sys;
 

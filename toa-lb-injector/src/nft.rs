@@ -3,10 +3,12 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
-use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+use nix::sys::socket::{self, MsgFlags, NetlinkAddr};
+
+use crate::nfnetlink;
 
 /// What went wrong running `nft`.
 #[derive(Debug, thiserror::Error)]
@@ -51,18 +53,6 @@ pub(crate) fn delete_table(family: &str, table: &str) -> Result<(), NftError> {
     }
 }
 
-/// A netlink socket to netfilter (nf_tables, ctnetlink) of this network namespace.
-pub(crate) fn netfilter_socket() -> std::io::Result<OwnedFd> {
-    let fd = socket::socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )?;
-    socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
-    Ok(fd)
-}
-
 /// `NFPROTO_*` of an nft family name.
 fn family_number(family: &str) -> Option<u8> {
     Some(match family {
@@ -80,42 +70,28 @@ fn family_number(family: &str) -> Option<u8> {
 fn get_table_request(family: u8, table: &str) -> Vec<u8> {
     const NFNL_SUBSYS_NFTABLES: u16 = 10;
     const NFT_MSG_GETTABLE: u16 = 1;
-    const NLM_F_REQUEST_ACK: u16 = 1 | 4;
     const NFTA_TABLE_NAME: u16 = 1;
-    let mut msg = Vec::with_capacity(32 + table.len());
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, filled in below
-    msg.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
-    msg.extend_from_slice(&NLM_F_REQUEST_ACK.to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    msg.extend_from_slice(&[family, 0, 0, 0]); // nfgenmsg: family, version 0, resource 0
-    let name_len = table.len() + 1; // NUL-terminated
-    msg.extend_from_slice(&u16::try_from(4 + name_len).unwrap_or(u16::MAX).to_ne_bytes());
-    msg.extend_from_slice(&NFTA_TABLE_NAME.to_ne_bytes());
-    msg.extend_from_slice(table.as_bytes());
-    msg.push(0);
-    msg.resize(msg.len().next_multiple_of(4), 0);
-    let len = msg.len() as u32;
-    msg[..4].copy_from_slice(&len.to_ne_bytes());
-    msg
+    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE;
+    let mut msg = nfnetlink::request(kind, nfnetlink::NLM_F_REQUEST | nfnetlink::NLM_F_ACK, 1, family);
+    // NUL-terminated.
+    nfnetlink::attribute(&mut msg, NFTA_TABLE_NAME, &[table.as_bytes(), &[0]].concat());
+    nfnetlink::finish(msg)
 }
 
 /// The answer to [`get_table_request`]: `Some(true)` at the ack (the table
 /// came before it), `Some(false)` at `ENOENT`, `None` if the datagram ends
 /// before either; other errors, and malformed messages, are errors.
 fn table_answer(datagram: &[u8]) -> std::io::Result<Option<bool>> {
-    const NLMSG_ERROR: u16 = 2;
     let malformed = || std::io::Error::other("malformed nf_tables netlink message");
     let mut at = 0;
     while at + 16 <= datagram.len() {
-        let field = |from: usize, n: usize| datagram.get(at + from..at + from + n).ok_or_else(malformed);
-        let len = u32::from_ne_bytes(field(0, 4)?.try_into().map_err(|_| malformed())?) as usize;
-        let kind = u16::from_ne_bytes(field(4, 2)?.try_into().map_err(|_| malformed())?);
+        let len = nfnetlink::u32_at(datagram, at).ok_or_else(malformed)? as usize;
+        let kind = nfnetlink::u16_at(datagram, at + 4).ok_or_else(malformed)?;
         if len < 16 || at + len > datagram.len() {
             return Err(malformed());
         }
-        if kind == NLMSG_ERROR {
-            let errno = i32::from_ne_bytes(field(16, 4)?.try_into().map_err(|_| malformed())?);
+        if kind == nfnetlink::NLMSG_ERROR {
+            let errno = nfnetlink::u32_at(datagram, at + 16).ok_or_else(malformed)? as i32;
             return match -errno {
                 0 => Ok(Some(true)),
                 libc::ENOENT => Ok(Some(false)),
@@ -133,7 +109,7 @@ fn table_answer(datagram: &[u8]) -> std::io::Result<Option<bool>> {
 pub(crate) fn table_exists(family: &str, table: &str) -> std::io::Result<bool> {
     let number = family_number(family)
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("family {family}")))?;
-    let fd = netfilter_socket()?;
+    let fd = nfnetlink::socket()?;
     socket::sendto(
         fd.as_raw_fd(),
         &get_table_request(number, table),
@@ -181,6 +157,7 @@ fn parse_counters(json: &str) -> HashMap<String, (u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nfnetlink::message;
 
     #[test]
     fn counters_from_json() {
@@ -191,16 +168,6 @@ mod tests {
         assert_eq!(c.get("b1_o"), Some(&(12, 648)));
         assert_eq!(c.get("table_full"), Some(&(0, 0)));
         assert!(parse_counters("not json").is_empty());
-    }
-
-    /// An nlmsghdr of `kind` with `body`.
-    fn message(kind: u16, body: &[u8]) -> Vec<u8> {
-        let mut m = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
-        m.extend_from_slice(body);
-        m.resize(m.len().next_multiple_of(4), 0);
-        m
     }
 
     #[test]

@@ -14,14 +14,11 @@ use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{self, MsgFlags, NetlinkAddr};
 
+use crate::nfnetlink::{self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, u16_at, u32_at};
+
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_STATUS: u16 = 3;
 const CTA_TIMEOUT: u16 = 7;
@@ -35,22 +32,13 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// The request: dump every conntrack entry whose mark & `mask` == `value`.
 fn dump_request(value: u32, mask: u32, seq: u32) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(36);
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, filled in below
-    msg.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET).to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    msg.extend_from_slice(&seq.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    // nfgenmsg: every family, version 0, resource id 0.
-    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    let kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET;
+    // Every family.
+    let mut msg = nfnetlink::request(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, libc::AF_UNSPEC as u8);
     for (kind, v) in [(CTA_MARK, value), (CTA_MARK_MASK, mask)] {
-        msg.extend_from_slice(&8u16.to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&v.to_be_bytes());
+        nfnetlink::attribute(&mut msg, kind, &v.to_be_bytes());
     }
-    let len = msg.len() as u32;
-    msg[..4].copy_from_slice(&len.to_ne_bytes());
-    msg
+    nfnetlink::finish(msg)
 }
 
 /// What one received datagram held.
@@ -60,14 +48,6 @@ enum Batch {
     More,
     /// The dump is complete.
     Done,
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
 /// One conntrack entry of a dump: enough to count it, judge it and delete it.
@@ -146,7 +126,7 @@ fn parse(datagram: &[u8], entries: &mut Vec<Entry>) -> io::Result<Batch> {
 
 /// The conntrack entries of this network namespace whose mark & `mask` == `value`.
 pub fn dump(value: u32, mask: u32) -> io::Result<Vec<Entry>> {
-    let fd = crate::nft::netfilter_socket()?;
+    let fd = nfnetlink::socket()?;
     socket::sendto(
         fd.as_raw_fd(),
         &dump_request(value, mask, 1),
@@ -174,26 +154,20 @@ pub fn count_by_mark(value: u32, mask: u32) -> io::Result<HashMap<u32, usize>> {
 
 /// A delete request for one entry, by its original tuple (and zone).
 fn delete_request(entry: &Entry, seq: u32) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(20 + entry.tuple.len() + 8);
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    msg.extend_from_slice(&seq.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&[entry.family, 0, 0, 0]);
+    let kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE;
+    let mut msg = nfnetlink::request(kind, NLM_F_REQUEST | NLM_F_ACK, seq, entry.family);
+    // The attributes as the dump gave them, headers included.
     for attr in std::iter::once(&entry.tuple).chain(entry.zone.as_ref()) {
         msg.extend_from_slice(attr);
         msg.resize(msg.len().next_multiple_of(4), 0);
     }
-    let len = msg.len() as u32;
-    msg[..4].copy_from_slice(&len.to_ne_bytes());
-    msg
+    nfnetlink::finish(msg)
 }
 
 /// Deletes `entries` from the connection tracker (their packets then start
 /// new flows). Returns how many went; one already gone is not an error.
 pub fn delete(entries: &[Entry]) -> io::Result<usize> {
-    let fd = crate::nft::netfilter_socket()?;
+    let fd = nfnetlink::socket()?;
     let mut deleted = 0;
     let mut buf = vec![0u8; 1 << 16];
     for chunk in entries.chunks(64) {
@@ -270,18 +244,7 @@ fn parse_stat(text: &str) -> Vec<(&'static str, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn message(kind: u16, body: &[u8]) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
-        m.extend_from_slice(body);
-        while m.len() % 4 != 0 {
-            m.push(0);
-        }
-        m
-    }
+    use crate::nfnetlink::message;
 
     fn entry(mark: u32) -> Vec<u8> {
         let mut body = vec![2, 0, 0, 0]; // nfgenmsg

@@ -166,16 +166,31 @@ fn ip_add(interface: &str, addr: IpAddr) -> Result<(), HostError> {
     ip(&args)
 }
 
+/// A sysctl's value (`net/ipv4/conf/lb-c/forwarding`), trimmed.
+fn read_sysctl(path: &str) -> Result<String, HostError> {
+    let value = std::fs::read_to_string(PathBuf::from("/proc/sys").join(path))
+        .map_err(|e| HostError::Change(format!("read {path}: {e}")))?;
+    Ok(value.trim().to_owned())
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), HostError> {
+    std::fs::write(PathBuf::from("/proc/sys").join(path), value)
+        .map_err(|e| HostError::Change(format!("set {path} to {value}: {e}")))
+}
+
+/// Whether `interface` has `addr`, in a listing of the interfaces.
+fn has_address(interfaces: &[pnet_datalink::NetworkInterface], interface: &str, addr: IpAddr) -> bool {
+    interfaces.iter().any(|i| i.name == interface && i.ips.iter().any(|n| n.ip() == addr))
+}
+
 /// Sets a sysctl to `value` if it has another one (someone else changed it
 /// after this run set it); returns whether it did. Not recorded: the value
 /// to restore at exit is the one before the run.
 pub fn put_back_sysctl(path: &str, value: &str) -> Result<bool, HostError> {
-    let full = PathBuf::from("/proc/sys").join(path);
-    let now = std::fs::read_to_string(&full).map_err(|e| HostError::Change(format!("read {path}: {e}")))?;
-    if now.trim() == value {
+    if read_sysctl(path)? == value {
         return Ok(false);
     }
-    std::fs::write(&full, value).map_err(|e| HostError::Change(format!("set {path} to {value}: {e}")))?;
+    write_sysctl(path, value)?;
     Ok(true)
 }
 
@@ -247,10 +262,7 @@ impl Host {
 
     /// Adds `addr` to `interface` unless it is there already.
     pub fn add_address(&mut self, interface: &str, addr: IpAddr) -> Result<(), HostError> {
-        let present = pnet_datalink::interfaces()
-            .iter()
-            .any(|i| i.name == interface && i.ips.iter().any(|n| n.ip() == addr));
-        if present {
+        if has_address(&pnet_datalink::interfaces(), interface, addr) {
             return Ok(());
         }
         self.record(Change::Address { interface: interface.into(), addr })?;
@@ -262,12 +274,9 @@ impl Host {
     /// interface, `ip addr flush`); returns each with how that went.
     pub fn put_back_addresses(&self) -> Vec<((String, IpAddr), Result<(), HostError>)> {
         let interfaces = pnet_datalink::interfaces();
-        let present = |interface: &str, addr: IpAddr| {
-            interfaces.iter().any(|i| i.name == interface && i.ips.iter().any(|n| n.ip() == addr))
-        };
         self.addresses()
             .into_iter()
-            .filter(|(interface, addr)| !present(interface, *addr))
+            .filter(|(interface, addr)| !has_address(&interfaces, interface, *addr))
             .map(|(interface, addr)| {
                 let done = ip_add(&interface, addr);
                 ((interface, addr), done)
@@ -297,15 +306,12 @@ impl Host {
 
     /// Sets a sysctl (`net/ipv4/conf/lb-c/forwarding`) unless it has that value.
     pub fn set_sysctl(&mut self, path: &str, value: &str) -> Result<(), HostError> {
-        let full = PathBuf::from("/proc/sys").join(path);
-        let old =
-            std::fs::read_to_string(&full).map_err(|e| HostError::Change(format!("read {path}: {e}")))?;
-        let old = old.trim().to_owned();
+        let old = read_sysctl(path)?;
         if old == value {
             return Ok(());
         }
         self.record(Change::Sysctl { path: path.into(), old })?;
-        std::fs::write(&full, value).map_err(|e| HostError::Change(format!("set {path} to {value}: {e}")))?;
+        write_sysctl(path, value)?;
         tracing::info!("set {} = {value} (restored at exit)", path.replace('/', "."));
         Ok(())
     }

@@ -503,6 +503,14 @@ pub fn detach_stale(interface: &str) {
 /// `None` when the kernel (or `tc`) could not say: nothing is to be done on
 /// a guess.
 pub fn running_programs(interface: &str) -> Option<usize> {
+    let names = programs_on(interface)?;
+    Some(PROGRAMS.iter().filter(|(name, _)| names.iter().any(|n| n == name)).count())
+}
+
+/// The names of the programs at the ingress and egress hooks of
+/// `interface` (TCX links, or before TCX tc filters); `None` when either
+/// listing fails.
+fn programs_on(interface: &str) -> Option<Vec<String>> {
     let mut names = Vec::new();
     for (_, at) in PROGRAMS {
         if has_tcx() {
@@ -512,7 +520,7 @@ pub fn running_programs(interface: &str) -> Option<usize> {
             names.extend(tc_filter_programs(interface, at)?);
         }
     }
-    Some(PROGRAMS.iter().filter(|(name, _)| names.iter().any(|n| n == name)).count())
+    Some(names)
 }
 
 /// The names of the BPF programs of the tc filters on `interface` at `at`
@@ -550,23 +558,8 @@ fn parse_tc_filters(json: &str) -> Option<Vec<String>> {
 /// before Linux 6.6, tc filters, as `tc` lists them): what a test checks is
 /// gone after a stop or a crash.
 pub fn attached_programs(interface: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    for (_, at) in PROGRAMS {
-        if !has_tcx() {
-            let programs = tc_filter_programs(interface, at).unwrap_or_default();
-            names.extend(programs.into_iter().filter(|n| n.starts_with("toa_lb_")));
-            continue;
-        }
-        if let Ok((_, programs)) = SchedClassifier::query_tcx(interface, at) {
-            names.extend(
-                programs
-                    .iter()
-                    .filter_map(|p| p.name_as_str().map(str::to_owned))
-                    .filter(|n| n.starts_with("toa_lb_")),
-            );
-        }
-    }
-    names
+    let names = programs_on(interface).unwrap_or_default();
+    names.into_iter().filter(|n| n.starts_with("toa_lb_")).collect()
 }
 
 /// The counters of a pinned injector's slot (`toa-lb inject status`).
