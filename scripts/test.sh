@@ -30,6 +30,7 @@ command -v python3 >/dev/null || apt_missing+=(python3)
 command -v nsenter >/dev/null || apt_missing+=(util-linux)
 command -v nft >/dev/null || apt_missing+=(nftables)         # toa-lb keeps the kernel out of its flows
 command -v ethtool >/dev/null || apt_missing+=(ethtool)     # the LB testbed turns veth offloads off
+command -v bpftool >/dev/null || apt_missing+=(bpftool)     # a test detaches a TCX link as an operator would
 if ((${#apt_missing[@]})); then
     [ "$(id -u)" = 0 ] || die "missing ${apt_missing[*]}: run as root, or apt-get install them"
     apt-get update -qq

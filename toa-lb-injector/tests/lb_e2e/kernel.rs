@@ -278,22 +278,40 @@ fn lb_sh(bed: &Testbed, script: &str) {
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Before TCX (Debian 12's 6.1; here with `TOA_LB_TC_NETLINK`), another tool
-/// that deletes the interface's clsact qdisc takes the injector's tc filters
-/// with it, and connections would go on without their TOA: toa-lb attaches
-/// them again within a few seconds and says so. (With TCX links a qdisc
-/// cannot touch them; only this pass can show it.)
+/// Another tool detaches the injector's programs, and connections would go
+/// on balanced but without their TOA: toa-lb attaches them again within a
+/// few seconds and says so. Before TCX (Debian 12's 6.1; here with
+/// `TOA_LB_TC_NETLINK`) deleting the interface's clsact qdisc takes the tc
+/// filters with it; with TCX links only `bpftool link detach` does it.
 #[test]
 fn injector_detached_by_someone_else_is_attached_again() {
     require_root!();
-    if std::env::var_os(toa_lb_injector::datapath::kernel::injector::NETLINK_TC_ENV).is_none() {
-        eprintln!("skipped: TCX links; scripts/test.sh runs this with TOA_LB_TC_NETLINK=1 too");
+    let netlink = std::env::var_os(toa_lb_injector::datapath::kernel::injector::NETLINK_TC_ENV).is_some();
+    if !netlink && Command::new("bpftool").arg("version").output().is_err() {
+        eprintln!("skipped: needs bpftool (apt-get install bpftool) to detach a TCX link");
         return;
     }
     let case = Case::new("rd", Dp::Kernel);
     let bed = &case.bed;
     let lb = start_lb(&case, "toa");
-    lb_sh(bed, "tc qdisc del dev lb-c clsact");
+    if netlink {
+        lb_sh(bed, "tc qdisc del dev lb-c clsact");
+    } else {
+        // The ingress program's link, found by the program this test's
+        // toa-lb attached (interface indexes repeat across namespaces).
+        let (_, programs) = run_in(&bed.ns("lb"), || {
+            aya::programs::SchedClassifier::query_tcx("lb-c", aya::programs::TcAttachType::Ingress)
+        })
+        .expect("query the TCX programs on lb-c");
+        let ids: Vec<u32> = programs.iter().map(aya::programs::ProgramInfo::id).collect();
+        let link = aya::programs::loaded_links()
+            .flatten()
+            .find(|l| ids.contains(&l.program_id()))
+            .unwrap_or_else(|| panic!("no link of the programs {ids:?}"));
+        let out =
+            Command::new("bpftool").args(["link", "detach", "id", &link.id().to_string()]).output().unwrap();
+        assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    }
     let programs =
         || run_in(&bed.ns("lb"), || toa_lb_injector::datapath::kernel::injector::attached_programs("lb-c"));
     let deadline = std::time::Instant::now() + Duration::from_secs(8);
