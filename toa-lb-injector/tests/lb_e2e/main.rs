@@ -1207,6 +1207,17 @@ fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
     let lb = start_lb(&case, "toa");
     let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} ")), "{line}");
+    // The listener's flows and bytes, as `ctl stats` says them.
+    let stats = || {
+        let out = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();
+        let line = out.lines().find(|l| l.starts_with(&format!("{VIP} "))).unwrap_or_else(|| panic!("{out}"));
+        let field = |name: &str| -> u64 {
+            line.split_whitespace().find_map(|f| f.strip_prefix(name)).and_then(|v| v.parse().ok()).expect(name)
+        };
+        (field("flows="), field("bytes_to_backend="))
+    };
+    let before = stats();
+    assert!(before.0 >= 1 && before.1 > 0, "{before:?}");
     let lb_ns = |args: &[&str]| {
         let ok = Command::new("ip").args(["netns", "exec", &bed.ns("lb")]).args(args).status().unwrap();
         assert!(ok.success(), "{args:?}");
@@ -1229,6 +1240,10 @@ fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
     }
     let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} ")), "balanced with the TOA again: {line}");
+    // The totals went on from where they were (the kernel datapath's counters
+    // are the table's, which started again from zero).
+    let after = stats();
+    assert!(after.0 > before.0 && after.1 > before.1, "before {before:?}, after {after:?}");
 }
 }
 

@@ -96,6 +96,54 @@ struct State {
     full: bool,
     /// Flows by conntrack mark, and when they were counted.
     flows: Option<(Instant, HashMap<u32, usize>)>,
+    /// The table's named counters as they were last read, and what earlier
+    /// tables had counted: see [`NftCounters`].
+    counters: NftCounters,
+}
+
+/// The nftables counters (`(packets, bytes)` by name) across tables: when
+/// someone else removes the table and [`KernelLb::keep`] puts it back, its
+/// counters start from zero; the values last read (by a snapshot: a
+/// scrape, `ctl stats`) are then carried over, so that totals go on (less
+/// what was counted between that read and the removal) instead of falling.
+#[derive(Debug, Default)]
+struct NftCounters {
+    /// Counted by tables that are gone.
+    carried: HashMap<String, (u64, u64)>,
+    /// The present table's, as last read.
+    last: HashMap<String, (u64, u64)>,
+    /// How many times the table was put back: a read begun before a
+    /// put-back may have read the old table, and is not taken as the new one's.
+    generation: u64,
+}
+
+impl NftCounters {
+    /// Takes `read` (begun when the table was at `generation`) as the
+    /// present table's counters, and returns the totals: those plus what
+    /// earlier tables counted. A read begun before a put-back may be the old
+    /// table's or the new one's: it is left out.
+    fn totals(&mut self, generation: u64, read: HashMap<String, (u64, u64)>) -> HashMap<String, (u64, u64)> {
+        if generation == self.generation {
+            self.last.extend(read);
+        }
+        let mut totals = self.carried.clone();
+        for (name, (packets, bytes)) in &self.last {
+            let total = totals.entry(name.clone()).or_default();
+            total.0 += packets;
+            total.1 += bytes;
+        }
+        totals
+    }
+
+    /// The table is gone: what it counted is carried over to the next.
+    fn table_gone(&mut self) {
+        for (name, (packets, bytes)) in self.last.drain() {
+            let carried = self.carried.entry(name).or_default();
+            carried.0 += packets;
+            carried.1 += bytes;
+        }
+        self.generation += 1;
+    }
 }
 
 impl State {
@@ -328,6 +376,7 @@ impl KernelLb {
                 evicted: BTreeMap::new(),
                 full: false,
                 flows: None,
+                counters: NftCounters::default(),
             };
             state.sync_injector().map_err(|e| KernelError::Other(e.to_string()))?;
             if let Some(injector) = state.injector.as_mut() {
@@ -464,9 +513,10 @@ impl KernelLb {
             Ok(true) => {}
             Ok(false) => {
                 state.chains.clear();
+                state.counters.table_gone();
                 match state.render() {
                     Ok(()) => tracing::warn!(
-                        "the nftables table inet {TABLE} was removed by someone else (nft flush ruleset? a firewall service restarted?): put back; its counters start from zero"
+                        "the nftables table inet {TABLE} was removed by someone else (nft flush ruleset? a firewall service restarted?): put back; its counters go on from their last read"
                     ),
                     Err(e) => tracing::error!("putting the nftables table inet {TABLE} back: {e}"),
                 }
@@ -550,11 +600,13 @@ impl KernelLb {
 
 impl Balancer for KernelLb {
     fn snapshot(&self) -> Snapshot {
-        let nft = nft::counters("inet", TABLE).unwrap_or_else(|e| {
+        let generation = self.lock().counters.generation;
+        let read = nft::counters("inet", TABLE).unwrap_or_else(|e| {
             tracing::warn!("reading the nftables counters: {e}");
             HashMap::new()
         });
         let mut state = self.lock();
+        let nft = state.counters.totals(generation, read);
         let count = state.listeners.all().len();
         let listeners: Vec<ListenerView> =
             (0..count).filter_map(|i| Self::listener_view(&mut state, i, &nft)).collect();
@@ -696,5 +748,37 @@ impl Balancer for KernelLb {
         }
         state.host = host;
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(pairs: &[(&str, u64, u64)]) -> HashMap<String, (u64, u64)> {
+        pairs.iter().map(|(name, p, b)| ((*name).to_owned(), (*p, *b))).collect()
+    }
+
+    #[test]
+    fn counters_go_on_across_a_table_put_back() {
+        let mut c = NftCounters::default();
+        assert_eq!(
+            c.totals(0, read(&[("b1_o", 10, 1000), ("b1_f", 2, 0)])),
+            read(&[("b1_o", 10, 1000), ("b1_f", 2, 0)])
+        );
+        c.table_gone();
+        // The new table counts from zero; the totals go on.
+        assert_eq!(c.totals(1, read(&[("b1_o", 3, 300)])), read(&[("b1_o", 13, 1300), ("b1_f", 2, 0)]));
+        assert_eq!(
+            c.totals(1, read(&[("b1_o", 4, 400), ("b1_f", 1, 0)])),
+            read(&[("b1_o", 14, 1400), ("b1_f", 3, 0)])
+        );
+        // A read begun before the next put-back may be either table's: left
+        // out, and the totals do not fall.
+        c.table_gone();
+        assert_eq!(c.totals(1, read(&[("b1_o", 100, 10_000)])), read(&[("b1_o", 14, 1400), ("b1_f", 3, 0)]));
+        // A failed read (nothing) changes nothing.
+        assert_eq!(c.totals(2, HashMap::new()), read(&[("b1_o", 14, 1400), ("b1_f", 3, 0)]));
+        assert_eq!(c.totals(2, read(&[("b1_o", 1, 1)])), read(&[("b1_o", 15, 1401), ("b1_f", 3, 0)]));
     }
 }
