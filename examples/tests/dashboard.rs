@@ -58,6 +58,7 @@ fn every_query_names_an_exported_series() {
         "toa_lb_toa_stripped_total",
         "toa_lb_dropped_total",
         "toa_lb_backend_up",
+        "toa_lb_put_back_total",
         "toa_shim_ebpf_attached",
         "toa_shim_ebpf_found_total",
         "toa_shim_ebpf_untrusted_total",

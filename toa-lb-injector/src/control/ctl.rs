@@ -416,6 +416,10 @@ pub fn stats_text(snapshot: &Snapshot) -> String {
     let drops: Vec<String> =
         snapshot.datapath_drops.iter().map(|(reason, n)| format!("{reason}={n}")).collect();
     let _ = writeln!(out, "datapath dropped {}", drops.join(" "));
+    if !snapshot.put_back.is_empty() {
+        let put_back: Vec<String> = snapshot.put_back.iter().map(|(what, n)| format!("{what}={n}")).collect();
+        let _ = writeln!(out, "put back {}", put_back.join(" "));
+    }
     for (((protocol, vip), backend), c) in &snapshot.backends {
         let _ = write!(out, "{} backend {backend}", key_name(*protocol, *vip));
         for def in BackendCounters::TABLE {

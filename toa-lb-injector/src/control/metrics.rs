@@ -16,7 +16,7 @@ pub fn series() -> Vec<&'static str> {
     let mut all = vec!["toa_lb_flows", "toa_lb_listener_flows", "toa_lb_backend_up"];
     all.extend(Counters::TABLE.iter().map(|d| d.metric));
     all.extend(BackendCounters::TABLE.iter().map(|d| d.metric));
-    all.extend(["toa_lb_datapath_dropped_total", "toa_lb_unparsed_total"]);
+    all.extend(["toa_lb_datapath_dropped_total", "toa_lb_unparsed_total", "toa_lb_put_back_total"]);
     all.dedup();
     all
 }
@@ -91,6 +91,16 @@ pub fn render(snapshot: &Snapshot) -> String {
     }
     header(&mut out, &mut seen, "toa_lb_unparsed_total", "Packets that were not valid IP.", "counter");
     let _ = writeln!(out, "toa_lb_unparsed_total {}", snapshot.unparsed);
+    header(
+        &mut out,
+        &mut seen,
+        "toa_lb_put_back_total",
+        "What someone else removed (nftables table, addresses, forwarding, the injector's programs) and toa-lb put back.",
+        "counter",
+    );
+    for (what, n) in &snapshot.put_back {
+        let _ = writeln!(out, "toa_lb_put_back_total{{what=\"{what}\"}} {n}");
+    }
     out
 }
 
@@ -163,6 +173,7 @@ mod tests {
                 flows: Some(4),
             }],
             datapath_drops: vec![("truncated", 2)],
+            put_back: vec![("table", 1), ("address", 0)],
             ..Snapshot::default()
         };
         let text = render(&snapshot);
@@ -180,5 +191,8 @@ mod tests {
             "toa_lb_backend_up{listener=\"203.0.113.10:80\",protocol=\"tcp\",backend=\"100.125.2.1:80\"} 0"
         ));
         assert!(text.contains("toa_lb_datapath_dropped_total{reason=\"truncated\"} 2"));
+        assert!(text.contains(
+            "toa_lb_put_back_total{what=\"table\"} 1\ntoa_lb_put_back_total{what=\"address\"} 0\n"
+        ));
     }
 }

@@ -87,6 +87,12 @@ pub struct Snapshot {
     pub datapath_drops: Vec<(&'static str, u64)>,
     /// Packets that were not valid IP.
     pub unparsed: u64,
+    /// What someone else removed and the datapath put back (`toa-lb run`'s
+    /// watch), by what: `table` (the nftables table, or the user-space
+    /// datapaths' fence), and on the kernel datapath `address` (a VIP or SNAT
+    /// address), `forwarding` (an interface's forwarding sysctl), `programs`
+    /// (the injector's, attached again).
+    pub put_back: Vec<(&'static str, u64)>,
 }
 
 /// One listener in a [`Snapshot`].

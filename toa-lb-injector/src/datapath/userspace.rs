@@ -22,14 +22,15 @@ pub struct UserspaceLb {
     /// Client and backend interfaces.
     interfaces: [String; 2],
     /// Held while the fence changes (a reload, or putting it back), so that
-    /// the last fence installed is for the last `owned`.
-    fence: Mutex<()>,
+    /// the last fence installed is for the last `owned`; how many times it
+    /// was put back.
+    fence: Mutex<u64>,
 }
 
 impl UserspaceLb {
     /// Wraps running engines; `owned` is the set the frame handlers answer ARP for.
     pub fn new(shards: Arc<Shards>, owned: Owned, interfaces: [String; 2]) -> Self {
-        UserspaceLb { shards, owned, interfaces, fence: Mutex::new(()) }
+        UserspaceLb { shards, owned, interfaces, fence: Mutex::new(0) }
     }
 
     /// Puts the fence's tables back if someone else removed them (`nft flush
@@ -38,7 +39,7 @@ impl UserspaceLb {
     /// periodically; says what it did.
     pub fn keep_fence(&self) {
         // (Not the engines' lock: the workers would wait on this netlink request.)
-        let _fence = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut put_back = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
         match fence::present() {
             Ok(true) => {}
             Ok(false) => {
@@ -46,10 +47,13 @@ impl UserspaceLb {
                     self.owned.read().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
                 let interfaces = [self.interfaces[0].as_str(), self.interfaces[1].as_str()];
                 match fence::install(&owned, &interfaces) {
-                    Ok(()) => tracing::warn!(
-                        "the nftables tables inet and netdev {} were removed by someone else (nft flush ruleset? a firewall service restarted?): put back",
-                        fence::TABLE
-                    ),
+                    Ok(()) => {
+                        *put_back += 1;
+                        tracing::warn!(
+                            "the nftables tables inet and netdev {} were removed by someone else (nft flush ruleset? a firewall service restarted?): put back",
+                            fence::TABLE
+                        );
+                    }
                     Err(e) => tracing::error!("putting the nftables fence back: {e}"),
                 }
             }
@@ -60,6 +64,8 @@ impl UserspaceLb {
 
 impl Balancer for UserspaceLb {
     fn snapshot(&self) -> Snapshot {
+        // (Before the engines' lock: a reload takes the fence's, then theirs.)
+        let put_back = *self.fence.lock().unwrap_or_else(PoisonError::into_inner);
         let engines = self.shards.lock();
         let listeners = engines
             .listeners()
@@ -79,6 +85,7 @@ impl Balancer for UserspaceLb {
                 ("tx_full", d.tx_dropped.load(Ordering::Relaxed)),
             ],
             unparsed: engines.unparsed(),
+            put_back: vec![("table", put_back)],
         }
     }
 

@@ -322,6 +322,8 @@ fn injector_detached_by_someone_else_is_attached_again() {
     }
     let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} ")), "the TOA again: {line}");
+    let stats = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();
+    assert!(stats.contains("put back table=0 address=0 forwarding=0 programs=1\n"), "{stats}");
 }
 
 /// `toa-lb inject` on a FULLNAT the operator runs: plain nftables DNAT and

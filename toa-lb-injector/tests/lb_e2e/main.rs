@@ -1244,6 +1244,13 @@ fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
     // are the table's, which started again from zero).
     let after = stats();
     assert!(after.0 > before.0 && after.1 > before.1, "before {before:?}, after {after:?}");
+    // What was put back is counted (for alerts: toa_lb_put_back_total).
+    let out = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();
+    let put_back = match dp {
+        Dp::Kernel => "put back table=1 address=1 forwarding=1 programs=0",
+        _ => "put back table=1",
+    };
+    assert!(out.lines().any(|l| l == put_back), "{put_back:?} in {out}");
 }
 }
 

@@ -99,6 +99,29 @@ struct State {
     /// The table's named counters as they were last read, and what earlier
     /// tables had counted: see [`NftCounters`].
     counters: NftCounters,
+    /// What [`KernelLb::keep`] put back.
+    put_back: PutBack,
+}
+
+/// What someone else removed and [`KernelLb::keep`] put back, by what.
+#[derive(Clone, Copy, Debug, Default)]
+struct PutBack {
+    table: u64,
+    address: u64,
+    forwarding: u64,
+    programs: u64,
+}
+
+impl PutBack {
+    /// As [`Snapshot::put_back`] lists it.
+    fn list(self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("table", self.table),
+            ("address", self.address),
+            ("forwarding", self.forwarding),
+            ("programs", self.programs),
+        ]
+    }
 }
 
 /// The nftables counters (`(packets, bytes)` by name) across tables: when
@@ -377,6 +400,7 @@ impl KernelLb {
                 full: false,
                 flows: None,
                 counters: NftCounters::default(),
+                put_back: PutBack::default(),
             };
             state.sync_injector().map_err(|e| KernelError::Other(e.to_string()))?;
             if let Some(injector) = state.injector.as_mut() {
@@ -473,21 +497,28 @@ impl KernelLb {
         if state.injector.is_none() {
             return; // stopped: the table is gone on purpose
         }
-        if let Some(host) = state.host.as_ref() {
+        let State { host, config, put_back, .. } = &mut *state;
+        if let Some(host) = host.as_ref() {
             for ((interface, addr), done) in host.put_back_addresses() {
                 match done {
-                    Ok(()) => tracing::warn!("{addr} was removed from {interface} by someone else: put back"),
+                    Ok(()) => {
+                        put_back.address += 1;
+                        tracing::warn!("{addr} was removed from {interface} by someone else: put back");
+                    }
                     Err(e) => tracing::error!("putting {addr} back on {interface}: {e}"),
                 }
             }
             // (A change of net.ipv4.ip_forward sets every interface's.)
-            for path in forwarding_sysctls(&state.config) {
+            for path in forwarding_sysctls(config) {
                 match host::put_back_sysctl(&path, "1") {
                     Ok(false) => {}
-                    Ok(true) => tracing::warn!(
-                        "{} was turned off by someone else: turned on again",
-                        path.replace('/', ".")
-                    ),
+                    Ok(true) => {
+                        put_back.forwarding += 1;
+                        tracing::warn!(
+                            "{} was turned off by someone else: turned on again",
+                            path.replace('/', ".")
+                        );
+                    }
                     Err(e) => tracing::error!("turning {} on again: {e}", path.replace('/', ".")),
                 }
             }
@@ -500,10 +531,13 @@ impl KernelLb {
             if let Some(running) = running.filter(|n| *n < injector::PROGRAMS.len()) {
                 if let Some(injector) = state.injector.as_mut() {
                     match injector.reattach() {
-                        Ok(()) => tracing::warn!(
-                            "the injector's programs were detached from {interface} by someone else ({running} of {} left): attached again",
-                            injector::PROGRAMS.len()
-                        ),
+                        Ok(()) => {
+                            state.put_back.programs += 1;
+                            tracing::warn!(
+                                "the injector's programs were detached from {interface} by someone else ({running} of {} left): attached again",
+                                injector::PROGRAMS.len()
+                            );
+                        }
                         Err(e) => tracing::error!("attaching the injector to {interface} again: {e}"),
                     }
                 }
@@ -515,9 +549,12 @@ impl KernelLb {
                 state.chains.clear();
                 state.counters.table_gone();
                 match state.render() {
-                    Ok(()) => tracing::warn!(
-                        "the nftables table inet {TABLE} was removed by someone else (nft flush ruleset? a firewall service restarted?): put back; its counters go on from their last read"
-                    ),
+                    Ok(()) => {
+                        state.put_back.table += 1;
+                        tracing::warn!(
+                            "the nftables table inet {TABLE} was removed by someone else (nft flush ruleset? a firewall service restarted?): put back; its counters go on from their last read"
+                        );
+                    }
                     Err(e) => tracing::error!("putting the nftables table inet {TABLE} back: {e}"),
                 }
             }
@@ -626,7 +663,14 @@ impl Balancer for KernelLb {
             );
         }
         let flows = state.flows().values().sum();
-        Snapshot { listeners, backends, flows, datapath_drops: conntrack::drops(), unparsed: 0 }
+        Snapshot {
+            listeners,
+            backends,
+            flows,
+            datapath_drops: conntrack::drops(),
+            unparsed: 0,
+            put_back: state.put_back.list(),
+        }
     }
 
     fn set_mode(&self, listener: usize, mode: ObtainClientIp) -> Result<(), ControlError> {
