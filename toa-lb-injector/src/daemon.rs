@@ -52,6 +52,26 @@ impl Running {
     }
 }
 
+/// The nftables script `toa-lb run` applies at start for `config`: the
+/// kernel datapath's table, or the user-space datapaths' fence (`toa-lb
+/// check --ruleset`, to review it before it meets a host's own firewall).
+pub fn nft_script(config: &LbConfig) -> Result<String, String> {
+    match config.datapath {
+        Datapath::Kernel => crate::datapath::kernel::ruleset_script(config),
+        Datapath::Ring | Datapath::Pnet => {
+            let owned: std::collections::BTreeSet<IpAddr> = config
+                .engine
+                .listeners
+                .iter()
+                .map(|l| l.vip.ip())
+                .chain(config.engine.snat.iter().copied())
+                .collect();
+            let owned: Vec<IpAddr> = owned.into_iter().collect();
+            Ok(fence::script(&owned, &[&config.client_interface, &config.backend_interface]))
+        }
+    }
+}
+
 /// Runs the load balancer of the configuration at `path` until SIGINT or
 /// SIGTERM, with its control socket at `socket`.
 pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
@@ -307,5 +327,23 @@ mod tests {
         let one = InterfaceWatch::new(&["lo", "lo"]);
         assert_eq!(one.0.len(), 1);
         assert!(one.0[0].1.is_some());
+    }
+
+    #[test]
+    fn nft_script_is_the_datapaths_own() {
+        let text = |datapath: &str| {
+            format!(
+                "datapath = \"{datapath}\"\nclient_interface = \"lb-c\"\nbackend_interface = \"lb-br\"\n\
+                 snat = [\"100.125.1.1\"]\n[[listener]]\nvip = \"203.0.113.10:80\"\n\
+                 [[listener.backend]]\naddress = \"100.125.2.1:8080\"\n"
+            )
+        };
+        let kernel = nft_script(&LbConfig::parse("k", &text("kernel")).unwrap()).unwrap();
+        assert!(kernel.starts_with("add table inet toa_lb\n"), "{kernel}");
+        assert!(kernel.contains("dnat ip to ct mark map { 0x7a000001 : 100.125.2.1 . 8080 }"), "{kernel}");
+        let ring = nft_script(&LbConfig::parse("r", &text("ring")).unwrap()).unwrap();
+        assert!(ring.contains("hook ingress device \"lb-br\""), "{ring}");
+        // The VIP and the SNAT address, in a fixed order.
+        assert!(ring.contains("ip daddr { 100.125.1.1, 203.0.113.10 } drop"), "{ring}");
     }
 }

@@ -41,6 +41,11 @@ enum Command {
         /// The TOML configuration.
         #[arg(long)]
         config: PathBuf,
+        /// Print the nftables script `run` applies at start (the kernel
+        /// datapath's table, or the ring/pnet fence), to review it; nothing
+        /// is applied.
+        #[arg(long)]
+        ruleset: bool,
     },
     /// Talk to a running toa-lb: listeners | backends | stats | set LISTENER obtain-client-ip
     /// off|toa|transparent|uoa | add-backend LISTENER ADDR [WEIGHT] | remove-backend LISTENER ADDR |
@@ -120,9 +125,7 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match Cli::parse().command {
-        Command::Check { config } => {
-            LbConfig::load(&config).map(|_| println!("{}: ok", config.display())).map_err(|e| e.to_string())
-        }
+        Command::Check { config, ruleset } => run_check(&config, ruleset),
         Command::Run { config, socket } => {
             toa_lb_injector::daemon::run(&config, &socket).map_err(|e| e.to_string())
         }
@@ -141,6 +144,21 @@ fn main() -> ExitCode {
 }
 
 const NAME: &str = "toa-lb";
+
+fn run_check(path: &std::path::Path, ruleset: bool) -> Result<(), String> {
+    let config = LbConfig::load(path).map_err(|e| e.to_string())?;
+    if ruleset {
+        let script = toa_lb_injector::daemon::nft_script(&config)?;
+        println!(
+            "# What `toa-lb run --config {}` applies at start; `nft -c -f -` checks it here.",
+            path.display()
+        );
+        print!("{script}");
+    } else {
+        println!("{}: ok", path.display());
+    }
+    Ok(())
+}
 
 fn run_ctl(socket: &std::path::Path, request: &str) -> Result<(), String> {
     let request: Request = request.parse().map_err(|e: ctl::RequestError| e.to_string())?;

@@ -52,7 +52,7 @@ fn drops(owned: &[IpAddr]) -> String {
 /// The nft script for `owned` on `interfaces`: it replaces tables that exist
 /// (a stale one, or the previous set of a reload) in one transaction, so
 /// there is no moment without rules.
-fn script(owned: &[IpAddr], interfaces: &[&str]) -> String {
+pub(crate) fn script(owned: &[IpAddr], interfaces: &[&str]) -> String {
     let drops = drops(owned);
     let mut script = String::new();
     // Create (if absent) and delete first, so the new tables replace any old ones.

@@ -326,6 +326,42 @@ fn injector_detached_by_someone_else_is_attached_again() {
     assert!(stats.contains("put back table=0 address=0 forwarding=0 programs=1\n"), "{stats}");
 }
 
+/// `toa-lb check --ruleset` prints what `toa-lb run` applies at start: the
+/// script, applied by hand in an empty namespace, makes the same table as a
+/// running toa-lb's (listed after its start, before any traffic).
+#[test]
+fn check_ruleset_prints_what_run_applies() {
+    require_root!();
+    let case = Case::new("rs", Dp::Kernel);
+    // Without the dead backend: health checks would take it out, and the table with it.
+    let text = config_text("toa", Dp::Kernel.config())
+        .replace(&format!("[[listener.backend]]\naddress = \"{}\"\n\n", super::DEAD_BACKEND), "");
+    assert!(!text.contains(super::DEAD_BACKEND));
+    let _lb = start_lb_text(&case, "rs", &text);
+    let check = Command::new(env!("CARGO_BIN_EXE_toa-lb"))
+        .args(["check", "--ruleset", "--config"])
+        .arg(case.dir.join("lb-rs.toml"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let empty = toa_testkit::netns::Netns::new("rs");
+    let mut apply = empty.command("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(apply.stdin.as_mut().unwrap(), &check.stdout).unwrap();
+    drop(apply.stdin.take());
+    assert!(apply.wait().unwrap().success(), "nft -f of:\n{}", String::from_utf8_lossy(&check.stdout));
+    let list = |ns: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "list", "table", "inet", "toa_lb"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (printed, running) = (list(empty.name()), list(&case.bed.ns("lb")));
+    assert!(running.contains("dnat ip to ct mark map"), "{running}");
+    assert_eq!(printed, running);
+}
+
 /// `toa-lb inject` on a FULLNAT the operator runs: plain nftables DNAT and
 /// SNAT written here, no `toa-lb run`. A backend using saved SYNs sees the
 /// client; status shows the counters; attaching twice names detach; detach

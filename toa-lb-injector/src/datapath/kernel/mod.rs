@@ -279,6 +279,22 @@ fn evict_half_open(entries: Vec<conntrack::Entry>, max: usize) -> Vec<u32> {
     }
 }
 
+/// The nftables script the kernel datapath applies at start for `config`
+/// (`toa-lb check --ruleset`: to review before running it on a host with a
+/// firewall of its own). Backends start up, as at start.
+pub fn ruleset_script(config: &LbConfig) -> Result<String, String> {
+    let listeners = Listeners::new(&config.engine.listeners);
+    let mut ids = Ids::default();
+    ids.assign(&listeners)?;
+    let inputs = Inputs {
+        listeners: &listeners,
+        snat: &config.engine.snat,
+        timeouts: config.engine.timeouts,
+        transparent_mark: config.transparent_mark,
+    };
+    Ok(ruleset::render(&inputs, &ids, &[]).0)
+}
+
 /// Turns forwarding on for `config`'s interfaces (first: until the VIPs are
 /// local, a SYN that arrives early is forwarded back towards its VIP and
 /// lost, and the client sends it again).
