@@ -24,8 +24,9 @@ pub mod ring;
 pub mod shards;
 pub mod userspace;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use crate::engine::config::{Backend, ListenerConfig, ObtainClientIp};
 use crate::engine::listeners::BackendError;
@@ -138,5 +139,63 @@ impl ListenerView {
                 })
                 .collect(),
         }
+    }
+}
+
+/// The periodic watch's failures, said once a minute each: it looks twice a
+/// second, and a failure that lasts (nftables broken, an address refused)
+/// would otherwise fill the log with the same line.
+#[derive(Debug, Default)]
+pub(crate) struct Complaints(HashMap<String, Instant>);
+
+impl Complaints {
+    /// How often the same complaint is said.
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// Logs `message` as an error, unless it was said in the last minute.
+    pub(crate) fn error(&mut self, message: String) {
+        if self.fresh_at(&message, Instant::now()) {
+            tracing::error!("{message}");
+        }
+    }
+
+    /// Logs `message` as a warning, unless it was said in the last minute.
+    pub(crate) fn warn(&mut self, message: String) {
+        if self.fresh_at(&message, Instant::now()) {
+            tracing::warn!("{message}");
+        }
+    }
+
+    fn fresh_at(&mut self, message: &str, now: Instant) -> bool {
+        if self.0.get(message).is_some_and(|at| now.saturating_duration_since(*at) < Self::EVERY) {
+            return false;
+        }
+        // Messages that vary (an errno, an address) must not pile up.
+        if self.0.len() >= 64 {
+            self.0.retain(|_, at| now.saturating_duration_since(*at) < Self::EVERY);
+        }
+        self.0.insert(message.to_owned(), now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_complaint_is_said_once_a_minute() {
+        let mut c = Complaints::default();
+        let t0 = Instant::now();
+        assert!(c.fresh_at("nft: broken", t0));
+        assert!(!c.fresh_at("nft: broken", t0 + Duration::from_millis(500)));
+        assert!(c.fresh_at("another", t0 + Duration::from_millis(500)));
+        assert!(!c.fresh_at("nft: broken", t0 + Duration::from_secs(59)));
+        assert!(c.fresh_at("nft: broken", t0 + Duration::from_secs(61)));
+        // Bounded: old ones go when many differ.
+        for i in 0..200 {
+            assert!(c.fresh_at(&format!("errno {i}"), t0 + Duration::from_secs(200 + i)));
+        }
+        assert!(c.0.len() <= 64, "{}", c.0.len());
     }
 }

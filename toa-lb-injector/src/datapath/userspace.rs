@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::datapath::frames::{self, Owned};
 use crate::datapath::shards::Shards;
-use crate::datapath::{Balancer, ControlError, ListenerView, Snapshot, fence};
+use crate::datapath::{Balancer, Complaints, ControlError, ListenerView, Snapshot, fence};
 use crate::engine::ListenerKey;
 use crate::engine::config::{Backend, ObtainClientIp};
 use crate::file::LbConfig;
@@ -22,15 +22,22 @@ pub struct UserspaceLb {
     /// Client and backend interfaces.
     interfaces: [String; 2],
     /// Held while the fence changes (a reload, or putting it back), so that
-    /// the last fence installed is for the last `owned`; how many times it
-    /// was put back.
-    fence: Mutex<u64>,
+    /// the last fence installed is for the last `owned`.
+    fence: Mutex<FenceWatch>,
+}
+
+/// What the watch keeps of the fence.
+#[derive(Debug, Default)]
+struct FenceWatch {
+    /// How many times it was put back.
+    put_back: u64,
+    complaints: Complaints,
 }
 
 impl UserspaceLb {
     /// Wraps running engines; `owned` is the set the frame handlers answer ARP for.
     pub fn new(shards: Arc<Shards>, owned: Owned, interfaces: [String; 2]) -> Self {
-        UserspaceLb { shards, owned, interfaces, fence: Mutex::new(0) }
+        UserspaceLb { shards, owned, interfaces, fence: Mutex::default() }
     }
 
     /// Puts the fence's tables back if someone else removed them (`nft flush
@@ -39,7 +46,7 @@ impl UserspaceLb {
     /// periodically; says what it did.
     pub fn keep_fence(&self) {
         // (Not the engines' lock: the workers would wait on this netlink request.)
-        let mut put_back = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut watch = self.fence.lock().unwrap_or_else(PoisonError::into_inner);
         match fence::present() {
             Ok(true) => {}
             Ok(false) => {
@@ -48,16 +55,16 @@ impl UserspaceLb {
                 let interfaces = [self.interfaces[0].as_str(), self.interfaces[1].as_str()];
                 match fence::install(&owned, &interfaces) {
                     Ok(()) => {
-                        *put_back += 1;
+                        watch.put_back += 1;
                         tracing::warn!(
                             "the nftables tables inet and netdev {} were removed by someone else (nft flush ruleset? a firewall service restarted?): put back",
                             fence::TABLE
                         );
                     }
-                    Err(e) => tracing::error!("putting the nftables fence back: {e}"),
+                    Err(e) => watch.complaints.error(format!("putting the nftables fence back: {e}")),
                 }
             }
-            Err(e) => tracing::warn!("looking for the nftables fence: {e}"),
+            Err(e) => watch.complaints.warn(format!("looking for the nftables fence: {e}")),
         }
     }
 }
@@ -65,7 +72,7 @@ impl UserspaceLb {
 impl Balancer for UserspaceLb {
     fn snapshot(&self) -> Snapshot {
         // (Before the engines' lock: a reload takes the fence's, then theirs.)
-        let put_back = *self.fence.lock().unwrap_or_else(PoisonError::into_inner);
+        let put_back = self.fence.lock().unwrap_or_else(PoisonError::into_inner).put_back;
         let engines = self.shards.lock();
         let listeners = engines
             .listeners()

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::datapath::{Balancer, ControlError, ListenerView, Snapshot};
+use crate::datapath::{Balancer, Complaints, ControlError, ListenerView, Snapshot};
 use crate::engine::config::{Backend, ObtainClientIp, Protocol};
 use crate::engine::listeners::Listeners;
 use crate::engine::{BackendCounters, Counters, ListenerKey};
@@ -101,6 +101,8 @@ struct State {
     counters: NftCounters,
     /// What [`KernelLb::keep`] put back.
     put_back: PutBack,
+    /// The periodic work's failures, said once a minute.
+    complaints: Complaints,
 }
 
 /// What someone else removed and [`KernelLb::keep`] put back, by what.
@@ -417,6 +419,7 @@ impl KernelLb {
                 flows: None,
                 counters: NftCounters::default(),
                 put_back: PutBack::default(),
+                complaints: Complaints::default(),
             };
             state.sync_injector().map_err(|e| KernelError::Other(e.to_string()))?;
             if let Some(injector) = state.injector.as_mut() {
@@ -479,13 +482,13 @@ impl KernelLb {
                         }
                     }
                 }
-                Err(e) => tracing::warn!("reading conntrack: {e}"),
+                Err(e) => state.complaints.warn(format!("reading conntrack: {e}")),
             }
         }
         let Some(injector) = state.injector.as_mut() else { return };
         let admitted = before.saturating_sub(injector.budget().unwrap_or(before)).max(0);
         if let Err(e) = injector.set_budget(budget(max, ours, admitted)) {
-            tracing::error!("setting the flow budget: {e}");
+            state.complaints.error(format!("setting the flow budget: {e}"));
         }
         let full = ours >= max;
         if full != state.full {
@@ -513,7 +516,7 @@ impl KernelLb {
         if state.injector.is_none() {
             return; // stopped: the table is gone on purpose
         }
-        let State { host, config, put_back, .. } = &mut *state;
+        let State { host, config, put_back, complaints, .. } = &mut *state;
         if let Some(host) = host.as_ref() {
             for ((interface, addr), done) in host.put_back_addresses() {
                 match done {
@@ -521,7 +524,7 @@ impl KernelLb {
                         put_back.address += 1;
                         tracing::warn!("{addr} was removed from {interface} by someone else: put back");
                     }
-                    Err(e) => tracing::error!("putting {addr} back on {interface}: {e}"),
+                    Err(e) => complaints.error(format!("putting {addr} back on {interface}: {e}")),
                 }
             }
             // (A change of net.ipv4.ip_forward sets every interface's.)
@@ -535,7 +538,7 @@ impl KernelLb {
                             path.replace('/', ".")
                         );
                     }
-                    Err(e) => tracing::error!("turning {} on again: {e}", path.replace('/', ".")),
+                    Err(e) => complaints.error(format!("turning {} on again: {e}", path.replace('/', "."))),
                 }
             }
         }
@@ -554,7 +557,11 @@ impl KernelLb {
                                 injector::PROGRAMS.len()
                             );
                         }
-                        Err(e) => tracing::error!("attaching the injector to {interface} again: {e}"),
+                        Err(e) => {
+                            state
+                                .complaints
+                                .error(format!("attaching the injector to {interface} again: {e}"));
+                        }
                     }
                 }
             }
@@ -571,10 +578,12 @@ impl KernelLb {
                             "the nftables table inet {TABLE} was removed by someone else (nft flush ruleset? a firewall service restarted?): put back; its counters go on from their last read"
                         );
                     }
-                    Err(e) => tracing::error!("putting the nftables table inet {TABLE} back: {e}"),
+                    Err(e) => {
+                        state.complaints.error(format!("putting the nftables table inet {TABLE} back: {e}"))
+                    }
                 }
             }
-            Err(e) => tracing::warn!("looking for the nftables table inet {TABLE}: {e}"),
+            Err(e) => state.complaints.warn(format!("looking for the nftables table inet {TABLE}: {e}")),
         }
     }
 
