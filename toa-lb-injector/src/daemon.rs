@@ -59,17 +59,18 @@ pub fn nft_script(config: &LbConfig) -> Result<String, String> {
     match config.datapath {
         Datapath::Kernel => crate::datapath::kernel::ruleset_script(config),
         Datapath::Ring | Datapath::Pnet => {
-            let owned: std::collections::BTreeSet<IpAddr> = config
-                .engine
-                .listeners
-                .iter()
-                .map(|l| l.vip.ip())
-                .chain(config.engine.snat.iter().copied())
-                .collect();
-            let owned: Vec<IpAddr> = owned.into_iter().collect();
-            Ok(fence::script(&owned, &[&config.client_interface, &config.backend_interface]))
+            Ok(fence::script(&fenced(config), &[&config.client_interface, &config.backend_interface]))
         }
     }
+}
+
+/// The addresses the user-space datapaths answer for, which their fence
+/// keeps the host's own stack away from: the VIPs and the SNAT pool (once
+/// each, in order).
+fn fenced(config: &LbConfig) -> Vec<IpAddr> {
+    let vips = config.engine.listeners.iter().map(|l| l.vip.ip());
+    let set: std::collections::BTreeSet<IpAddr> = vips.chain(config.engine.snat.iter().copied()).collect();
+    set.into_iter().collect()
 }
 
 /// Runs the load balancer of the configuration at `path` until SIGINT or
@@ -219,8 +220,9 @@ fn start(config: &LbConfig) -> Result<(Running, Arc<dyn Balancer>), DaemonError>
             frames::interface(&config.backend_interface).map_err(fail)?;
             let vips: Vec<IpAddr> = config.engine.listeners.iter().map(|l| l.vip.ip()).collect();
             frames::check_vips(&client, &vips).map_err(fail)?;
-            let owned: HashSet<IpAddr> = vips.iter().chain(&config.engine.snat).copied().collect();
-            fence::install(&owned.iter().copied().collect::<Vec<_>>(), &interfaces).map_err(fail)?;
+            let fenced = fenced(config);
+            fence::install(&fenced, &interfaces).map_err(fail)?;
+            let owned: HashSet<IpAddr> = fenced.into_iter().collect();
             let mut engine = config.engine.clone();
             engine.snat_seed = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
