@@ -326,6 +326,43 @@ fn injector_detached_by_someone_else_is_attached_again() {
     assert!(stats.contains("put back table=0 address=0 forwarding=0 programs=1\n"), "{stats}");
 }
 
+/// Restarting toa-lb (an upgrade) keeps established connections: conntrack
+/// keeps their NAT bindings while toa-lb is down (the VIP and SNAT addresses
+/// go with it, so the host neither answers nor resets their packets: they
+/// are dropped, and TCP sends them again), and the new instance's table
+/// carries them on. A segment sent while it is down arrives after the start.
+#[test]
+fn a_restart_keeps_established_connections() {
+    require_root!();
+    let case = Case::new("rk", Dp::Kernel);
+    let bed = &case.bed;
+    let lb = start_lb(&case, "toa");
+    let mut open = run_in(&bed.ns("client"), || {
+        TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10)).unwrap()
+    });
+    open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let send = |open: &mut TcpStream, text: &[u8]| std::io::Write::write_all(open, text).unwrap();
+    let echoed = |open: &mut TcpStream, text: &[u8]| {
+        let mut buf = vec![0u8; text.len()];
+        open.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("echo of {:?}: {e}", String::from_utf8_lossy(text)));
+        assert_eq!(buf, text);
+    };
+    send(&mut open, b"before");
+    echoed(&mut open, b"before");
+    // Stopped, cleanly: nothing of it is left...
+    drop(lb);
+    assert_eq!(leftovers(bed), Vec::<String>::new());
+    // ...and a segment sent meanwhile is lost, for now.
+    let during = b"while toa-lb is down";
+    send(&mut open, during);
+    std::thread::sleep(Duration::from_millis(300));
+    let _lb = start_lb(&case, "toa");
+    echoed(&mut open, during);
+    send(&mut open, b"after the restart");
+    echoed(&mut open, b"after the restart");
+}
+
 /// `toa-lb check --ruleset` prints what `toa-lb run` applies at start: the
 /// script, applied by hand in an empty namespace, makes the same table as a
 /// running toa-lb's (listed after its start, before any traffic).

@@ -599,7 +599,8 @@ impl KernelLb {
     }
 
     /// Removes everything: the injector, the table, the addresses; forwarding
-    /// goes back to what it was. Flows in progress stop at once.
+    /// goes back to what it was. Flows in progress stop until a new start:
+    /// conntrack keeps their NAT bindings, so a restart carries them on.
     pub fn stop(&self) -> Result<(), KernelError> {
         let mut state = self.lock();
         // Dropping the programs detaches them (their links die with them).
