@@ -2,7 +2,8 @@
 # The one test command. On a fresh Debian 12 machine as root it installs what
 # is missing, then runs: a check that the committed eBPF objects are current,
 # rustfmt, clippy -D warnings, a fuzz smoke of every cargo-fuzz target, the
-# docs (no warnings) and doctests, `cargo publish --dry-run` of toa-core, the
+# docs (no warnings) and doctests, the Prometheus alerting rules (promtool
+# check and unit tests), `cargo publish --dry-run` of toa-core, the
 # whole test suite (unit, property, golden and end-to-end tests) with
 # cargo-nextest, the kernel datapath's end-to-end tests again with tc filters
 # (as kernels before 6.6 attach), the demo twice, and the Debian package built, installed and
@@ -81,6 +82,28 @@ fi
 step "docs (no warnings) and doctests"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 cargo test --workspace --doc --locked
+
+step "Prometheus alerting rules: promtool check and unit tests"
+# promtool from Debian's prometheus package, unpacked into target/tools, not
+# installed (installing the package would start a Prometheus server here).
+promtool=$(command -v promtool || true)
+if [ -z "$promtool" ]; then
+    promtool="$PWD/target/tools/promtool"
+    if [ ! -x "$promtool" ]; then
+        scratch=$(mktemp -d)
+        if ! (cd "$scratch" && apt-get download prometheus >/dev/null 2>&1); then
+            [ "$(id -u)" = 0 ] || die "promtool missing: run as root, or apt-get install prometheus"
+            apt-get update -qq
+            (cd "$scratch" && apt-get download prometheus >/dev/null 2>&1) || die "apt-get download prometheus failed"
+        fi
+        dpkg-deb -x "$scratch"/prometheus_*.deb "$scratch/root"
+        mkdir -p target/tools
+        cp "$scratch/root/usr/bin/promtool" "$promtool"
+        rm -rf "$scratch"
+    fi
+fi
+"$promtool" check rules deploy/prometheus/toa-alerts.yml
+(cd deploy/prometheus && "$promtool" test rules toa-alerts.test.yml)
 
 step "cargo publish --dry-run -p toa-core"
 cargo publish --dry-run -p toa-core --locked --quiet --allow-dirty  # (a developer's tree may be dirty; CI's clone is not)
