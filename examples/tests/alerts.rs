@@ -8,6 +8,8 @@ use std::collections::BTreeSet;
 
 use yaml_rust2::{Yaml, YamlLoader};
 
+mod series;
+
 fn rules() -> Vec<Yaml> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/toa-alerts.yml");
     let text = std::fs::read_to_string(path).expect("deploy/prometheus/toa-alerts.yml");
@@ -24,19 +26,9 @@ fn rules() -> Vec<Yaml> {
     all
 }
 
-/// Our series in a PromQL expression (identifiers starting `toa_`).
-fn series_in(expr: &str) -> Vec<&str> {
-    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-        .filter(|word| word.starts_with("toa_"))
-        .collect()
-}
-
 #[test]
 fn every_alert_is_whole_and_names_exported_series() {
-    let exported: BTreeSet<&str> = toa_lb_injector::control::metrics::series()
-        .into_iter()
-        .chain(toa_server_shim::ebpf::metric_series())
-        .collect();
+    let exported = series::exported();
     let rules = rules();
     let mut names = BTreeSet::new();
     let mut used = BTreeSet::new();
@@ -52,7 +44,7 @@ fn every_alert_is_whole_and_names_exported_series() {
                 "{name}: {open}{close} in {expr}"
             );
         }
-        let series = series_in(expr);
+        let series = series::series_in(expr);
         assert!(!series.is_empty(), "{name}: {expr} names none of our series");
         for s in series {
             assert!(exported.contains(s), "{name}: {s} is not exported (in {expr})");

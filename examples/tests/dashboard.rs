@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
+mod series;
+
 fn dashboard() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/toa.json");
     let text = std::fs::read_to_string(path).expect("deploy/grafana/toa.json");
@@ -25,24 +27,14 @@ fn queries(dashboard: &Value) -> Vec<(String, String)> {
     out
 }
 
-/// The series names in a PromQL expression: identifiers of ours (`toa_...`).
-fn series_in(expr: &str) -> Vec<&str> {
-    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-        .filter(|word| word.starts_with("toa_"))
-        .collect()
-}
-
 #[test]
 fn every_query_names_an_exported_series() {
-    let exported: BTreeSet<&str> = toa_lb_injector::control::metrics::series()
-        .into_iter()
-        .chain(toa_server_shim::ebpf::metric_series())
-        .collect();
+    let exported = series::exported();
     let queries = queries(&dashboard());
     assert!(!queries.is_empty());
     let mut used = BTreeSet::new();
     for (title, expr) in &queries {
-        let names = series_in(expr);
+        let names = series::series_in(expr);
         assert!(!names.is_empty(), "panel {title:?}: {expr} names none of our series");
         for name in names {
             assert!(exported.contains(name), "panel {title:?}: {name} is not exported (in {expr})");
