@@ -15,6 +15,7 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::control::reload::Reloader;
 use crate::control::{ctl, health, metrics};
 use crate::datapath::kernel::KernelLb;
+use crate::datapath::kernel::host::Host;
 use crate::datapath::shards::Shards;
 use crate::datapath::userspace::UserspaceLb;
 use crate::datapath::{Balancer, fence, frames, offload};
@@ -32,7 +33,14 @@ fn fail(e: impl std::fmt::Display) -> DaemonError {
 /// The datapath a run started, and how to stop it.
 enum Running {
     Kernel(Arc<KernelLb>),
-    Userspace { shards: Arc<Shards>, owned: frames::Owned, lb: Arc<UserspaceLb> },
+    Userspace {
+        shards: Arc<Shards>,
+        owned: frames::Owned,
+        lb: Arc<UserspaceLb>,
+        /// The network namespace's lock (the kernel datapath's too): no
+        /// second toa-lb here. Given back at exit.
+        lock: Mutex<Option<Host>>,
+    },
 }
 
 impl Running {
@@ -121,7 +129,11 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
     let gone = watcher.join().unwrap_or_else(|_| Some("the interface watch panicked".into()));
     let cleanup = match &running {
         Running::Kernel(lb) => lb.stop().map_err(fail),
-        Running::Userspace { .. } => fence::remove().map_err(fail),
+        Running::Userspace { lock, .. } => {
+            let removed = fence::remove().map_err(fail);
+            let lock = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            removed.and(lock.map_or(Ok(()), Host::restore).map_err(fail))
+        }
     };
     if let Some(reason) = gone {
         if let Err(e) = cleanup {
@@ -212,39 +224,66 @@ fn start(config: &LbConfig) -> Result<(Running, Arc<dyn Balancer>), DaemonError>
             Ok((Running::Kernel(lb.clone()), lb))
         }
         Datapath::Ring | Datapath::Pnet => {
-            let name = if config.datapath == Datapath::Ring { "ring" } else { "pnet" };
-            // A kernel datapath that crashed here would fight this one: clean it up.
-            crate::datapath::kernel::clean_up_after_crash(&interfaces).map_err(fail)?;
-            offload::check(name, &interfaces, config.offloads).map_err(fail)?;
-            let client = frames::interface(&config.client_interface).map_err(fail)?;
-            frames::interface(&config.backend_interface).map_err(fail)?;
-            let vips: Vec<IpAddr> = config.engine.listeners.iter().map(|l| l.vip.ip()).collect();
-            frames::check_vips(&client, &vips).map_err(fail)?;
-            let fenced = fenced(config);
-            fence::install(&fenced, &interfaces).map_err(fail)?;
-            let owned: HashSet<IpAddr> = fenced.into_iter().collect();
-            let mut engine = config.engine.clone();
-            engine.snat_seed = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64 ^ u64::from(std::process::id()))
-                .unwrap_or(0);
-            let workers = if config.datapath == Datapath::Ring { config.workers } else { 1 };
-            let shards = match Shards::new(&engine, workers) {
-                Ok(s) => Arc::new(s),
-                Err(e) => {
-                    let _ = fence::remove();
-                    return Err(fail(e));
+            // The lock first, as the kernel datapath takes it: a second toa-lb
+            // here must not touch this one's fence. Then what a crashed run of
+            // the kernel datapath left (its addresses and forwarding, then its
+            // table and programs), which would fight this one.
+            let (host, undone) = Host::recover().map_err(fail)?;
+            if !undone.is_empty() {
+                tracing::warn!(
+                    "undid {} changes a previous run left after it stopped without cleaning up",
+                    undone.len()
+                );
+            }
+            match start_userspace(config, &interfaces) {
+                Ok((shards, owned, lb)) => {
+                    let lock = Mutex::new(Some(host));
+                    Ok((Running::Userspace { shards, owned, lb: lb.clone(), lock }, lb))
                 }
-            };
-            let owned: frames::Owned = Arc::new(RwLock::new(owned));
-            let balancer = Arc::new(UserspaceLb::new(
-                shards.clone(),
-                owned.clone(),
-                [config.client_interface.clone(), config.backend_interface.clone()],
-            ));
-            Ok((Running::Userspace { shards, owned, lb: balancer.clone() }, balancer))
+                Err(e) => {
+                    let _ = host.restore();
+                    Err(e)
+                }
+            }
         }
     }
+}
+
+/// The ring or pnet datapath's start, under the namespace's lock.
+fn start_userspace(
+    config: &LbConfig,
+    interfaces: &[&str; 2],
+) -> Result<(Arc<Shards>, frames::Owned, Arc<UserspaceLb>), DaemonError> {
+    let name = if config.datapath == Datapath::Ring { "ring" } else { "pnet" };
+    crate::datapath::kernel::clean_up_after_crash(interfaces).map_err(fail)?;
+    offload::check(name, interfaces, config.offloads).map_err(fail)?;
+    let client = frames::interface(&config.client_interface).map_err(fail)?;
+    frames::interface(&config.backend_interface).map_err(fail)?;
+    let vips: Vec<IpAddr> = config.engine.listeners.iter().map(|l| l.vip.ip()).collect();
+    frames::check_vips(&client, &vips).map_err(fail)?;
+    let fenced = fenced(config);
+    fence::install(&fenced, interfaces).map_err(fail)?;
+    let owned: HashSet<IpAddr> = fenced.into_iter().collect();
+    let mut engine = config.engine.clone();
+    engine.snat_seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 ^ u64::from(std::process::id()))
+        .unwrap_or(0);
+    let workers = if config.datapath == Datapath::Ring { config.workers } else { 1 };
+    let shards = match Shards::new(&engine, workers) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            let _ = fence::remove();
+            return Err(fail(e));
+        }
+    };
+    let owned: frames::Owned = Arc::new(RwLock::new(owned));
+    let balancer = Arc::new(UserspaceLb::new(
+        shards.clone(),
+        owned.clone(),
+        [config.client_interface.clone(), config.backend_interface.clone()],
+    ));
+    Ok((shards, owned, balancer))
 }
 
 /// Serves control, metrics and health, and runs the datapath until `stop`.

@@ -1255,6 +1255,41 @@ fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
 }
 
 both! {
+/// A second toa-lb started in the same network namespace (a hand-run copy
+/// beside the service) is refused at once, saying why, and touches nothing
+/// of the first: its table (or fence), addresses and programs stay, nothing
+/// had to be put back, and it goes on serving.
+fn a_second_instance_is_refused_and_touches_nothing(dp: Dp) {
+    require_root!();
+    let case = Case::new("2", dp);
+    let bed = &case.bed;
+    let _lb = start_lb(&case, "toa");
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "{line}");
+    let second = Command::new("ip")
+        .args(["netns", "exec", &bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
+        .arg(case.dir.join("lb-toa.toml"))
+        .arg("--socket")
+        .arg(case.dir.join("second.sock"))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another toa-lb is running in this network namespace"), "{err}");
+    // Long enough for the first one's watch to have looked (its programs: every 2 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    let stats = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();
+    let untouched = match dp {
+        Dp::Kernel => "put back table=0 address=0 forwarding=0 programs=0",
+        _ => "put back table=0",
+    };
+    assert!(stats.lines().any(|l| l == untouched), "{untouched:?} in {stats}");
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "{line}");
+}
+}
+
+both! {
 /// The client interface is deleted and made again under a running toa-lb
 /// (new index): what toa-lb had put on it (programs, VIPs, its forwarding
 /// sysctl, the rings' bindings) went with the old one, and nothing would be

@@ -387,7 +387,12 @@ impl KernelLb {
         injector::preflight()?;
         injector::check_interface(&config.client_interface)?;
         injector::check_interface(&config.backend_interface)?;
-        clean_up_after_crash(&[&config.client_interface, &config.backend_interface])?;
+        // The lock first: a second toa-lb must not touch the first one's
+        // table. Then what a crashed run left, its addresses before its
+        // table: while the table is there, the flows it carried go on, and
+        // without their VIP and SNAT addresses the host's stack cannot reset
+        // them (a VIP still local without the table's NAT would answer their
+        // next segment with a reset).
         let (mut host, undone) = Host::recover()?;
         if !undone.is_empty() {
             tracing::warn!(
@@ -395,6 +400,7 @@ impl KernelLb {
                 undone.len()
             );
         }
+        clean_up_after_crash(&[&config.client_interface, &config.backend_interface])?;
         check_host(config);
         // The order matters for clients already sending (a restart): the
         // injector knows the listeners before the table balances them, and the
@@ -436,8 +442,8 @@ impl KernelLb {
                 Ok(KernelLb { state: Mutex::new(state) })
             }
             Err(e) => {
-                let _ = nft::delete_table("inet", TABLE);
                 let _ = host.restore();
+                let _ = nft::delete_table("inet", TABLE);
                 Err(e)
             }
         }
@@ -603,13 +609,19 @@ impl KernelLb {
     /// conntrack keeps their NAT bindings, so a restart carries them on.
     pub fn stop(&self) -> Result<(), KernelError> {
         let mut state = self.lock();
+        // The addresses first (and forwarding back as it was): packets of
+        // flows in progress are dropped from then on, never reset by the
+        // host's stack for meeting a local VIP or SNAT address without the
+        // table's NAT; conntrack keeps the flows for the next start. Then the
+        // table, and the programs last: no new connection is balanced
+        // without its TOA meanwhile.
+        let restored = state.host.take().map_or(Ok(()), Host::restore);
+        let deleted = nft::delete_table("inet", TABLE);
         // Dropping the programs detaches them (their links die with them).
         drop(state.injector.take());
         injector::detach_stale(&state.config.client_interface);
-        nft::delete_table("inet", TABLE)?;
-        if let Some(host) = state.host.take() {
-            host.restore()?;
-        }
+        restored?;
+        deleted?;
         Ok(())
     }
 
