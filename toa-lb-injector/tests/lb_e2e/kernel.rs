@@ -538,15 +538,7 @@ fn a_failed_start_leaves_nothing() {
     let text = super::config_text("toa", Dp::Kernel.config())
         .replace("backend_interface = \"lb-br\"", "backend_interface = \"lb-nope\"");
     std::fs::write(&config, text).unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &case.bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
-        .arg(&config)
-        .arg("--socket")
-        .arg(case.dir.join("ctl.sock"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = super::run_refused(&case, &config, "ctl.sock");
     assert!(err.contains("interface lb-nope not found"), "{err}");
     assert_eq!(leftovers(&case.bed), Vec::<String>::new());
 }

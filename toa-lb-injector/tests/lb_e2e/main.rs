@@ -592,6 +592,20 @@ fn toa_lb_end_to_end(dp: Dp) {
 }
 }
 
+/// Runs `toa-lb run --config CONFIG` in the LB namespace (control socket
+/// `SOCKET` in the case's directory), which must refuse; returns what it said.
+fn run_refused(case: &Case, config: &std::path::Path, socket: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &case.bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
+        .arg(config)
+        .arg("--socket")
+        .arg(case.dir.join(socket))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "toa-lb run {} did not refuse", config.display());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Runs `toa-lb ctl REQUEST` against the instance whose socket is in `dir`.
 fn ctl_output(dir: &std::path::Path, request: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_toa-lb"))
@@ -1266,15 +1280,7 @@ fn a_second_instance_is_refused_and_touches_nothing(dp: Dp) {
     let _lb = start_lb(&case, "toa");
     let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} ")), "{line}");
-    let second = Command::new("ip")
-        .args(["netns", "exec", &bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
-        .arg(case.dir.join("lb-toa.toml"))
-        .arg("--socket")
-        .arg(case.dir.join("second.sock"))
-        .output()
-        .unwrap();
-    assert!(!second.status.success());
-    let err = String::from_utf8_lossy(&second.stderr);
+    let err = run_refused(&case, &case.dir.join("lb-toa.toml"), "second.sock");
     assert!(err.contains("another toa-lb is running in this network namespace"), "{err}");
     // Long enough for the first one's watch to have looked (its programs: every 2 s).
     std::thread::sleep(Duration::from_millis(2500));
