@@ -175,7 +175,9 @@ struct config {
 	__u32 tcp_flow_mask;    /* toa_lb_tcp_flows has tcp_flow_mask + 1 slots, a power of two */
 	__u8 kind_formats[256]; /* kind -> FMT_BIT()s of the formats stripped from clients */
 	__u32 mtu_ifindex;      /* a grown TCP segment must fit this interface's MTU (0: the one it came in on) */
-	__u32 pad;
+	__u32 syn_mark;         /* ORed into skb->mark of each TCP SYN to a listener that went through here
+				 * (0: never): toa-lb's table balances only those, so that no connection is
+				 * balanced while the programs are not running (after a crash) */
 };
 
 struct {
@@ -787,6 +789,8 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 	__u32 payload = p->end - p->l4 - p->hlen;
 	int want = 0;
 	if (syn) {
+		/* Stripped (above), and about to get its TOA: the table may balance it. */
+		skb->mark |= cfg->syn_mark;
 		if (l->mode != MODE_TOA) {
 			/* No record of the flow: every SYN counts (a retransmission too). */
 			if (!admit(l->slot))

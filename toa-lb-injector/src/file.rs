@@ -389,6 +389,14 @@ impl LbConfig {
                 raw.transparent_mark
             )));
         }
+        let injectors =
+            crate::datapath::kernel::ruleset::SYN_MARK | crate::datapath::kernel::injector::UOA_MARKS;
+        if raw.transparent_mark & injectors != 0 {
+            return Err(invalid(format!(
+                "transparent_mark {:#x} is one of the injector's own mark bits ({injectors:#x}): choose another (e.g. 0x20000000)",
+                raw.transparent_mark
+            )));
+        }
         if raw.metrics.is_some_and(|m| !m.ip().is_loopback()) {
             return Err(invalid("metrics must listen on a loopback address (e.g. 127.0.0.1:9947)".into()));
         }
@@ -472,6 +480,19 @@ weight = 3
         assert_eq!(l.placement, Placement::default());
         assert_eq!(l.mss_clamp, MssClamp::Auto);
         assert_eq!(l.backends[1].weight, 3);
+    }
+
+    #[test]
+    fn transparent_mark_is_a_bit_of_its_own() {
+        let with =
+            |mark: &str| GOOD.replace("[[listener]]", &format!("transparent_mark = {mark}\n[[listener]]"));
+        assert_eq!(LbConfig::parse("lb.toml", &with("0x08000000")).unwrap().transparent_mark, 0x0800_0000);
+        let two = LbConfig::parse("lb.toml", &with("0x30000000")).unwrap_err().to_string();
+        assert!(two.contains("must be a single bit"), "{two}");
+        for taken in ["0x10000000", "0x40000000", "0x00000001"] {
+            let err = LbConfig::parse("lb.toml", &with(taken)).unwrap_err().to_string();
+            assert!(err.contains("one of the injector's own mark bits"), "{taken}: {err}");
+        }
     }
 
     #[test]

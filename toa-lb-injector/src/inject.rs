@@ -149,6 +149,8 @@ pub fn attach(options: &AttachOptions) -> Result<(), InjectCliError> {
             budget: i64::MAX,
             // Someone else's routes: the interface the segments come in on.
             mtu_ifindex: 0,
+            // Someone else's NAT, which knows no mark of ours.
+            syn_mark: 0,
         })?;
         for (slot, vip) in options.listeners.iter().enumerate() {
             injector.set_listener(&InjectListener {

@@ -381,6 +381,46 @@ fn a_restart_keeps_established_connections() {
     assert!(echoed.iter().all(|b| *b == b'x'));
 }
 
+/// After a crash (SIGKILL) the table stays until the next start, and with
+/// TCX the injector's programs die with the process. The table balances only
+/// the SYNs the injector has marked, so meanwhile no connection is balanced:
+/// none goes without its TOA, and a client's forged TOA reaches no backend
+/// unstripped. Before TCX the tc filters outlive the process and go on
+/// working: connections are served, with their TOA. The next start serves.
+#[test]
+fn nothing_is_balanced_while_the_injector_is_gone() {
+    require_root!();
+    let case = Case::new("ng", Dp::Kernel);
+    let bed = &case.bed;
+    let mut lb = start_lb(&case, "toa");
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "{line}");
+    lb.0.kill().unwrap();
+    lb.0.wait().unwrap();
+    let netlink = std::env::var_os(toa_lb_injector::datapath::kernel::injector::NETLINK_TC_ENV).is_some();
+    // A client that forges a TOA, from an address the client's kernel does not own.
+    let forged = Toa::new(Format::Toa, "10.9.9.9:1".parse().unwrap()).unwrap();
+    let client_mac = mac_of(&bed.ns("client"), "c0");
+    let lb_mac = mac_of(&bed.ns("lb"), "lb-c");
+    let conn = Conn::new("203.0.113.51:40000".parse().unwrap(), VIP.parse().unwrap()).toa_in_syn(&forged);
+    super::neighbor(bed, "203.0.113.51", client_mac);
+    let mut raw = run_in(&bed.ns("client"), || Client::open("c0", client_mac, lb_mac));
+    let answer = raw.run(&[conn], 1, Duration::from_secs(3)).remove(0);
+    if netlink {
+        let line = String::from_utf8(answer.expect("the tc filters work on: an answer")).unwrap();
+        assert!(line.contains("client=203.0.113.51:40000 "), "forged TOA not stripped: {line}");
+    } else {
+        assert!(answer.is_err(), "balanced with no injector running: {answer:?}");
+        let plain = run_in(&bed.ns("client"), || {
+            TcpStream::connect_timeout(&VIP.parse().unwrap(), Duration::from_secs(2))
+        });
+        assert!(plain.is_err(), "a connection was balanced with no injector running");
+    }
+    let _lb = start_lb(&case, "toa");
+    let (local, line) = ask(bed);
+    assert!(line.contains(&format!(" client={local} ")), "served again: {line}");
+}
+
 /// `toa-lb check --ruleset` prints what `toa-lb run` applies at start: the
 /// script, applied by hand in an empty namespace, makes the same table as a
 /// running toa-lb's (listed after its start, before any traffic).

@@ -20,6 +20,10 @@ use crate::sys::bpf::{Config as RawConfig, Listener as RawListener, ListenerKey 
 /// The compiled programs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../../bpf/inject.bpf.o");
 
+/// The skb mark bits the ingress program sets on UDP datagrams that get a
+/// UOA at egress: `UOA_MARK | the flow's slot` (as `inject.bpf.c` has them).
+pub const UOA_MARKS: u32 = 0x4000_0000 | 0x003f_ffff;
+
 /// Listener slots for counters (`MAX_LISTENERS` in the C source).
 pub const MAX_LISTENERS: u32 = 1024;
 /// Counters per slot (`NR_COUNTERS`).
@@ -99,6 +103,12 @@ pub struct InjectorOptions {
     /// The interface (index) toward the backends, whose MTU a segment the
     /// TOA grows must fit; 0: the interface the segment came in on.
     pub mtu_ifindex: u32,
+    /// The skb mark bit set on every TCP SYN to a listener that went through
+    /// the ingress program (0: never). `toa-lb run`'s table balances only
+    /// SYNs with it, so that nothing is balanced while the programs are not
+    /// running (after a crash, until the next start): without its TOA, and
+    /// without a client's forged one stripped.
+    pub syn_mark: u32,
 }
 
 /// A listener as the injector knows it.
@@ -302,7 +312,7 @@ impl Injector {
             tcp_flow_mask: self.slots - 1,
             kind_formats: kind_formats(),
             mtu_ifindex: options.mtu_ifindex,
-            pad: 0,
+            syn_mark: options.syn_mark,
         };
         let map = self.ebpf.map_mut("toa_lb_config").ok_or_else(missing("toa_lb_config"))?;
         let mut map: Array<_, RawConfig> = Array::try_from(map).map_err(bpf_err("toa_lb_config"))?;

@@ -256,6 +256,7 @@ fn injector_options(config: &LbConfig, budget: i64, watching_data: bool) -> Inje
         // Read at start and at each reload (an interface deleted and made
         // again has a new index); 0 (the client interface) if it is gone.
         mtu_ifindex: nix::net::if_::if_nametoindex(config.backend_interface.as_str()).unwrap_or(0),
+        syn_mark: ruleset::SYN_MARK,
     }
 }
 

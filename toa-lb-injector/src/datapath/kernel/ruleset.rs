@@ -2,12 +2,13 @@
 //! listeners as they run.
 //!
 //! ```text
-//! pre_nat      prerouting dstnat  proto . VIP . port -> jump l<slot>
+//! pre_nat      prerouting dstnat  a TCP SYN without the injector's SYN_MARK: not
+//!                                 balanced; proto . VIP . port -> jump l<slot>
 //!   l<slot>      ct timeout by the configuration; ct mark := the scheduler's backend
 //!                (numgen for round robin and weights, jhash of the client for
 //!                consistent hash); count the flow; dnat to the backend of that mark
-//! post_nat     postrouting srcnat  a flow of ours without the injector's transparent
-//!              mark: snat to the pool, fully-random
+//! post_nat     postrouting srcnat  SYN_MARK cleared; a flow of ours without the
+//!              injector's transparent mark: snat to the pool, fully-random
 //! forward_count forward -150     packets and bytes per backend and direction
 //! input_guard   input -10        new flows to the host on a VIP or SNAT address: dropped
 //! ```
@@ -28,6 +29,11 @@ use crate::engine::listeners::Listeners;
 
 /// The table's name (family `inet`).
 pub const TABLE: &str = "toa_lb";
+/// The skb mark bit the injector sets on the TCP SYNs to listeners it has
+/// handled: the table balances only those (a SYN without it met no running
+/// injector: it would be balanced without its TOA, and with a client's
+/// forged one). Cleared again in `post_nat`.
+pub const SYN_MARK: u32 = 0x1000_0000;
 /// The conntrack marks of `toa-lb`'s flows: this byte on top.
 pub const MARK_BASE: u32 = 0x7a00_0000;
 /// The mask of [`MARK_BASE`].
@@ -313,10 +319,17 @@ pub fn render(inputs: &Inputs<'_>, ids: &Ids, stale_chains: &[String]) -> (Strin
         let n = if addr.is_ipv4() { 4 } else { 6 };
         let _ = writeln!(rules, "add element {t} snat{n} {{ {addr} }}");
     }
-    // Base chains.
+    // Base chains. A TCP SYN the injector has not seen is not balanced (no
+    // NAT: the host's own stack drops it in input_guard).
+    let _ = writeln!(rules, "add rule {t} pre_nat meta l4proto tcp meta mark & {SYN_MARK:#010x} == 0 return");
     let _ = writeln!(rules, "add rule {t} pre_nat meta l4proto . ip daddr . th dport vmap @vip4");
     let _ = writeln!(rules, "add rule {t} pre_nat meta l4proto . ip6 daddr . th dport vmap @vip6");
     let transparent = inputs.transparent_mark;
+    let _ = writeln!(
+        rules,
+        "add rule {t} post_nat meta mark & {SYN_MARK:#010x} != 0 meta mark set meta mark & {:#010x}",
+        !SYN_MARK
+    );
     let _ = writeln!(rules, "add rule {t} post_nat ct mark & {MARK_MASK:#010x} != {MARK_BASE:#010x} return");
     let _ = writeln!(
         rules,
