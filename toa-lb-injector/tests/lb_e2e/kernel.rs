@@ -278,9 +278,9 @@ fn lb_sh(bed: &Testbed, script: &str) {
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Another tool detaches the injector's programs, and connections would go
-/// on balanced but without their TOA: toa-lb attaches them again within a
-/// few seconds and says so. Before TCX (Debian 12's 6.1; here with
+/// Another tool detaches the injector's programs, and no new connection is
+/// balanced (the table balances only SYNs the injector marked): toa-lb
+/// attaches them again within a few seconds and says so. Before TCX (Debian 12's 6.1; here with
 /// `TOA_LB_TC_NETLINK`) deleting the interface's clsact qdisc takes the tc
 /// filters with it; with TCX links only `bpftool link detach` does it.
 #[test]

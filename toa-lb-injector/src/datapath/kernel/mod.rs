@@ -513,11 +513,11 @@ impl KernelLb {
     /// Puts back what someone else removed: the nftables table (`nft flush
     /// ruleset`, a firewall service restarted; without it no new flow is
     /// balanced and the host refuses connections to its VIPs; its counters
-    /// start again from zero, a reset to Prometheus), the VIP and SNAT
+    /// go on from their last read), the VIP and SNAT
     /// addresses (a network manager reconfiguring the interface; without a
     /// VIP nobody answers ARP for it), forwarding (turned off, nothing is
-    /// forwarded) and the injector's programs (detached, connections go on
-    /// without their TOA). Called periodically; says what it did.
+    /// forwarded) and the injector's programs (detached: the table balances
+    /// no new connection without them). Called periodically; says what it did.
     pub fn keep(&self) {
         let mut state = self.lock();
         if state.injector.is_none() {
