@@ -39,7 +39,7 @@ enum Running {
         lb: Arc<UserspaceLb>,
         /// The network namespace's lock (the kernel datapath's too): no
         /// second toa-lb here. Given back at exit.
-        lock: Mutex<Option<Host>>,
+        lock: Host,
     },
 }
 
@@ -127,12 +127,13 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
     stop.store(true, Ordering::Relaxed);
     // Before the cleanup: a look after it would put the removed tables back.
     let gone = watcher.join().unwrap_or_else(|_| Some("the interface watch panicked".into()));
-    let cleanup = match &running {
-        Running::Kernel(lb) => lb.stop().map_err(fail),
+    let (cleanup, removed) = match running {
+        Running::Kernel(lb) => {
+            (lb.stop().map_err(fail), ", the injector, the addresses and forwarding changes")
+        }
         Running::Userspace { lock, .. } => {
-            let removed = fence::remove().map_err(fail);
-            let lock = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-            removed.and(lock.map_or(Ok(()), Host::restore).map_err(fail))
+            let fence = fence::remove().map_err(fail);
+            (fence.and(lock.restore().map_err(fail)), "")
         }
     };
     if let Some(reason) = gone {
@@ -143,13 +144,7 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
     }
     result?;
     cleanup?;
-    tracing::info!(
-        "stopped; the nftables rules{} are removed",
-        match running {
-            Running::Kernel(_) => ", the injector, the addresses and forwarding changes",
-            Running::Userspace { .. } => "",
-        }
-    );
+    tracing::info!("stopped; the nftables rules{removed} are removed");
     Ok(())
 }
 
@@ -228,17 +223,10 @@ fn start(config: &LbConfig) -> Result<(Running, Arc<dyn Balancer>), DaemonError>
             // here must not touch this one's fence. Then what a crashed run of
             // the kernel datapath left (its addresses and forwarding, then its
             // table and programs), which would fight this one.
-            let (host, undone) = Host::recover().map_err(fail)?;
-            if !undone.is_empty() {
-                tracing::warn!(
-                    "undid {} changes a previous run left after it stopped without cleaning up",
-                    undone.len()
-                );
-            }
+            let host = Host::recover().map_err(fail)?;
             match start_userspace(config, &interfaces) {
                 Ok((shards, owned, lb)) => {
-                    let lock = Mutex::new(Some(host));
-                    Ok((Running::Userspace { shards, owned, lb: lb.clone(), lock }, lb))
+                    Ok((Running::Userspace { shards, owned, lb: lb.clone(), lock: host }, lb))
                 }
                 Err(e) => {
                     let _ = host.restore();

@@ -413,12 +413,13 @@ pub fn stats_text(snapshot: &Snapshot) -> String {
         }
         out.push('\n');
     }
-    let drops: Vec<String> =
-        snapshot.datapath_drops.iter().map(|(reason, n)| format!("{reason}={n}")).collect();
-    let _ = writeln!(out, "datapath dropped {}", drops.join(" "));
+    // `name=n name=n ...`
+    let named = |list: &[(&str, u64)]| {
+        list.iter().map(|(name, n)| format!("{name}={n}")).collect::<Vec<_>>().join(" ")
+    };
+    let _ = writeln!(out, "datapath dropped {}", named(&snapshot.datapath_drops));
     if !snapshot.put_back.is_empty() {
-        let put_back: Vec<String> = snapshot.put_back.iter().map(|(what, n)| format!("{what}={n}")).collect();
-        let _ = writeln!(out, "put back {}", put_back.join(" "));
+        let _ = writeln!(out, "put back {}", named(&snapshot.put_back));
     }
     for (((protocol, vip), backend), c) in &snapshot.backends {
         let _ = write!(out, "{} backend {backend}", key_name(*protocol, *vip));

@@ -220,8 +220,8 @@ fn undo(change: &Change) -> Result<(), HostError> {
 
 impl Host {
     /// Undoes what a crashed run in this namespace left (its state file),
-    /// then starts a new record. Returns what was undone.
-    pub fn recover() -> Result<(Host, Vec<Change>), HostError> {
+    /// saying so, then starts a new record.
+    pub fn recover() -> Result<Host, HostError> {
         std::fs::create_dir_all(STATE_DIR).map_err(|e| HostError::State(STATE_DIR.into(), e))?;
         let inode = this_netns();
         let lock_path = PathBuf::from(STATE_DIR).join(format!("netns-{inode}.lock"));
@@ -235,18 +235,23 @@ impl Host {
             .map_err(|_| HostError::Running(lock_path.display().to_string()))?;
         remove_dead_files();
         let path = PathBuf::from(STATE_DIR).join(format!("netns-{inode}.state"));
-        let mut undone = Vec::new();
         if let Ok(text) = std::fs::read_to_string(&path) {
+            let left: Vec<Change> = text.lines().filter_map(Change::parse).collect();
             // Last change first.
-            for change in text.lines().filter_map(Change::parse).collect::<Vec<_>>().into_iter().rev() {
-                if let Err(e) = undo(&change) {
+            for change in left.iter().rev() {
+                if let Err(e) = undo(change) {
                     tracing::warn!("cleaning up after a crash: {e}");
                 }
-                undone.push(change);
+            }
+            if !left.is_empty() {
+                tracing::warn!(
+                    "undid {} changes a previous run left after it stopped without cleaning up",
+                    left.len()
+                );
             }
         }
         std::fs::write(&path, "").map_err(|e| HostError::State(path.display().to_string(), e))?;
-        Ok((Host { path, done: Vec::new(), _lock: lock }, undone))
+        Ok(Host { path, done: Vec::new(), _lock: lock })
     }
 
     fn record(&mut self, change: Change) -> Result<(), HostError> {

@@ -174,13 +174,8 @@ impl NftCounters {
 impl State {
     fn render(&mut self) -> Result<(), ControlError> {
         self.ids.assign(&self.listeners).map_err(ControlError::Datapath)?;
-        let inputs = Inputs {
-            listeners: &self.listeners,
-            snat: &self.config.engine.snat,
-            timeouts: self.config.engine.timeouts,
-            transparent_mark: self.config.transparent_mark,
-        };
-        let (script, chains) = ruleset::render(&inputs, &self.ids, &self.chains);
+        let (script, chains) =
+            ruleset::render(&inputs(&self.config, &self.listeners), &self.ids, &self.chains);
         nft::apply(&script).map_err(|e| ControlError::Datapath(e.to_string()))?;
         self.chains = chains;
         Ok(())
@@ -289,13 +284,17 @@ pub fn ruleset_script(config: &LbConfig) -> Result<String, String> {
     let listeners = Listeners::new(&config.engine.listeners);
     let mut ids = Ids::default();
     ids.assign(&listeners)?;
-    let inputs = Inputs {
-        listeners: &listeners,
+    Ok(ruleset::render(&inputs(config, &listeners), &ids, &[]).0)
+}
+
+/// What the table is rendered from: `listeners` as they run, the rest from `config`.
+fn inputs<'a>(config: &'a LbConfig, listeners: &'a Listeners) -> Inputs<'a> {
+    Inputs {
+        listeners,
         snat: &config.engine.snat,
         timeouts: config.engine.timeouts,
         transparent_mark: config.transparent_mark,
-    };
-    Ok(ruleset::render(&inputs, &ids, &[]).0)
+    }
 }
 
 /// Turns forwarding on for `config`'s interfaces (first: until the VIPs are
@@ -394,13 +393,7 @@ impl KernelLb {
         // without their VIP and SNAT addresses the host's stack cannot reset
         // them (a VIP still local without the table's NAT would answer their
         // next segment with a reset).
-        let (mut host, undone) = Host::recover()?;
-        if !undone.is_empty() {
-            tracing::warn!(
-                "undid {} changes a previous run left after it stopped without cleaning up",
-                undone.len()
-            );
-        }
+        let mut host = Host::recover()?;
         clean_up_after_crash(&[&config.client_interface, &config.backend_interface])?;
         check_host(config);
         // The order matters for clients already sending (a restart): the
