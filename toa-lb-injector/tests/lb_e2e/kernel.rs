@@ -398,14 +398,8 @@ fn nothing_is_balanced_while_the_injector_is_gone() {
     lb.0.kill().unwrap();
     lb.0.wait().unwrap();
     let netlink = std::env::var_os(toa_lb_injector::datapath::kernel::injector::NETLINK_TC_ENV).is_some();
-    // A client that forges a TOA, from an address the client's kernel does not own.
-    let forged = Toa::new(Format::Toa, "10.9.9.9:1".parse().unwrap()).unwrap();
-    let client_mac = mac_of(&bed.ns("client"), "c0");
-    let lb_mac = mac_of(&bed.ns("lb"), "lb-c");
-    let conn = Conn::new("203.0.113.51:40000".parse().unwrap(), VIP.parse().unwrap()).toa_in_syn(&forged);
-    super::neighbor(bed, "203.0.113.51", client_mac);
-    let mut raw = run_in(&bed.ns("client"), || Client::open("c0", client_mac, lb_mac));
-    let answer = raw.run(&[conn], 1, Duration::from_secs(3)).remove(0);
+    // A client that forges a TOA.
+    let answer = super::forged_toa_connection(bed, "203.0.113.51", Duration::from_secs(3));
     if netlink {
         let line = String::from_utf8(answer.expect("the tc filters work on: an answer")).unwrap();
         assert!(line.contains("client=203.0.113.51:40000 "), "forged TOA not stripped: {line}");

@@ -543,15 +543,7 @@ fn toa_lb_end_to_end(dp: Dp) {
     });
 
     // A client that forges a TOA has it stripped: the backend sees the real one.
-    let forged = Toa::new(Format::Toa, "10.9.9.9:1".parse().unwrap()).unwrap();
-    let client_mac = mac_of(&bed.ns("client"), "c0");
-    let lb_mac = mac_of(&bed.ns("lb"), "lb-c");
-    // A source address the client's kernel does not own, so that it never answers for it.
-    let conn = Conn::new("203.0.113.50:40000".parse().unwrap(), VIP.parse().unwrap()).toa_in_syn(&forged);
-    // The raw client answers no ARP: the LB's kernel learns its address here.
-    neighbor(bed, "203.0.113.50", client_mac);
-    let mut raw = run_in(&bed.ns("client"), || Client::open("c0", client_mac, lb_mac));
-    let answer = raw.run(&[conn], 1, Duration::from_secs(15)).remove(0).expect("answer");
+    let answer = forged_toa_connection(bed, "203.0.113.50", Duration::from_secs(15)).expect("answer");
     let line = String::from_utf8(answer).unwrap();
     assert!(line.contains("client=203.0.113.50:40000 "), "forged TOA not stripped: {line}");
     drop(lb);
@@ -665,6 +657,22 @@ fn leftovers(bed: &Testbed) -> Vec<String> {
         left.extend(programs.into_iter().map(|p| format!("program {p} on {iface}")));
     }
     left
+}
+
+/// One connection to the VIP from `source` (port 40000), an address the
+/// client's kernel does not own (so that it never answers for it), with a
+/// forged TOA (10.9.9.9:1) in its SYN: what the backend answered, or why
+/// nothing came within `timeout`.
+fn forged_toa_connection(bed: &Testbed, source: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+    let forged = Toa::new(Format::Toa, "10.9.9.9:1".parse().unwrap()).unwrap();
+    let client_mac = mac_of(&bed.ns("client"), "c0");
+    let lb_mac = mac_of(&bed.ns("lb"), "lb-c");
+    let conn =
+        Conn::new(format!("{source}:40000").parse().unwrap(), VIP.parse().unwrap()).toa_in_syn(&forged);
+    // The raw client answers no ARP: the LB's kernel learns its address here.
+    neighbor(bed, source, client_mac);
+    let mut raw = run_in(&bed.ns("client"), || Client::open("c0", client_mac, lb_mac));
+    raw.run(&[conn], 1, timeout).remove(0)
 }
 
 /// A static neighbour entry on the LB's client side (for raw clients, which
