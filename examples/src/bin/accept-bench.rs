@@ -176,6 +176,11 @@ fn connect_loop(addr: SocketAddr, mut sources: Option<Sources>, stop: &AtomicBoo
             None => TcpStream::connect(addr),
         };
         if let Ok(mut stream) = connected {
+            // Not forever: a server that lost the handshake's ACK (a SYN
+            // cookie, then a full accept queue) never sends, and a client
+            // with nothing to send never learns it; that stalled a benchmark
+            // for minutes. A stall costs this client a second.
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
             let _ = stream.read(&mut [0u8; 1]);
             reset(&stream);
         }
