@@ -36,6 +36,14 @@
  *   - a transparent listener's packets get transparent_mark ORed into
  *     skb->mark, and toa-lb's nftables rules then skip their SNAT. (Only a
  *     flow's first packet makes that decision, in conntrack.);
+ *   - each TCP SYN and UDP datagram to a listener gets config.gate_mark:
+ *     toa-lb's table balances a new flow only with it, so that nothing is
+ *     balanced while these programs are not running;
+ *   - a TCP segment to a listener that this program cannot read into (an
+ *     IPv4 first fragment; IPv6 extension headers) is dropped and counted
+ *     (unreadable): a client's TOA in it would reach the backend. The first
+ *     fragment is enough: the rest cannot be reassembled without it. IPv6
+ *     chains longer than MAX_EXT_HEADERS are dropped whatever they carry;
  *   - a new flow takes one from toa_lb_budget (max_flows minus the flows
  *     conntrack holds, written by toa-lb); with none left it is dropped.
  * toa_lb_egress sees the backend's SYN-ACK on its way back to the client:
@@ -98,7 +106,8 @@
 #define CNT_UOA_NO_ROOM 7  /* datagrams that should have carried one and had no room */
 #define CNT_UOA_STRIPPED 8 /* UOAs clients sent, removed */
 #define CNT_UOA_CARRIERS 9 /* empty datagrams sent only to carry a UOA */
-#define NR_COUNTERS 10
+#define CNT_UNREADABLE 10  /* TCP segments dropped: an IPv4 fragment, or behind IPv6 extension headers */
+#define NR_COUNTERS 11
 #define MAX_LISTENERS 1024
 
 /* config.flags */
@@ -175,9 +184,10 @@ struct config {
 	__u32 tcp_flow_mask;    /* toa_lb_tcp_flows has tcp_flow_mask + 1 slots, a power of two */
 	__u8 kind_formats[256]; /* kind -> FMT_BIT()s of the formats stripped from clients */
 	__u32 mtu_ifindex;      /* a grown TCP segment must fit this interface's MTU (0: the one it came in on) */
-	__u32 syn_mark;         /* ORed into skb->mark of each TCP SYN to a listener that went through here
-				 * (0: never): toa-lb's table balances only those, so that no connection is
-				 * balanced while the programs are not running (after a crash) */
+	__u32 gate_mark;        /* ORed into skb->mark of each TCP SYN and UDP datagram to a listener that
+				 * went through here (0: never): toa-lb's table balances only those, so
+				 * that no flow is balanced while the programs are not running (after a
+				 * crash) */
 };
 
 struct {
@@ -340,6 +350,10 @@ struct pkt {
 	__u8 fast;     /* options in a layout with nothing to strip (see options_clean) */
 };
 
+/* IPv4 frag_off (host order): more fragments; the fragment offset. */
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
 #define F_FIN 0x01
 #define F_SYN 0x02
 #define F_RST 0x04
@@ -370,11 +384,18 @@ static __always_inline int options_clean(const __u8 *o, const void *data_end, __
 
 /* parse_linear(): the headers are not all in the linear part. */
 #define NOT_LINEAR (-3)
+/* parse(): the transport header may be behind something the parse does not
+ * read (an IPv4 first fragment, IPv6 extension headers): p holds the family,
+ * the addresses, the IP protocol (IPv6: the first next header) and p->l4 the
+ * offset after the fixed IP header (IPv4: after its options). unhide() looks
+ * further. */
+#define HIDDEN (-4)
 
 /* Ethernet, then IPv4 (not a fragment) or IPv6 (no extension header), then
  * TCP or UDP, read in place from the linear part. Returns -1 for anything
  * else (not the injector's), -2 for a malformed TCP header, NOT_LINEAR when
- * a header ends past the linear part. */
+ * a header ends past the linear part, HIDDEN for the first fragment of an
+ * IPv4 TCP segment or UDP datagram and for IPv6 with another next header. */
 static __always_inline int parse_linear(struct __sk_buff *skb, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -388,7 +409,9 @@ static __always_inline int parse_linear(struct __sk_buff *skb, struct pkt *p)
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > data_end)
 			return NOT_LINEAR;
-		if (ip->version != 4 || ip->ihl < 5 || (ip->frag_off & bpf_htons(0x3fff)))
+		/* A later fragment: no ports to read, and nothing to reassemble
+		 * without the first, which comes here as HIDDEN. */
+		if (ip->version != 4 || ip->ihl < 5 || (ip->frag_off & bpf_htons(IP_OFFSET)))
 			return -1;
 		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 			return -1;
@@ -401,18 +424,20 @@ static __always_inline int parse_linear(struct __sk_buff *skb, struct pkt *p)
 		p->saddr[1] = p->saddr[2] = p->saddr[3] = 0;
 		p->daddr[1] = p->daddr[2] = p->daddr[3] = 0;
 		l4 = (__u8 *)ip + ip->ihl * 4;
+		if (ip->frag_off & bpf_htons(IP_MF))
+			return HIDDEN;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > data_end)
 			return NOT_LINEAR;
-		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
-			return -1;
 		p->family = 6;
 		p->proto = ip6->nexthdr;
 		p->l4 = p->l3 + sizeof(*ip6);
 		p->end = p->l4 + bpf_ntohs(ip6->payload_len);
 		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
+		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+			return HIDDEN;
 		l4 = (__u8 *)(ip6 + 1);
 	} else {
 		return -1;
@@ -489,6 +514,66 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		bpf_skb_pull_data(skb, skb->len < HEADROOM ? skb->len : HEADROOM);
 	}
 	return -1;
+}
+
+/* The IPv6 extension headers unhide() walks: more than that, and the packet
+ * is dropped (where it goes is unknown; the kernel would walk on). */
+#define MAX_EXT_HEADERS 8
+/* unhide(): the transport header could not be read. */
+#define OPAQUE (-5)
+/* unhide(): the ports were found, behind an IPv4 first fragment's header or
+ * IPv6 extension headers. */
+#define UNREADABLE 1
+
+/* After parse() said HIDDEN: finds the TCP or UDP ports behind an IPv4 first
+ * fragment's header, or at the end of an IPv6 extension-header chain (as the
+ * kernel's ipv6_skip_exthdr() finds them, so as its conntrack will).
+ * Returns UNREADABLE with p->proto, p->l4 and the ports set: such a TCP
+ * segment's options may be split between fragments, or lie behind headers
+ * where this program does not write, so it can neither strip nor insert a
+ * TOA there. Returns -1 for anything that is not TCP or UDP (or a later
+ * IPv6 fragment), and OPAQUE when the chain is too long or cut short. */
+static __always_inline int unhide(struct __sk_buff *skb, struct pkt *p)
+{
+	__u8 next = p->proto;
+	__u32 off = p->l4;
+	if (p->family == 6) {
+#pragma unroll
+		for (int i = 0; i < MAX_EXT_HEADERS; i++) {
+			if (next == IPPROTO_TCP || next == IPPROTO_UDP)
+				break;
+			__u8 h[4];
+			int ext = next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
+				  next == IPPROTO_FRAGMENT || next == IPPROTO_AH;
+			if (!ext)
+				return -1;
+			if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
+				return OPAQUE;
+			if (next == IPPROTO_FRAGMENT) {
+				/* A later fragment: as for IPv4 (parse_linear). */
+				if (((h[2] << 8) | h[3]) & 0xfff8)
+					return -1;
+				off += 8;
+			} else if (next == IPPROTO_AH) {
+				off += ((__u32)h[1] + 2) * 4;
+			} else {
+				off += ((__u32)h[1] + 1) * 8;
+			}
+			next = h[0];
+		}
+		if (next != IPPROTO_TCP && next != IPPROTO_UDP)
+			return OPAQUE;
+	} else if (next != IPPROTO_TCP && next != IPPROTO_UDP) {
+		return -1;
+	}
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
+		return OPAQUE;
+	p->proto = next;
+	p->l4 = off;
+	p->sport = ports[0];
+	p->dport = ports[1];
+	return UNREADABLE;
 }
 
 static __always_inline const struct listener *listener_of(const struct pkt *p, const __u32 *addr, __u16 port)
@@ -790,7 +875,7 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 	int want = 0;
 	if (syn) {
 		/* Stripped (above), and about to get its TOA: the table may balance it. */
-		skb->mark |= cfg->syn_mark;
+		skb->mark |= cfg->gate_mark;
 		if (l->mode != MODE_TOA) {
 			/* No record of the flow: every SYN counts (a retransmission too). */
 			if (!admit(l->slot))
@@ -1189,9 +1274,11 @@ static __always_inline int uoa_egress(struct __sk_buff *skb, __u32 index)
 }
 
 /* A datagram to a UDP listener: a new flow (none live for its addresses)
- * takes from the budget; the listener's mode marks it. */
+ * takes from the budget; the listener's mode marks it, and so does the gate
+ * (config.gate_mark). `whole`: the datagram is not a first fragment, and has
+ * no IPv6 extension headers (a UOA can be written into it at egress). */
 static __always_inline int udp_ingress(struct __sk_buff *skb, const struct pkt *p, const struct listener *l,
-				       const struct config *cfg)
+				       const struct config *cfg, int whole)
 {
 	struct flow_key key;
 	flow_key_of(&key, p);
@@ -1213,16 +1300,18 @@ static __always_inline int udp_ingress(struct __sk_buff *skb, const struct pkt *
 		flow_put(&key, &cur, cfg);
 		f = flow_find(&key, cfg);
 	}
+	skb->mark |= cfg->gate_mark;
 	if (l->mode == MODE_TRANSPARENT && cfg->transparent_mark)
 		skb->mark |= cfg->transparent_mark;
 	/* A client's own UOA in its IPv4 options: the options go (a client may
-	 * not speak for itself; other options mean nothing past the LB). */
+	 * not speak for itself; other options mean nothing past the LB). A
+	 * first fragment's too: the reassembled datagram keeps its header. */
 	__u32 ihl = p->l4 - p->l3;
 	if (p->family == 4 && ihl > 20 && client_ipo(skb, p->l3, ihl - 20)) {
 		if (remove_after_ip(skb, p->l3, 1, ihl - 20) == 0)
 			count(l->slot, CNT_UOA_STRIPPED);
 	}
-	if (f && (f->placement & PLACE_UOA) && f->len > 0) {
+	if (whole && f && (f->placement & PLACE_UOA) && f->len > 0) {
 		f->len--;
 		skb->mark = (skb->mark & ~(UOA_MARK | UOA_INDEX_MASK)) | UOA_MARK | (flow_index(&key, cfg) & UOA_INDEX_MASK);
 	}
@@ -1234,6 +1323,11 @@ int toa_lb_ingress(struct __sk_buff *skb)
 {
 	struct pkt p;
 	int parsed = parse(skb, &p);
+	if (parsed == HIDDEN) {
+		parsed = unhide(skb, &p);
+		if (parsed == OPAQUE)
+			return TC_ACT_SHOT; /* not counted: whose it is cannot be told */
+	}
 	if (parsed == -1) {
 		/* Not TCP or UDP: perhaps a client's opp datagram to a UDP listener. */
 		if (!strip_client_opp(skb))
@@ -1249,13 +1343,18 @@ int toa_lb_ingress(struct __sk_buff *skb)
 		count(l->slot, CNT_MALFORMED);
 		return TC_NEXT;
 	}
+	if (parsed == UNREADABLE && p.proto == IPPROTO_TCP) {
+		/* A client's TOA in it could not be stripped: it goes no further. */
+		count(l->slot, CNT_UNREADABLE);
+		return TC_ACT_SHOT;
+	}
 	__u32 zero = 0;
 	const struct config *cfg = bpf_map_lookup_elem(&toa_lb_config, &zero);
 	if (!cfg)
 		return TC_NEXT;
 	if (p.proto == IPPROTO_TCP)
 		return tcp_ingress(skb, &p, l, cfg);
-	return udp_ingress(skb, &p, l, cfg);
+	return udp_ingress(skb, &p, l, cfg, parsed != UNREADABLE);
 }
 
 /* Egress of the backend-facing interface, when it is not the clients': only

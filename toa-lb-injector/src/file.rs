@@ -390,7 +390,7 @@ impl LbConfig {
             )));
         }
         let injectors =
-            crate::datapath::kernel::ruleset::SYN_MARK | crate::datapath::kernel::injector::UOA_MARKS;
+            crate::datapath::kernel::ruleset::GATE_MARK | crate::datapath::kernel::injector::UOA_MARKS;
         if raw.transparent_mark & injectors != 0 {
             return Err(invalid(format!(
                 "transparent_mark {:#x} is one of the injector's own mark bits ({injectors:#x}): choose another (e.g. 0x20000000)",

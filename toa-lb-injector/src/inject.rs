@@ -150,7 +150,7 @@ pub fn attach(options: &AttachOptions) -> Result<(), InjectCliError> {
             // Someone else's routes: the interface the segments come in on.
             mtu_ifindex: 0,
             // Someone else's NAT, which knows no mark of ours.
-            syn_mark: 0,
+            gate_mark: 0,
         })?;
         for (slot, vip) in options.listeners.iter().enumerate() {
             injector.set_listener(&InjectListener {
@@ -235,7 +235,7 @@ pub fn status(pin_dir: &Path) -> Result<String, InjectCliError> {
             }
             let _ = writeln!(
                 out,
-                "  listener {} format={format} placement={} mss_clamp={} injected={} no_room={} stripped={} malformed={} mss_clamped={}",
+                "  listener {} format={format} placement={} mss_clamp={} injected={} no_room={} stripped={} malformed={} unreadable={} mss_clamped={}",
                 l.vip,
                 placement.join(","),
                 if l.clamp_mss { "on" } else { "off" },
@@ -243,6 +243,7 @@ pub fn status(pin_dir: &Path) -> Result<String, InjectCliError> {
                 c.no_room,
                 c.stripped,
                 c.malformed,
+                c.unreadable,
                 c.mss_clamped
             );
         }

@@ -539,7 +539,7 @@ pub(crate) mod bpf {
         pub(crate) tcp_flow_mask: u32,
         pub(crate) kind_formats: [u8; 256],
         pub(crate) mtu_ifindex: u32,
-        pub(crate) syn_mark: u32,
+        pub(crate) gate_mark: u32,
     }
 
     // SAFETY: plain `repr(C)` structs of integers and byte arrays without

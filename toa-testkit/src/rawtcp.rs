@@ -30,6 +30,24 @@ pub struct Conn {
     pub data_options: Vec<u8>,
     /// How long after the handshake to send `request`.
     pub request_delay: Duration,
+    /// How the handshake-completing ACK goes on the wire.
+    pub ack_wire: Wire,
+}
+
+/// How a segment goes on the wire: as one packet, or in a shape that hides
+/// its TCP header from a reader that looks only right after a plain IP
+/// header (as a forger would send it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Wire {
+    /// One IP packet.
+    #[default]
+    Plain,
+    /// Two IP fragments, the first with the TCP header's first 24 bytes (its
+    /// 20 fixed bytes and the first 4 of the options), the second with the
+    /// rest. IPv6: behind a fragment header.
+    Fragments,
+    /// IPv6 only: behind an 8-byte destination-options extension header.
+    DestinationOptions,
 }
 
 impl Conn {
@@ -43,7 +61,15 @@ impl Conn {
             request: vec![],
             data_options: vec![],
             request_delay: Duration::ZERO,
+            ack_wire: Wire::Plain,
         }
+    }
+
+    /// Sends the handshake-completing ACK as `wire` says.
+    #[must_use]
+    pub fn ack_as(mut self, wire: Wire) -> Conn {
+        self.ack_wire = wire;
+        self
     }
 
     /// Puts `toa` in the SYN.
@@ -205,7 +231,7 @@ impl Client {
                         options: &conn.ack_options,
                         payload: &[],
                     };
-                    self.send(conn, ack);
+                    send_as(&mut self.tx, self.mac, self.peer_mac, conn, ack, conn.ack_wire);
                     let request_at = (!conn.request.is_empty()).then(|| Instant::now() + conn.request_delay);
                     states[i] =
                         State::Established { server_next, data: Vec::new(), fin_at: None, request_at };
@@ -225,7 +251,7 @@ impl Client {
                             options: &conn.ack_options,
                             payload: &[],
                         };
-                        send_on(&mut self.tx, self.mac, self.peer_mac, conn, ack);
+                        send_as(&mut self.tx, self.mac, self.peer_mac, conn, ack, conn.ack_wire);
                         if request_at.is_none() && !conn.request.is_empty() {
                             let flags = TcpFlags::ACK.union(TcpFlags::PSH);
                             let (options, payload) = (&conn.data_options[..], &conn.request[..]);
@@ -312,11 +338,96 @@ fn send_on(
     conn: &Conn,
     segment: Segment<'_>,
 ) {
-    let frame = frame(mac, peer_mac, conn, segment);
-    match tx.send_to(&frame, None) {
-        Some(Ok(())) => {}
-        other => panic!("send on the LB end failed: {other:?}"),
+    send_as(tx, mac, peer_mac, conn, segment, Wire::Plain);
+}
+
+/// Sends one segment in the frames `wire` makes of it.
+fn send_as(
+    tx: &mut Box<dyn pnet_datalink::DataLinkSender>,
+    mac: [u8; 6],
+    peer_mac: [u8; 6],
+    conn: &Conn,
+    segment: Segment<'_>,
+    wire: Wire,
+) {
+    for frame in frames(mac, peer_mac, conn, segment, wire) {
+        match tx.send_to(&frame, None) {
+            Some(Ok(())) => {}
+            other => panic!("send on the LB end failed: {other:?}"),
+        }
     }
+}
+
+/// The frames of one segment sent as `wire` says (see [`Wire`]).
+///
+/// # Panics
+/// On [`Wire::DestinationOptions`] for IPv4, and on [`Wire::Fragments`] for
+/// a segment of 24 bytes or less (nothing to put in a second fragment).
+pub fn frames(
+    mac: [u8; 6],
+    peer_mac: [u8; 6],
+    conn: &Conn,
+    segment: Segment<'_>,
+    wire: Wire,
+) -> Vec<Vec<u8>> {
+    const ETH: usize = 14;
+    const FIRST: usize = 24;
+    let plain = frame(mac, peer_mac, conn, segment);
+    let v4 = conn.dst.is_ipv4();
+    let ip_len = if v4 { usize::from(plain[ETH] & 0x0f) * 4 } else { 40 };
+    let (head, ip, tcp) = (&plain[..ETH], &plain[ETH..ETH + ip_len], &plain[ETH + ip_len..]);
+    match wire {
+        Wire::Plain => vec![plain],
+        Wire::DestinationOptions => {
+            assert!(!v4, "destination options are IPv6's");
+            // Next header TCP, length 0 (8 bytes), a PadN of 6 bytes.
+            let options = [6, 0, 1, 4, 0, 0, 0, 0];
+            vec![ipv6_with(head, ip, 60, &options, tcp)]
+        }
+        Wire::Fragments => {
+            assert!(tcp.len() > FIRST, "a segment of {} bytes needs no second fragment", tcp.len());
+            let parts = [(0, &tcp[..FIRST], true), (FIRST, &tcp[FIRST..], false)];
+            parts
+                .into_iter()
+                .map(|(offset, part, more)| {
+                    if v4 {
+                        let mut header = ip.to_vec();
+                        let total = (ip_len + part.len()) as u16;
+                        header[2..4].copy_from_slice(&total.to_be_bytes());
+                        let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+                        header[6..8].copy_from_slice(&flags.to_be_bytes());
+                        header[10..12].fill(0);
+                        let sum = !ipv4_sum(&header);
+                        header[10..12].copy_from_slice(&sum.to_be_bytes());
+                        [head, &header, part].concat()
+                    } else {
+                        let field = (offset as u16) | u16::from(more);
+                        let [hi, lo] = field.to_be_bytes();
+                        let fragment = [6, 0, hi, lo, 0x70, 0x61, 0x00, 0x01]; // id 0x70610001
+                        ipv6_with(head, ip, 44, &fragment, part)
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// An IPv6 frame: `ip`'s fixed header with `next` as its next header and
+/// the payload length fixed, then `extension`, then `payload`.
+fn ipv6_with(head: &[u8], ip: &[u8], next: u8, extension: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut header = ip.to_vec();
+    header[6] = next;
+    header[4..6].copy_from_slice(&((extension.len() + payload.len()) as u16).to_be_bytes());
+    [head, &header, extension, payload].concat()
+}
+
+/// The ones'-complement sum of an IPv4 header, folded.
+fn ipv4_sum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
 }
 
 /// Builds one Ethernet frame. The TCP options are the segment's options first

@@ -109,6 +109,10 @@ counters! {
         /// Drops: a new flow's first packet on a datapath worker its client port
         /// does not steer to (user-space datapaths with several workers).
         dropped_wrong_engine => "toa_lb_dropped_total" reason "wrong_engine", "Packets dropped, by reason.";
+        /// Drops: TCP segments the kernel datapath's injector cannot read into
+        /// (IPv4 fragments, IPv6 extension headers), where a client's TOA could
+        /// not be stripped. (The user-space datapaths do not forward fragments.)
+        dropped_unreadable => "toa_lb_dropped_total" reason "unreadable", "Packets dropped, by reason.";
     }
 }
 
@@ -163,9 +167,10 @@ mod tests {
             dropped_no_snat: 21,
             dropped_no_backend: 22,
             dropped_wrong_engine: 23,
+            dropped_unreadable: 24,
         };
         let values: Vec<u64> = Counters::TABLE.iter().map(|d| (d.get)(&c)).collect();
-        assert_eq!(values, (1..=23).collect::<Vec<u64>>());
+        assert_eq!(values, (1..=24).collect::<Vec<u64>>());
         let names: Vec<&str> = Counters::TABLE.iter().map(|d| d.name).collect();
         assert!(names.contains(&"mss_clamped") && names.contains(&"health_changes"));
         let mut sum = c;

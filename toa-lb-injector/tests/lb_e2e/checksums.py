@@ -16,7 +16,8 @@ checksum field must hold the folded pseudo-header sum for the device to
 finish), how many were wrong, and how many SYNs, pure ACKs and segments
 with data carried a TOA (kind 254); for UDP the same under udp_*, and how
 many datagrams carried a UOA (udp_uoa) and of those how many were empty
-carriers (udp_carriers).
+carriers (udp_carriers). forged_toa: frames of any kind, fragments
+included, that hold the TOA the tests forge (10.9.9.9:1, kind 254) anywhere.
 """
 import json
 import socket
@@ -28,6 +29,8 @@ ETH_P_ALL = 3
 SOL_PACKET = 263
 PACKET_AUXDATA = 8
 TP_STATUS_CSUMNOTREADY = 8
+# The TOA the tests forge: kind 254, length 8, port 1, 10.9.9.9.
+FORGED = bytes.fromhex("fe0800010a090909")
 
 
 def fold(data):
@@ -81,7 +84,7 @@ def main():
     s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
     print("ready", flush=True)
     counts = {"full_ok": 0, "partial_ok": 0, "bad": 0, "syn_toa": 0, "ack_toa": 0, "data_toa": 0, "bad_examples": []}
-    counts.update({"udp_full_ok": 0, "udp_partial_ok": 0, "udp_uoa": 0, "udp_carriers": 0})
+    counts.update({"udp_full_ok": 0, "udp_partial_ok": 0, "udp_uoa": 0, "udp_carriers": 0, "forged_toa": 0})
     # Other traffic (health probes) keeps coming: the deadline moves only with ours.
     deadline = time.monotonic() + seconds
     try:
@@ -90,6 +93,8 @@ def main():
             data, ancillary, _, addr = s.recvmsg(65600, 1024)
             if addr[2] == socket.PACKET_OUTGOING:
                 continue
+            if FORGED in data:
+                counts["forged_toa"] += 1
             status = 0
             for level, kind, value in ancillary:
                 if level == SOL_PACKET and kind == PACKET_AUXDATA:
@@ -101,6 +106,8 @@ def main():
                 proto = data[23]
                 if proto not in (6, 17, 248):
                     continue
+                if struct.unpack("!H", data[20:22])[0] & 0x3FFF:
+                    continue  # a fragment: no whole segment to check
                 ip = data[14 : 14 + total]
                 src = socket.inet_ntop(socket.AF_INET, ip[12:16])
                 segment = ip[ihl:]

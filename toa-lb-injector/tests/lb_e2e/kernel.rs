@@ -3,7 +3,7 @@
 //! `toa-lb inject` on a FULLNAT the test writes itself.
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -383,9 +383,10 @@ fn a_restart_keeps_established_connections() {
 
 /// After a crash (SIGKILL) the table stays until the next start, and with
 /// TCX the injector's programs die with the process. The table balances only
-/// the SYNs the injector has marked, so meanwhile no connection is balanced:
-/// none goes without its TOA, and a client's forged TOA reaches no backend
-/// unstripped. Before TCX the tc filters outlive the process and go on
+/// the new flows the injector has marked (TCP SYNs, UDP datagrams), so
+/// meanwhile no new flow is balanced: none goes without its TOA or UOA, and
+/// a client's forged TOA reaches no backend unstripped. A UDP flow balanced
+/// before goes on. Before TCX the tc filters outlive the process and go on
 /// working: connections are served, with their TOA. The next start serves.
 #[test]
 fn nothing_is_balanced_while_the_injector_is_gone() {
@@ -395,9 +396,27 @@ fn nothing_is_balanced_while_the_injector_is_gone() {
     let mut lb = start_lb(&case, "toa");
     let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} ")), "{line}");
+    // A UDP flow balanced before the crash, and how a datagram fares.
+    let udp = |socket: &UdpSocket| -> std::io::Result<usize> {
+        socket.send(b"who")?;
+        socket.recv(&mut [0u8; 16])
+    };
+    let udp_socket = || {
+        run_in(&bed.ns("client"), || {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect(super::UDP_VIP).unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            socket
+        })
+    };
+    let before = udp_socket();
+    udp(&before).expect("a UDP reply before the crash");
     lb.0.kill().unwrap();
     lb.0.wait().unwrap();
+    udp(&before).expect("the UDP flow balanced before the crash goes on");
     let netlink = std::env::var_os(toa_lb_injector::datapath::kernel::injector::NETLINK_TC_ENV).is_some();
+    let new_udp = udp(&udp_socket());
+    assert_eq!(new_udp.is_ok(), netlink, "a new UDP flow after the crash: {new_udp:?}");
     // A client that forges a TOA.
     let answer = super::forged_toa_connection(bed, "203.0.113.51", Duration::from_secs(3));
     if netlink {
@@ -413,6 +432,7 @@ fn nothing_is_balanced_while_the_injector_is_gone() {
     let _lb = start_lb(&case, "toa");
     let (local, line) = ask(bed);
     assert!(line.contains(&format!(" client={local} ")), "served again: {line}");
+    udp(&udp_socket()).expect("a new UDP flow served again");
 }
 
 /// `toa-lb check --ruleset` prints what `toa-lb run` applies at start: the

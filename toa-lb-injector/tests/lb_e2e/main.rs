@@ -20,7 +20,7 @@ use std::time::Duration;
 use toa_core::{Format, Toa};
 use toa_server_shim::{Config, TcpListenerExt, TrustPolicy};
 use toa_testkit::netns::run_in;
-use toa_testkit::rawtcp::{Client, Conn};
+use toa_testkit::rawtcp::{Client, Conn, Wire, option_bytes};
 use toa_testkit::require_root;
 
 const VIP: &str = "203.0.113.10:80";
@@ -657,6 +657,61 @@ fn leftovers(bed: &Testbed) -> Vec<String> {
         left.extend(programs.into_iter().map(|p| format!("program {p} on {iface}")));
     }
     left
+}
+
+both! {
+/// A forged TOA in a handshake ACK that hides its TCP header from a reader
+/// looking right after the IP header, as two IPv4 or IPv6 fragments or behind
+/// an IPv6 destination-options header, never reaches a backend. (A backend's
+/// kernel helper reads the handshake's ACK when the SYN had no TOA.) The
+/// kernel datapath drops the first fragment and the extension-header segment
+/// and counts them (`dropped_unreadable`); the user-space datapaths do not
+/// forward fragments, and strip the option behind extension headers.
+fn forged_toa_behind_fragments_or_extension_headers_stops_at_the_lb(dp: Dp) {
+    require_root!();
+    let case = Case::new("fx", dp);
+    let (bed, dir) = (&case.bed, &case.dir);
+    let _lb = start_lb(&case, "toa");
+    let forged = Toa::new(Format::Toa, "10.9.9.9:1".parse().unwrap()).unwrap();
+    // NOPs first, so that the whole option lies in the second fragment, where
+    // the capture finds its bytes in one piece.
+    let options: Vec<u8> = [1, 1, 1, 1].into_iter().chain(option_bytes(&forged)).collect();
+    let client_mac = mac_of(&bed.ns("client"), "c0");
+    let lb_mac = mac_of(&bed.ns("lb"), "lb-c");
+    // Listeners with be1 as their only backend, where the capture runs.
+    let tries = [
+        ("203.0.113.53:40000", "203.0.113.10:81", Wire::Fragments),
+        ("[2001:db8:c::53]:40000", "[2001:db8:c::10]:80", Wire::Fragments),
+        ("[2001:db8:c::54]:40000", "[2001:db8:c::10]:80", Wire::DestinationOptions),
+    ];
+    let conns: Vec<Conn> = tries
+        .iter()
+        .map(|(source, vip, wire)| {
+            let source: SocketAddr = source.parse().unwrap();
+            neighbor(bed, &source.ip().to_string(), client_mac);
+            let mut conn = Conn::new(source, vip.parse().unwrap()).ack_as(*wire);
+            conn.ack_options.clone_from(&options);
+            conn
+        })
+        .collect();
+    let counts = kernel::capture(bed, || {
+        let mut raw = run_in(&bed.ns("client"), || Client::open("c0", client_mac, lb_mac));
+        // What the backends answer does not matter: only what reaches them.
+        let _ = raw.run(&conns, conns.len(), Duration::from_secs(3));
+    });
+    assert_eq!(counts["forged_toa"], 0, "a forged TOA reached be1: {counts}");
+    if dp == Dp::Kernel {
+        let stats = String::from_utf8(ctl_output(dir, "stats").stdout).unwrap();
+        let dropped = |listener: &str| -> u64 {
+            let line = stats.lines().find(|l| l.starts_with(&format!("{listener} "))).expect(listener);
+            let field = line.split_whitespace().find_map(|f| f.strip_prefix("dropped_unreadable="));
+            field.expect(line).parse().unwrap()
+        };
+        // Each ACK at least once (the backend's SYN-ACK retransmissions bring more).
+        assert!(dropped("203.0.113.10:81") >= 1, "{stats}");
+        assert!(dropped("[2001:db8:c::10]:80") >= 2, "{stats}");
+    }
+}
 }
 
 /// One connection to the VIP from `source` (port 40000), an address the

@@ -27,7 +27,7 @@ pub const UOA_MARKS: u32 = 0x4000_0000 | 0x003f_ffff;
 /// Listener slots for counters (`MAX_LISTENERS` in the C source).
 pub const MAX_LISTENERS: u32 = 1024;
 /// Counters per slot (`NR_COUNTERS`).
-const NR_COUNTERS: u32 = 10;
+const NR_COUNTERS: u32 = 11;
 /// `config.flags`: some listener places the TOA in data.
 const CFG_DATA_PLACEMENT: u32 = 1;
 /// `listener.placement` bits (`PLACE_*`).
@@ -103,12 +103,12 @@ pub struct InjectorOptions {
     /// The interface (index) toward the backends, whose MTU a segment the
     /// TOA grows must fit; 0: the interface the segment came in on.
     pub mtu_ifindex: u32,
-    /// The skb mark bit set on every TCP SYN to a listener that went through
-    /// the ingress program (0: never). `toa-lb run`'s table balances only
-    /// SYNs with it, so that nothing is balanced while the programs are not
-    /// running (after a crash, until the next start): without its TOA, and
-    /// without a client's forged one stripped.
-    pub syn_mark: u32,
+    /// The skb mark bit set on every TCP SYN and UDP datagram to a listener
+    /// that went through the ingress program (0: never). `toa-lb run`'s table
+    /// balances new flows only with it, so that nothing is balanced while the
+    /// programs are not running (after a crash, until the next start):
+    /// without its TOA or UOA, and without a client's forged one stripped.
+    pub gate_mark: u32,
 }
 
 /// A listener as the injector knows it.
@@ -153,6 +153,10 @@ pub struct InjectorCounters {
     pub uoa_stripped: u64,
     /// Empty datagrams sent only to carry a UOA, ahead of a datagram with no room.
     pub uoa_carriers: u64,
+    /// TCP segments dropped because the program cannot read into them (an
+    /// IPv4 fragment, IPv6 extension headers): a client's TOA in them could
+    /// not be stripped.
+    pub unreadable: u64,
 }
 
 /// Checks what the injector needs: root and Linux 5.12 or later (`bpf_check_mtu`).
@@ -312,7 +316,7 @@ impl Injector {
             tcp_flow_mask: self.slots - 1,
             kind_formats: kind_formats(),
             mtu_ifindex: options.mtu_ifindex,
-            syn_mark: options.syn_mark,
+            gate_mark: options.gate_mark,
         };
         let map = self.ebpf.map_mut("toa_lb_config").ok_or_else(missing("toa_lb_config"))?;
         let mut map: Array<_, RawConfig> = Array::try_from(map).map_err(bpf_err("toa_lb_config"))?;
@@ -495,6 +499,7 @@ fn read_counters(get: impl Fn(u32) -> u64, slot: u32) -> InjectorCounters {
         uoa_no_room: get(base + 7),
         uoa_stripped: get(base + 8),
         uoa_carriers: get(base + 9),
+        unreadable: get(base + 10),
     }
 }
 

@@ -251,7 +251,7 @@ fn injector_options(config: &LbConfig, budget: i64, watching_data: bool) -> Inje
         // Read at start and at each reload (an interface deleted and made
         // again has a new index); 0 (the client interface) if it is gone.
         mtu_ifindex: nix::net::if_::if_nametoindex(config.backend_interface.as_str()).unwrap_or(0),
-        syn_mark: ruleset::SYN_MARK,
+        gate_mark: ruleset::GATE_MARK,
     }
 }
 
@@ -643,6 +643,7 @@ impl KernelLb {
             uoa_no_room: inj.uoa_no_room,
             uoa_stripped: inj.uoa_stripped,
             uoa_carriers: inj.uoa_carriers,
+            dropped_unreadable: inj.unreadable,
             dropped_no_backend: counter(format!("l{slot}_nobackend")).0,
             ..Counters::default()
         };

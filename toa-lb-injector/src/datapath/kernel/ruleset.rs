@@ -2,12 +2,12 @@
 //! listeners as they run.
 //!
 //! ```text
-//! pre_nat      prerouting dstnat  a TCP SYN without the injector's SYN_MARK: not
+//! pre_nat      prerouting dstnat  a new flow without the injector's GATE_MARK: not
 //!                                 balanced; proto . VIP . port -> jump l<slot>
 //!   l<slot>      ct timeout by the configuration; ct mark := the scheduler's backend
 //!                (numgen for round robin and weights, jhash of the client for
 //!                consistent hash); count the flow; dnat to the backend of that mark
-//! post_nat     postrouting srcnat  SYN_MARK cleared; a flow of ours without the
+//! post_nat     postrouting srcnat  GATE_MARK cleared; a flow of ours without the
 //!              injector's transparent mark: snat to the pool, fully-random
 //! forward_count forward -150     packets and bytes per backend and direction
 //! input_guard   input -10        new flows to the host on a VIP or SNAT address: dropped
@@ -29,11 +29,14 @@ use crate::engine::listeners::Listeners;
 
 /// The table's name (family `inet`).
 pub const TABLE: &str = "toa_lb";
-/// The skb mark bit the injector sets on the TCP SYNs to listeners it has
-/// handled: the table balances only those (a SYN without it met no running
-/// injector: it would be balanced without its TOA, and with a client's
-/// forged one). Cleared again in `post_nat`.
-pub const SYN_MARK: u32 = 0x1000_0000;
+/// The skb mark bit the injector sets on the TCP SYNs and UDP datagrams to
+/// listeners it has handled: the table balances new flows only with it (a
+/// SYN or datagram without it met no running injector: it would be balanced
+/// without its TOA or UOA, and with a client's forged one). Cleared again in
+/// `post_nat` for a flow's first packet; a UDP flow's later datagrams keep
+/// it up to the interface (as they keep the transparent mark and the UOA
+/// marks), so host policy routing must not match on it.
+pub const GATE_MARK: u32 = 0x1000_0000;
 /// The conntrack marks of `toa-lb`'s flows: this byte on top.
 pub const MARK_BASE: u32 = 0x7a00_0000;
 /// The mask of [`MARK_BASE`].
@@ -319,16 +322,16 @@ pub fn render(inputs: &Inputs<'_>, ids: &Ids, stale_chains: &[String]) -> (Strin
         let n = if addr.is_ipv4() { 4 } else { 6 };
         let _ = writeln!(rules, "add element {t} snat{n} {{ {addr} }}");
     }
-    // Base chains. A TCP SYN the injector has not seen is not balanced (no
-    // NAT: the host's own stack drops it in input_guard).
-    let _ = writeln!(rules, "add rule {t} pre_nat meta l4proto tcp meta mark & {SYN_MARK:#010x} == 0 return");
+    // Base chains. A new flow whose first packet the injector has not seen is
+    // not balanced (no NAT: the host's own stack drops it in input_guard).
+    let _ = writeln!(rules, "add rule {t} pre_nat meta mark & {GATE_MARK:#010x} == 0 return");
     let _ = writeln!(rules, "add rule {t} pre_nat meta l4proto . ip daddr . th dport vmap @vip4");
     let _ = writeln!(rules, "add rule {t} pre_nat meta l4proto . ip6 daddr . th dport vmap @vip6");
     let transparent = inputs.transparent_mark;
     let _ = writeln!(
         rules,
-        "add rule {t} post_nat meta mark & {SYN_MARK:#010x} != 0 meta mark set meta mark & {:#010x}",
-        !SYN_MARK
+        "add rule {t} post_nat meta mark & {GATE_MARK:#010x} != 0 meta mark set meta mark & {:#010x}",
+        !GATE_MARK
     );
     let _ = writeln!(rules, "add rule {t} post_nat ct mark & {MARK_MASK:#010x} != {MARK_BASE:#010x} return");
     let _ = writeln!(
@@ -468,6 +471,10 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("add ct timeout inet toa_lb tcp4_5_900_10 { protocol tcp; l3proto ip;"), "{s}");
+        // The gate: new flows of both protocols, first in pre_nat.
+        let gate = "add rule inet toa_lb pre_nat meta mark & 0x10000000 == 0 return\n";
+        let at = |rule: &str| s.find(rule).unwrap_or_else(|| panic!("no {rule:?} in {s}"));
+        assert!(at(gate) < at("add rule inet toa_lb pre_nat meta l4proto . ip daddr"), "{s}");
         assert!(s.contains("add rule inet toa_lb l2 ct timeout set \"udp6_60\""), "{s}");
         assert!(s.contains("delete chain inet toa_lb l9"), "{s}");
         // Flushes come before the rules that refill.
