@@ -537,6 +537,12 @@ static __always_inline int unhide(struct __sk_buff *skb, struct pkt *p)
 {
 	__u8 next = p->proto;
 	__u32 off = p->l4;
+	/* IPv6 payload length 0 behind a hop-by-hop header: a jumbogram. On the
+	 * wire (an MTU below 64 KiB) the kernel's own check drops it before
+	 * netfilter; otherwise it is a BIG TCP GRO batch, which older kernels
+	 * build with such a header: passed, as before. */
+	if (p->family == 6 && next == IPPROTO_HOPOPTS && p->end == p->l4)
+		return -1;
 	if (p->family == 6) {
 #pragma unroll
 		for (int i = 0; i < MAX_EXT_HEADERS; i++) {

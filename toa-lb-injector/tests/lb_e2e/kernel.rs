@@ -381,6 +381,46 @@ fn a_restart_keeps_established_connections() {
     assert!(echoed.iter().all(|b| *b == b'x'));
 }
 
+/// A restart with a changed configuration (a new listener first, whose
+/// backend takes the first id a fresh numbering gives) keeps every backend's
+/// id: an open connection's traffic, whose conntrack entry carries the old
+/// run's mark, is counted to its own backend, not to the one now numbered so.
+#[test]
+fn a_restart_with_a_changed_configuration_counts_open_flows_to_their_backend() {
+    require_root!();
+    let case = Case::new("ri", Dp::Kernel);
+    let bed = &case.bed;
+    let lb = start_lb(&case, "toa");
+    let mut open = run_in(&bed.ns("client"), || {
+        TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10)).unwrap()
+    });
+    open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut echo = |n: usize| {
+        let sent = vec![b'x'; n];
+        std::io::Write::write_all(&mut open, &sent).unwrap();
+        let mut back = vec![0u8; n];
+        open.read_exact(&mut back).unwrap();
+        assert_eq!(back, sent);
+    };
+    echo(1000);
+    drop(lb);
+    let text = config_text("toa", Dp::Kernel.config());
+    let new = "[[listener]]\nvip = \"203.0.113.10:8443\"\nobtain_client_ip = \"toa\"\n\n\
+               [[listener.backend]]\naddress = \"100.125.2.2:8443\"\n\n[[listener]]\n";
+    let changed = text.replacen("[[listener]]\n", new, 1);
+    let _lb = start_lb_text(&case, "changed", &changed);
+    const SENT: usize = 200_000;
+    echo(SENT);
+    let stats = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();
+    let bytes_to = |backend: &str| -> u64 {
+        let line = stats.lines().find(|l| l.contains(&format!(" backend {backend} "))).expect(backend);
+        let field = line.split_whitespace().find_map(|f| f.strip_prefix("bytes_to_backend="));
+        field.expect(line).parse().unwrap()
+    };
+    assert!(bytes_to("100.125.2.1:8081") >= SENT as u64, "{stats}");
+    assert_eq!(bytes_to("100.125.2.2:8443"), 0, "{stats}");
+}
+
 /// After a crash (SIGKILL) the table stays until the next start, and with
 /// TCX the injector's programs die with the process. The table balances only
 /// the new flows the injector has marked (TCP SYNs, UDP datagrams), so
@@ -404,7 +444,7 @@ fn nothing_is_balanced_while_the_injector_is_gone() {
     let udp_socket = || {
         run_in(&bed.ns("client"), || {
             let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-            socket.connect(super::UDP_VIP).unwrap();
+            socket.connect(UDP_VIP).unwrap();
             socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
             socket
         })

@@ -92,6 +92,13 @@ fn netns_inode(link: &std::path::Path) -> Option<u64> {
 }
 
 /// This network namespace's inode.
+/// Where the kernel datapath keeps its backend ids between runs in this
+/// namespace (`netns-<inode>.ids`; removed with the namespace's other files
+/// when the namespace is gone).
+pub fn ids_path() -> PathBuf {
+    PathBuf::from(STATE_DIR).join(format!("netns-{}.ids", this_netns()))
+}
+
 fn this_netns() -> u64 {
     netns_inode(std::path::Path::new("/proc/self/ns/net")).unwrap_or(0)
 }

@@ -79,6 +79,9 @@ struct State {
     config: LbConfig,
     listeners: Listeners,
     ids: Ids,
+    /// How many backend ids the ids file holds (they only grow while the
+    /// process runs): see [`State::assign_ids`].
+    ids_saved: usize,
     /// The listener chains in the table.
     chains: Vec<String>,
     /// Taken at stop: dropping it detaches the programs.
@@ -172,8 +175,29 @@ impl NftCounters {
 }
 
 impl State {
-    fn render(&mut self) -> Result<(), ControlError> {
+    /// Numbers new listeners and backends, and writes the backend ids down
+    /// when there are new ones, for the next run (see [`Ids`]). A failed write
+    /// is said and does not stop anything: only counters would suffer.
+    fn assign_ids(&mut self) -> Result<(), ControlError> {
         self.ids.assign(&self.listeners).map_err(ControlError::Datapath)?;
+        if self.ids.backends.len() != self.ids_saved {
+            let path = host::ids_path();
+            let partial = path.with_extension("ids.new");
+            let written =
+                std::fs::write(&partial, self.ids.to_text()).and_then(|()| std::fs::rename(&partial, &path));
+            match written {
+                Ok(()) => self.ids_saved = self.ids.backends.len(),
+                Err(e) => tracing::warn!(
+                    "{}: {e}; after a restart, open flows' traffic may be counted to other backends",
+                    path.display()
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn render(&mut self) -> Result<(), ControlError> {
+        self.assign_ids()?;
         let (script, chains) =
             ruleset::render(&inputs(&self.config, &self.listeners), &self.ids, &self.chains);
         nft::apply(&script).map_err(|e| ControlError::Datapath(e.to_string()))?;
@@ -215,7 +239,7 @@ impl State {
     /// Tells the injector every listener (before the table balances it, so
     /// that no connection is balanced without its TOA).
     fn sync_injector(&mut self) -> Result<(), ControlError> {
-        self.ids.assign(&self.listeners).map_err(ControlError::Datapath)?;
+        self.assign_ids()?;
         for i in 0..self.listeners.all().len() {
             if let Some(l) = self.inject_listener(i) {
                 self.injector()?.set_listener(&l).map_err(|e| ControlError::Datapath(e.to_string()))?;
@@ -279,10 +303,13 @@ fn evict_half_open(entries: Vec<conntrack::Entry>, max: usize) -> Vec<u32> {
 
 /// The nftables script the kernel datapath applies at start for `config`
 /// (`toa-lb check --ruleset`: to review before running it on a host with a
-/// firewall of its own). Backends start up, as at start.
+/// firewall of its own). Backends start up, as at start, and keep the ids a
+/// previous run in this namespace gave them (a start would also keep those
+/// of backends no longer configured whose flows go on).
 pub fn ruleset_script(config: &LbConfig) -> Result<String, String> {
     let listeners = Listeners::new(&config.engine.listeners);
-    let mut ids = Ids::default();
+    let previous = std::fs::read_to_string(host::ids_path()).map(|t| Ids::from_text(&t)).unwrap_or_default();
+    let mut ids = Ids::carried_over(&previous, &listeners, |_| false);
     ids.assign(&listeners)?;
     Ok(ruleset::render(&inputs(config, &listeners), &ids, &[]).0)
 }
@@ -379,6 +406,14 @@ fn check_host(config: &LbConfig) {
     }
 }
 
+/// The backend ids a previous run in this namespace used, for those still
+/// configured or with flows in conntrack (a restart keeps flows).
+fn previous_ids(listeners: &Listeners) -> Ids {
+    let Ok(text) = std::fs::read_to_string(host::ids_path()) else { return Ids::default() };
+    let live = conntrack::count_by_mark(MARK_BASE, MARK_MASK).unwrap_or_default();
+    Ids::carried_over(&Ids::from_text(&text), listeners, |mark| live.contains_key(&mark))
+}
+
 impl KernelLb {
     /// Sets the kernel up for `config`: cleans up after a crashed run,
     /// enables forwarding, adds the addresses, installs the table, loads and
@@ -404,10 +439,13 @@ impl KernelLb {
             let budget = budget(config.engine.max_flows, conntrack::total().unwrap_or(0), 0);
             let options = injector_options(config, budget, false);
             let injector = Injector::load(&options)?;
+            let listeners = Listeners::new(&config.engine.listeners);
+            let ids = previous_ids(&listeners);
             let mut state = State {
                 config: config.clone(),
-                listeners: Listeners::new(&config.engine.listeners),
-                ids: Ids::default(),
+                listeners,
+                ids,
+                ids_saved: usize::MAX,
                 chains: Vec::new(),
                 injector: Some(injector),
                 watching_data: options.data_placement,

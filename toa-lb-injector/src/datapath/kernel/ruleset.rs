@@ -47,7 +47,13 @@ const HASH_BUCKETS: u32 = 256;
 const HASH_SEED: u32 = 0x746f_616c;
 
 /// The numbers that name things in the table.
-#[derive(Clone, Debug, Default)]
+///
+/// Backend ids outlive the process: a restart keeps established flows (their
+/// conntrack entries carry the old run's marks), so the next run must give
+/// each backend the id it had, or their traffic would be counted to another
+/// backend (one a changed configuration put in its place). They are written
+/// to a file ([`Ids::to_text`]) and read at start ([`Ids::from_text`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ids {
     /// Listener slot, by key (also the injector's counter slot).
     pub slots: BTreeMap<ListenerKey, u32>,
@@ -80,6 +86,57 @@ impl Ids {
     /// can be reused; backend ids stay (their flows and counters go on).
     pub fn retain_listeners(&mut self, listeners: &Listeners) {
         self.slots.retain(|key, _| listeners.find(*key).is_some());
+    }
+
+    /// Backend ids as a previous run left them, for a new run: only those of
+    /// backends still configured or whose mark has flows in conntrack (`live`),
+    /// so that the list does not grow with every backend ever seen. Listener
+    /// slots are not kept (the injector's counters start again anyway).
+    pub fn carried_over(previous: &Ids, listeners: &Listeners, live: impl Fn(u32) -> bool) -> Ids {
+        let configured = |key: &ListenerKey, addr: &SocketAddr| {
+            listeners.find(*key).is_some_and(|i| {
+                listeners.get(i).is_some_and(|l| l.config.backends.iter().any(|b| b.addr == *addr))
+            })
+        };
+        let backends = previous
+            .backends
+            .iter()
+            .filter(|((key, addr), id)| configured(key, addr) || live(MARK_BASE | **id))
+            .map(|(k, id)| (*k, *id))
+            .collect();
+        Ids { slots: BTreeMap::new(), backends }
+    }
+
+    /// The backend ids, a line each: `backend tcp|udp VIP ADDRESS ID`.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for (((protocol, vip), addr), id) in &self.backends {
+            let _ = writeln!(out, "backend {} {vip} {addr} {id}", proto(*protocol));
+        }
+        out
+    }
+
+    /// Reads [`Ids::to_text`]'s lines; others are skipped (a file from
+    /// another version), and so are ids out of range or given twice.
+    pub fn from_text(text: &str) -> Ids {
+        let mut ids = Ids::default();
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let ["backend", protocol, vip, addr, id] = words[..] else { continue };
+            let protocol = match protocol {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                _ => continue,
+            };
+            let (Ok(vip), Ok(addr), Ok(id)) = (vip.parse(), addr.parse(), id.parse::<u32>()) else {
+                continue;
+            };
+            if id == 0 || id >= 1 << 24 || ids.backends.values().any(|v| *v == id) {
+                continue;
+            }
+            ids.backends.insert(((protocol, vip), addr), id);
+        }
+        ids
     }
 }
 
@@ -514,6 +571,46 @@ mod tests {
                 assert_eq!(a, b, "only backend 4's buckets move");
             }
         }
+    }
+
+    #[test]
+    fn backend_ids_carry_over_to_the_next_run() {
+        let a = listener("203.0.113.10:80", Protocol::Tcp, Scheduler::RoundRobin, &[("100.125.2.1:8080", 1)]);
+        let b = listener(
+            "[2001:db8:c::10]:53",
+            Protocol::Udp,
+            Scheduler::RoundRobin,
+            &[("[2001:db8:64::2:1]:53", 1)],
+        );
+        let mut first = Ids::default();
+        first.assign(&Listeners::new(&[a.clone(), b.clone()])).unwrap();
+        let text = first.to_text();
+        assert_eq!(
+            text,
+            "backend tcp 203.0.113.10:80 100.125.2.1:8080 1\nbackend udp [2001:db8:c::10]:53 [2001:db8:64::2:1]:53 2\n"
+        );
+        let read = Ids::from_text(&format!(
+            "{text}garbage\nbackend tcp 203.0.113.10:80 100.125.2.9:1 2\nbackend tcp x y 9\n"
+        ));
+        assert_eq!(read.backends, first.backends, "a second id 2 and bad lines are skipped");
+        // The next run's configuration puts a new listener first, and no longer
+        // has the UDP one: the TCP backend keeps id 1, the UDP one's id stays
+        // while its flows live, and the new backend takes a free id.
+        let new =
+            listener("203.0.113.10:443", Protocol::Tcp, Scheduler::RoundRobin, &[("100.125.2.2:443", 1)]);
+        let listeners = Listeners::new(&[new, a]);
+        let udp_mark = MARK_BASE | 2;
+        let mut next = Ids::carried_over(&read, &listeners, |mark| mark == udp_mark);
+        next.assign(&listeners).unwrap();
+        let id = |vip: &str, addr: &str, p| {
+            next.backends.get(&((p, vip.parse().unwrap()), addr.parse().unwrap())).copied()
+        };
+        assert_eq!(id("203.0.113.10:80", "100.125.2.1:8080", Protocol::Tcp), Some(1));
+        assert_eq!(id("[2001:db8:c::10]:53", "[2001:db8:64::2:1]:53", Protocol::Udp), Some(2));
+        assert_eq!(id("203.0.113.10:443", "100.125.2.2:443", Protocol::Tcp), Some(3));
+        // Its flows gone, the unconfigured backend's id is forgotten.
+        let later = Ids::carried_over(&next, &listeners, |_| false);
+        assert_eq!(later.backends.len(), 2);
     }
 
     #[test]
