@@ -190,7 +190,7 @@ impl Client {
                             options: &conn.syn_options,
                             payload: &[],
                         };
-                        send_on(&mut self.tx, self.mac, self.peer_mac, conn, syn);
+                        send_as(&mut self.tx, self.mac, self.peer_mac, conn, syn, Wire::Plain);
                         *at = Instant::now();
                         *tries += 1;
                     }
@@ -204,7 +204,7 @@ impl Client {
                         let flags = TcpFlags::ACK.union(TcpFlags::PSH);
                         let (options, payload) = (&conn.data_options[..], &conn.request[..]);
                         let data = Segment { flags, seq: ISN + 1, ack: *server_next, options, payload };
-                        send_on(&mut self.tx, self.mac, self.peer_mac, conn, data);
+                        send_as(&mut self.tx, self.mac, self.peer_mac, conn, data, Wire::Plain);
                         *request_at = None;
                     }
                 }
@@ -256,7 +256,7 @@ impl Client {
                             let flags = TcpFlags::ACK.union(TcpFlags::PSH);
                             let (options, payload) = (&conn.data_options[..], &conn.request[..]);
                             let data = Segment { flags, seq: ISN + 1, ack: *server_next, options, payload };
-                            send_on(&mut self.tx, self.mac, self.peer_mac, conn, data);
+                            send_as(&mut self.tx, self.mac, self.peer_mac, conn, data, Wire::Plain);
                         }
                         continue;
                     }
@@ -311,7 +311,7 @@ impl Client {
     }
 
     fn send(&mut self, conn: &Conn, segment: Segment<'_>) {
-        send_on(&mut self.tx, self.mac, self.peer_mac, conn, segment);
+        send_as(&mut self.tx, self.mac, self.peer_mac, conn, segment, Wire::Plain);
     }
 }
 
@@ -330,18 +330,8 @@ pub struct Segment<'a> {
     pub payload: &'a [u8],
 }
 
-/// Sends one frame; the sender is borrowed alone so that callers may hold other state.
-fn send_on(
-    tx: &mut Box<dyn pnet_datalink::DataLinkSender>,
-    mac: [u8; 6],
-    peer_mac: [u8; 6],
-    conn: &Conn,
-    segment: Segment<'_>,
-) {
-    send_as(tx, mac, peer_mac, conn, segment, Wire::Plain);
-}
-
-/// Sends one segment in the frames `wire` makes of it.
+/// Sends one segment in the frames `wire` makes of it; the sender is
+/// borrowed alone so that callers may hold other state.
 fn send_as(
     tx: &mut Box<dyn pnet_datalink::DataLinkSender>,
     mac: [u8; 6],

@@ -15,8 +15,8 @@ use toa_testkit::rawtcp::{Client, Conn};
 use toa_testkit::require_root;
 
 use super::{
-    Case, Dp, Testbed, UDP_VIP, VIP, ask, ask_udp, ask_vip, config_text, connect_through_start, ctl_output,
-    leftovers, mac_of, start_lb, start_lb_text,
+    Case, Dp, Testbed, UDP_VIP, VIP, ask, ask_udp, ask_vip, config_text, connect_echo, connect_through_start,
+    ctl_output, leftovers, mac_of, start_lb, start_lb_text,
 };
 
 /// Captures at backend 1 while `traffic` runs; returns the checker's JSON.
@@ -340,10 +340,7 @@ fn a_restart_keeps_established_connections() {
     let case = Case::new("rk", Dp::Kernel);
     let bed = &case.bed;
     let lb = start_lb(&case, "toa");
-    let mut open = run_in(&bed.ns("client"), || {
-        TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10)).unwrap()
-    });
-    open.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut open = connect_echo(bed, Duration::from_secs(20));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (mut out, stop) = (open.try_clone().unwrap(), stop.clone());
@@ -391,10 +388,7 @@ fn a_restart_with_a_changed_configuration_counts_open_flows_to_their_backend() {
     let case = Case::new("ri", Dp::Kernel);
     let bed = &case.bed;
     let lb = start_lb(&case, "toa");
-    let mut open = run_in(&bed.ns("client"), || {
-        TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10)).unwrap()
-    });
-    open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut open = connect_echo(bed, Duration::from_secs(10));
     let mut echo = |n: usize| {
         let sent = vec![b'x'; n];
         std::io::Write::write_all(&mut open, &sent).unwrap();

@@ -352,6 +352,17 @@ fn ask_udp(bed: &Testbed, vip: &str, count: usize) -> (SocketAddr, Vec<String>) 
     })
 }
 
+/// A connection from the client namespace to the echo listener
+/// (203.0.113.10:81), reads timing out after `read_timeout`.
+fn connect_echo(bed: &Testbed, read_timeout: Duration) -> TcpStream {
+    let stream = run_in(&bed.ns("client"), || {
+        TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10))
+    })
+    .expect("connect to the echo listener");
+    stream.set_read_timeout(Some(read_timeout)).unwrap();
+    stream
+}
+
 fn ask_vip(bed: &Testbed, vip: &str) -> (SocketAddr, String) {
     run_in(&bed.ns("client"), || {
         let mut stream = TcpStream::connect_timeout(&vip.parse().unwrap(), Duration::from_secs(10))
@@ -1161,10 +1172,7 @@ fn reload_rejects_bad_config_and_applies_good(dp: Dp) {
         std::thread::sleep(Duration::from_millis(300));
     };
     // An open connection through the echo listener, to carry on across reloads.
-    let mut open = run_in(&bed.ns("client"), || {
-        TcpStream::connect_timeout(&"203.0.113.10:81".parse().unwrap(), Duration::from_secs(10)).unwrap()
-    });
-    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut open = connect_echo(bed, Duration::from_secs(5));
     let mut echo = |text: &[u8]| {
         open.write_all(text).unwrap();
         let mut buf = vec![0u8; text.len()];
