@@ -106,7 +106,8 @@
 #define CNT_UOA_NO_ROOM 7  /* datagrams that should have carried one and had no room */
 #define CNT_UOA_STRIPPED 8 /* UOAs clients sent, removed */
 #define CNT_UOA_CARRIERS 9 /* empty datagrams sent only to carry a UOA */
-#define CNT_UNREADABLE 10  /* TCP segments dropped: an IPv4 fragment, or behind IPv6 extension headers */
+#define CNT_UNREADABLE 10  /* TCP segments dropped: an IPv4 fragment, behind IPv6 extension headers,
+			    * or options that could not be read or rewritten (a forged TOA would stay) */
 #define NR_COUNTERS 11
 #define MAX_LISTENERS 1024
 
@@ -860,15 +861,21 @@ static __always_inline int tcp_ingress(struct __sk_buff *skb, struct pkt *p, con
 	struct scratch *s = 0;
 
 	if (!p->fast) {
+		/* Fail closed: a segment whose options cannot be read, or whose
+		 * forged TOA cannot be overwritten, goes no further. */
 		s = scratch();
-		if (!s || load_options(skb, p->l4 + 20, s->old, optlen) < 0)
-			return TC_NEXT;
+		if (!s || load_options(skb, p->l4 + 20, s->old, optlen) < 0) {
+			count(l->slot, CNT_UNREADABLE);
+			return TC_ACT_SHOT;
+		}
 		__builtin_memcpy(s->opts, s->old, OPT_BUF);
 		int scanned = strip_options(s, optlen, cfg);
 		if (scanned) {
 			if (rewrite_options(skb, p->l4 + 20, p->l4 + offsetof(struct tcphdr, check), s->old, s->opts,
-					    optlen) < 0)
-				return TC_NEXT;
+					    optlen) < 0) {
+				count(l->slot, CNT_UNREADABLE);
+				return TC_ACT_SHOT;
+			}
 			if (scanned & 0xff)
 				count_n(l->slot, CNT_STRIPPED, scanned & 0xff);
 			if (scanned >> 8)

@@ -110,8 +110,9 @@ counters! {
         /// does not steer to (user-space datapaths with several workers).
         dropped_wrong_engine => "toa_lb_dropped_total" reason "wrong_engine", "Packets dropped, by reason.";
         /// Drops: TCP segments the kernel datapath's injector cannot read into
-        /// (IPv4 fragments, IPv6 extension headers), where a client's TOA could
-        /// not be stripped. (The user-space datapaths do not forward fragments.)
+        /// (IPv4 fragments, IPv6 extension headers; options it could not read
+        /// or rewrite), where a client's TOA could not be stripped. (The
+        /// user-space datapaths do not forward fragments.)
         dropped_unreadable => "toa_lb_dropped_total" reason "unreadable", "Packets dropped, by reason.";
     }
 }

@@ -154,8 +154,8 @@ pub struct InjectorCounters {
     /// Empty datagrams sent only to carry a UOA, ahead of a datagram with no room.
     pub uoa_carriers: u64,
     /// TCP segments dropped because the program cannot read into them (an
-    /// IPv4 fragment, IPv6 extension headers): a client's TOA in them could
-    /// not be stripped.
+    /// IPv4 fragment, IPv6 extension headers), or could not read or rewrite
+    /// their options: a client's TOA in them could not be stripped.
     pub unreadable: u64,
 }
 
