@@ -1329,6 +1329,14 @@ fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
     // are the table's, which started again from zero).
     let after = stats();
     assert!(after.0 > before.0 && after.1 > before.1, "before {before:?}, after {after:?}");
+    if dp == Dp::Kernel {
+        // The same when someone resets the table's counters.
+        lb_ns(&["nft", "reset", "counters", "table", "inet", "toa_lb"]);
+        let (local, line) = ask(bed);
+        assert!(line.contains(&format!(" client={local} ")), "{line}");
+        let reset = stats();
+        assert!(reset.0 > after.0 && reset.1 > after.1, "before the reset {after:?}, after it {reset:?}");
+    }
     // What was put back is counted (for alerts: toa_lb_put_back_total).
     let out = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();
     let put_back = match dp {

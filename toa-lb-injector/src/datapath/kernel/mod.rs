@@ -134,25 +134,53 @@ impl PutBack {
 /// counters start from zero; the values last read (by a snapshot: a
 /// scrape, `ctl stats`) are then carried over, so that totals go on (less
 /// what was counted between that read and the removal) instead of falling.
+/// The same when someone resets them (`nft reset counters`): a counter read
+/// lower than before was reset.
 #[derive(Debug, Default)]
 struct NftCounters {
-    /// Counted by tables that are gone.
+    /// Counted by tables that are gone, and before resets.
     carried: HashMap<String, (u64, u64)>,
     /// The present table's, as last read.
     last: HashMap<String, (u64, u64)>,
     /// How many times the table was put back: a read begun before a
     /// put-back may have read the old table, and is not taken as the new one's.
     generation: u64,
+    /// Reads begun, and the number of the last one taken: an older read that
+    /// ends after a newer one would look like a reset, and is left out.
+    begun: u64,
+    taken: u64,
+}
+
+/// A read of the table's counters, as [`NftCounters::begin`] numbered it.
+#[derive(Clone, Copy, Debug)]
+struct Ticket {
+    generation: u64,
+    number: u64,
 }
 
 impl NftCounters {
-    /// Takes `read` (begun when the table was at `generation`) as the
-    /// present table's counters, and returns the totals: those plus what
-    /// earlier tables counted. A read begun before a put-back may be the old
-    /// table's or the new one's: it is left out.
-    fn totals(&mut self, generation: u64, read: HashMap<String, (u64, u64)>) -> HashMap<String, (u64, u64)> {
-        if generation == self.generation {
-            self.last.extend(read);
+    /// Numbers a read about to begin (call with the state locked).
+    fn begin(&mut self) -> Ticket {
+        self.begun += 1;
+        Ticket { generation: self.generation, number: self.begun }
+    }
+
+    /// Takes `read` (begun with `ticket`) as the present table's counters,
+    /// and returns the totals: those plus what earlier tables counted, and
+    /// what counters had before they were reset. A read begun before a
+    /// put-back may be the old table's or the new one's, and one begun before
+    /// the last read taken is older than it: both are left out.
+    fn totals(&mut self, ticket: Ticket, read: HashMap<String, (u64, u64)>) -> HashMap<String, (u64, u64)> {
+        if ticket.generation == self.generation && ticket.number > self.taken {
+            self.taken = ticket.number;
+            for (name, now) in read {
+                let before = self.last.insert(name.clone(), now);
+                if let Some(before) = before.filter(|b| now.0 < b.0 || now.1 < b.1) {
+                    let carried = self.carried.entry(name).or_default();
+                    carried.0 += before.0;
+                    carried.1 += before.1;
+                }
+            }
         }
         let mut totals = self.carried.clone();
         for (name, (packets, bytes)) in &self.last {
@@ -708,13 +736,13 @@ impl KernelLb {
 
 impl Balancer for KernelLb {
     fn snapshot(&self) -> Snapshot {
-        let generation = self.lock().counters.generation;
+        let ticket = self.lock().counters.begin();
         let read = nft::counters("inet", TABLE).unwrap_or_else(|e| {
             tracing::warn!("reading the nftables counters: {e}");
             HashMap::new()
         });
         let mut state = self.lock();
-        let nft = state.counters.totals(generation, read);
+        let nft = state.counters.totals(ticket, read);
         let count = state.listeners.all().len();
         let listeners: Vec<ListenerView> =
             (0..count).filter_map(|i| Self::listener_view(&mut state, i, &nft)).collect();
@@ -877,23 +905,47 @@ mod tests {
     #[test]
     fn counters_go_on_across_a_table_put_back() {
         let mut c = NftCounters::default();
+        let t = c.begin();
         assert_eq!(
-            c.totals(0, read(&[("b1_o", 10, 1000), ("b1_f", 2, 0)])),
+            c.totals(t, read(&[("b1_o", 10, 1000), ("b1_f", 2, 0)])),
             read(&[("b1_o", 10, 1000), ("b1_f", 2, 0)])
         );
         c.table_gone();
         // The new table counts from zero; the totals go on.
-        assert_eq!(c.totals(1, read(&[("b1_o", 3, 300)])), read(&[("b1_o", 13, 1300), ("b1_f", 2, 0)]));
+        let t = c.begin();
+        assert_eq!(c.totals(t, read(&[("b1_o", 3, 300)])), read(&[("b1_o", 13, 1300), ("b1_f", 2, 0)]));
+        let t = c.begin();
         assert_eq!(
-            c.totals(1, read(&[("b1_o", 4, 400), ("b1_f", 1, 0)])),
+            c.totals(t, read(&[("b1_o", 4, 400), ("b1_f", 1, 0)])),
             read(&[("b1_o", 14, 1400), ("b1_f", 3, 0)])
         );
         // A read begun before the next put-back may be either table's: left
         // out, and the totals do not fall.
+        let t = c.begin();
         c.table_gone();
-        assert_eq!(c.totals(1, read(&[("b1_o", 100, 10_000)])), read(&[("b1_o", 14, 1400), ("b1_f", 3, 0)]));
+        assert_eq!(c.totals(t, read(&[("b1_o", 100, 10_000)])), read(&[("b1_o", 14, 1400), ("b1_f", 3, 0)]));
         // A failed read (nothing) changes nothing.
-        assert_eq!(c.totals(2, HashMap::new()), read(&[("b1_o", 14, 1400), ("b1_f", 3, 0)]));
-        assert_eq!(c.totals(2, read(&[("b1_o", 1, 1)])), read(&[("b1_o", 15, 1401), ("b1_f", 3, 0)]));
+        let t = c.begin();
+        assert_eq!(c.totals(t, HashMap::new()), read(&[("b1_o", 14, 1400), ("b1_f", 3, 0)]));
+        let t = c.begin();
+        assert_eq!(c.totals(t, read(&[("b1_o", 1, 1)])), read(&[("b1_o", 15, 1401), ("b1_f", 3, 0)]));
+    }
+
+    #[test]
+    fn counters_go_on_across_a_reset() {
+        let mut c = NftCounters::default();
+        let t = c.begin();
+        c.totals(t, read(&[("b1_o", 10, 1000), ("b1_f", 2, 0)]));
+        // `nft reset counters`: b1_o starts again from zero; b1_f had counted nothing new.
+        let t = c.begin();
+        assert_eq!(
+            c.totals(t, read(&[("b1_o", 1, 60), ("b1_f", 2, 0)])),
+            read(&[("b1_o", 11, 1060), ("b1_f", 2, 0)])
+        );
+        // Two reads at once: the older one ends last, lower than the newer.
+        // It is left out, not taken for a reset (which would count twice).
+        let (older, newer) = (c.begin(), c.begin());
+        assert_eq!(c.totals(newer, read(&[("b1_o", 5, 300)])), read(&[("b1_o", 15, 1300), ("b1_f", 2, 0)]));
+        assert_eq!(c.totals(older, read(&[("b1_o", 3, 200)])), read(&[("b1_o", 15, 1300), ("b1_f", 2, 0)]));
     }
 }
