@@ -35,6 +35,11 @@ pub enum InjectCliError {
     /// Nothing attached.
     #[error("the injector is not attached{0}; run `toa-lb inject attach`")]
     NotAttached(String),
+    /// `toa-lb run`'s injector is on the interface.
+    #[error(
+        "{0} has toa-lb's injector attached already, not by `toa-lb inject`: a `toa-lb run` with client_interface = \"{0}\"? It does what `inject` would: stop it first, or attach elsewhere. (If none runs, one that crashed before Linux 6.6 left its tc filters: starting and stopping `toa-lb run` removes them.)"
+    )]
+    Busy(String),
     /// No bpffs where pins would last.
     #[error("{0}")]
     Bpffs(String),
@@ -129,7 +134,11 @@ pub fn attach(options: &AttachOptions) -> Result<(), InjectCliError> {
     }
     ensure_bpffs(&options.pin_dir)?;
     let dir = options.pin_dir.join(&options.interface);
-    if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+    let pinned = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
+    if !pinned && !injector::attached_programs(&options.interface).is_empty() {
+        return Err(InjectCliError::Busy(options.interface.clone()));
+    }
+    if pinned {
         let complete = injector::PROGRAMS.iter().all(|(p, _)| dir.join(format!("link_{p}")).exists());
         let what = if complete {
             "pinned under ".to_owned() + &dir.display().to_string()

@@ -583,6 +583,54 @@ EOF",
     assert!(!pins.exists(), "the pins are gone");
 }
 
+/// `toa-lb run` and `toa-lb inject` on one interface would strip and insert
+/// over each other (and before TCX a run's start removes the other's tc
+/// filters): each refuses while the other is there, saying which, and
+/// touches nothing of it.
+#[test]
+fn run_and_inject_refuse_each_other() {
+    require_root!();
+    let case = Case::new("rj", Dp::Kernel);
+    let bed = &case.bed;
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/toa-lb-test-rj-{}", std::process::id()));
+    let _unpin = Unpin(pins.clone());
+    let programs =
+        || run_in(&bed.ns("lb"), || toa_lb_injector::datapath::kernel::injector::attached_programs("lb-c"));
+    let attach = || inject(bed, &pins, &["attach", "--iface", "lb-c", "--listener", VIP]);
+    {
+        let _lb = start_lb(&case, "toa");
+        let out = attach();
+        assert!(!out.status.success(), "inject attached over a running toa-lb run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("lb-c has toa-lb's injector attached already") && err.contains("toa-lb run"),
+            "{err}"
+        );
+        assert!(!pins.join("lb-c").exists(), "nothing pinned");
+        let (local, line) = ask(bed);
+        assert!(line.contains(&format!(" client={local} ")), "still served with the TOA: {line}");
+    }
+    let out = attach();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // With TCX a run knows any programs on the interface are alive; before
+    // it, only by the default pin directory, which a test leaves alone.
+    let netlink = std::env::var_os(toa_lb_injector::datapath::kernel::injector::NETLINK_TC_ENV).is_some();
+    if !netlink {
+        let err = super::run_refused(&case, &case.dir.join("lb-toa.toml"), "ctl-rj.sock");
+        assert!(err.contains("`toa-lb inject` has its injector on lb-c"), "{err}");
+        assert!(err.contains("toa-lb inject detach --iface lb-c"), "{err}");
+        assert_eq!(programs().len(), 2, "inject's programs stay");
+        assert_eq!(
+            leftovers(bed).iter().filter(|l| !l.starts_with("program")).count(),
+            0,
+            "{:?}",
+            leftovers(bed)
+        );
+    }
+    assert!(inject(bed, &pins, &["detach"]).status.success());
+    assert_eq!(programs(), Vec::<String>::new());
+}
+
 /// The backends' egress program (it writes UOAs) is attached only once a UDP
 /// listener exists: a TCP-only configuration has no program on the way to
 /// the backends, a reload that adds a UDP listener attaches it, and one that

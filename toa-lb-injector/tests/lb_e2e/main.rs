@@ -598,13 +598,26 @@ fn toa_lb_end_to_end(dp: Dp) {
 /// Runs `toa-lb run --config CONFIG` in the LB namespace (control socket
 /// `SOCKET` in the case's directory), which must refuse; returns what it said.
 fn run_refused(case: &Case, config: &std::path::Path, socket: &str) -> String {
-    let out = Command::new("ip")
+    let mut child = Command::new("ip")
         .args(["netns", "exec", &case.bed.ns("lb"), env!("CARGO_BIN_EXE_toa-lb"), "run", "--config"])
         .arg(config)
         .arg("--socket")
         .arg(case.dir.join(socket))
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // One that starts instead runs until stopped: not a hang, a failure.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+            panic!("toa-lb run {} did not refuse: it started", config.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "toa-lb run {} did not refuse", config.display());
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

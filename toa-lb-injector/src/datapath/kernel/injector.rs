@@ -193,6 +193,17 @@ fn has_tcx() -> bool {
     kernel_version(&release) >= (6, 6)
 }
 
+/// Whether `toa-lb inject` has its injector on `interface`: pinned under
+/// the default pin directory, or (with TCX, whose links die with the
+/// process that made them, so that what is attached belongs to something
+/// alive) attached at all. Asked by `toa-lb run` before it takes the
+/// interface (its lock keeps a second `run` out before that).
+pub fn other_injector_on(interface: &str) -> bool {
+    let pinned = Path::new(crate::inject::PIN_DIR).join(interface);
+    let pinned = std::fs::read_dir(pinned).is_ok_and(|mut d| d.next().is_some());
+    pinned || (has_tcx() && !attached_programs(interface).is_empty())
+}
+
 /// Checks that `interface` exists in this network namespace and is Ethernet.
 pub fn check_interface(interface: &str) -> Result<(), InjectError> {
     let kind =

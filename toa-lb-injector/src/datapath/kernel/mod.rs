@@ -456,7 +456,17 @@ impl KernelLb {
         // without their VIP and SNAT addresses the host's stack cannot reset
         // them (a VIP still local without the table's NAT would answer their
         // next segment with a reset).
-        let mut host = Host::recover()?;
+        let host = Host::recover()?;
+        // The interface is `toa-lb inject`'s: the two would strip and insert
+        // over each other, and before TCX the clean-up below would remove
+        // its filters.
+        if injector::other_injector_on(&config.client_interface) {
+            return Err(KernelError::Other(format!(
+                "`toa-lb inject` has its injector on {0} (see `toa-lb inject status`); `toa-lb run` attaches its own there: detach that one first: toa-lb inject detach --iface {0}",
+                config.client_interface
+            )));
+        }
+        let mut host = host;
         clean_up_after_crash(&[&config.client_interface, &config.backend_interface])?;
         check_host(config);
         // The order matters for clients already sending (a restart): the
