@@ -336,8 +336,7 @@ fn evict_half_open(entries: Vec<conntrack::Entry>, max: usize) -> Vec<u32> {
 /// of backends no longer configured whose flows go on).
 pub fn ruleset_script(config: &LbConfig) -> Result<String, String> {
     let listeners = Listeners::new(&config.engine.listeners);
-    let previous = std::fs::read_to_string(host::ids_path()).map(|t| Ids::from_text(&t)).unwrap_or_default();
-    let mut ids = Ids::carried_over(&previous, &listeners, |_| false);
+    let mut ids = Ids::carried_over(&saved_ids(), &listeners, |_| false);
     ids.assign(&listeners)?;
     Ok(ruleset::render(&inputs(config, &listeners), &ids, &[]).0)
 }
@@ -434,12 +433,21 @@ fn check_host(config: &LbConfig) {
     }
 }
 
+/// The backend ids a previous run in this namespace wrote down (none: a
+/// first run, or a file that cannot be read).
+fn saved_ids() -> Ids {
+    std::fs::read_to_string(host::ids_path()).map(|text| Ids::from_text(&text)).unwrap_or_default()
+}
+
 /// The backend ids a previous run in this namespace used, for those still
 /// configured or with flows in conntrack (a restart keeps flows).
 fn previous_ids(listeners: &Listeners) -> Ids {
-    let Ok(text) = std::fs::read_to_string(host::ids_path()) else { return Ids::default() };
+    let saved = saved_ids();
+    if saved.backends.is_empty() {
+        return saved;
+    }
     let live = conntrack::count_by_mark(MARK_BASE, MARK_MASK).unwrap_or_default();
-    Ids::carried_over(&Ids::from_text(&text), listeners, |mark| live.contains_key(&mark))
+    Ids::carried_over(&saved, listeners, |mark| live.contains_key(&mark))
 }
 
 impl KernelLb {
@@ -456,7 +464,7 @@ impl KernelLb {
         // without their VIP and SNAT addresses the host's stack cannot reset
         // them (a VIP still local without the table's NAT would answer their
         // next segment with a reset).
-        let host = Host::recover()?;
+        let mut host = Host::recover()?;
         // The interface is `toa-lb inject`'s: the two would strip and insert
         // over each other, and before TCX the clean-up below would remove
         // its filters.
@@ -466,7 +474,6 @@ impl KernelLb {
                 config.client_interface
             )));
         }
-        let mut host = host;
         clean_up_after_crash(&[&config.client_interface, &config.backend_interface])?;
         check_host(config);
         // The order matters for clients already sending (a restart): the
