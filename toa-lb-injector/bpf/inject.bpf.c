@@ -570,9 +570,7 @@ static __always_inline int unhide(struct __sk_buff *skb, struct pkt *p)
 		}
 		if (next != IPPROTO_TCP && next != IPPROTO_UDP)
 			return OPAQUE;
-	} else if (next != IPPROTO_TCP && next != IPPROTO_UDP) {
-		return -1;
-	}
+	} /* IPv4: parse_linear() said HIDDEN only for TCP and UDP */
 	__u16 ports[2];
 	if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
 		return OPAQUE;

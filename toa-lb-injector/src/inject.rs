@@ -121,6 +121,12 @@ fn ensure_bpffs(dir: &Path) -> Result<(), InjectCliError> {
         .map_err(|e| InjectCliError::Io("mount bpffs at /sys/fs/bpf".into(), e.into()))
 }
 
+/// Whether anything of an injector is pinned for `interface` under `pin_dir`
+/// (all of it, or what an interrupted attach left).
+pub(crate) fn is_pinned(pin_dir: &Path, interface: &str) -> bool {
+    std::fs::read_dir(pin_dir.join(interface)).is_ok_and(|mut d| d.next().is_some())
+}
+
 /// Loads the injector, fills its listeners, attaches it to the interface and
 /// pins it. On failure nothing is left behind.
 pub fn attach(options: &AttachOptions) -> Result<(), InjectCliError> {
@@ -134,7 +140,7 @@ pub fn attach(options: &AttachOptions) -> Result<(), InjectCliError> {
     }
     ensure_bpffs(&options.pin_dir)?;
     let dir = options.pin_dir.join(&options.interface);
-    let pinned = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
+    let pinned = is_pinned(&options.pin_dir, &options.interface);
     if !pinned && !injector::attached_programs(&options.interface).is_empty() {
         return Err(InjectCliError::Busy(options.interface.clone()));
     }

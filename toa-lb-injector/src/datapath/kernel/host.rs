@@ -91,14 +91,19 @@ fn netns_inode(link: &std::path::Path) -> Option<u64> {
     text.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
 }
 
-/// This network namespace's inode.
 /// Where the kernel datapath keeps its backend ids between runs in this
 /// namespace (`netns-<inode>.ids`; removed with the namespace's other files
 /// when the namespace is gone).
 pub fn ids_path() -> PathBuf {
-    PathBuf::from(STATE_DIR).join(format!("netns-{}.ids", this_netns()))
+    netns_file(this_netns(), "ids")
 }
 
+/// The file of `kind` (`lock`, `state`, `ids`) of the namespace `inode`.
+fn netns_file(inode: u64, kind: &str) -> PathBuf {
+    PathBuf::from(STATE_DIR).join(format!("netns-{inode}.{kind}"))
+}
+
+/// This network namespace's inode.
 fn this_netns() -> u64 {
     netns_inode(std::path::Path::new("/proc/self/ns/net")).unwrap_or(0)
 }
@@ -231,7 +236,7 @@ impl Host {
     pub fn recover() -> Result<Host, HostError> {
         std::fs::create_dir_all(STATE_DIR).map_err(|e| HostError::State(STATE_DIR.into(), e))?;
         let inode = this_netns();
-        let lock_path = PathBuf::from(STATE_DIR).join(format!("netns-{inode}.lock"));
+        let lock_path = netns_file(inode, "lock");
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -241,7 +246,7 @@ impl Host {
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| HostError::Running(lock_path.display().to_string()))?;
         remove_dead_files();
-        let path = PathBuf::from(STATE_DIR).join(format!("netns-{inode}.state"));
+        let path = netns_file(inode, "state");
         if let Ok(text) = std::fs::read_to_string(&path) {
             let left: Vec<Change> = text.lines().filter_map(Change::parse).collect();
             // Last change first.

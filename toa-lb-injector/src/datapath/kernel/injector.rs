@@ -199,9 +199,8 @@ fn has_tcx() -> bool {
 /// alive) attached at all. Asked by `toa-lb run` before it takes the
 /// interface (its lock keeps a second `run` out before that).
 pub fn other_injector_on(interface: &str) -> bool {
-    let pinned = Path::new(crate::inject::PIN_DIR).join(interface);
-    let pinned = std::fs::read_dir(pinned).is_ok_and(|mut d| d.next().is_some());
-    pinned || (has_tcx() && !attached_programs(interface).is_empty())
+    crate::inject::is_pinned(Path::new(crate::inject::PIN_DIR), interface)
+        || (has_tcx() && !attached_programs(interface).is_empty())
 }
 
 /// Checks that `interface` exists in this network namespace and is Ethernet.

@@ -142,63 +142,57 @@ struct NftCounters {
     carried: HashMap<String, (u64, u64)>,
     /// The present table's, as last read.
     last: HashMap<String, (u64, u64)>,
-    /// How many times the table was put back: a read begun before a
-    /// put-back may have read the old table, and is not taken as the new one's.
-    generation: u64,
-    /// Reads begun, and the number of the last one taken: an older read that
-    /// ends after a newer one would look like a reset, and is left out.
+    /// Reads begun (numbered), and the number of the last one taken. A read
+    /// numbered at most `taken` is left out: older than one already taken (it
+    /// would look like a reset), or begun before a put-back (it may have read
+    /// the old table).
     begun: u64,
     taken: u64,
 }
 
-/// A read of the table's counters, as [`NftCounters::begin`] numbered it.
-#[derive(Clone, Copy, Debug)]
-struct Ticket {
-    generation: u64,
-    number: u64,
+/// Adds `(packets, bytes)` to the counter `name` of `map`.
+fn add(map: &mut HashMap<String, (u64, u64)>, name: String, (packets, bytes): (u64, u64)) {
+    let counter = map.entry(name).or_default();
+    counter.0 += packets;
+    counter.1 += bytes;
 }
 
 impl NftCounters {
     /// Numbers a read about to begin (call with the state locked).
-    fn begin(&mut self) -> Ticket {
+    fn begin(&mut self) -> u64 {
         self.begun += 1;
-        Ticket { generation: self.generation, number: self.begun }
+        self.begun
     }
 
-    /// Takes `read` (begun with `ticket`) as the present table's counters,
+    /// Takes `read` (begun as `number`) as the present table's counters,
     /// and returns the totals: those plus what earlier tables counted, and
     /// what counters had before they were reset. A read begun before a
     /// put-back may be the old table's or the new one's, and one begun before
     /// the last read taken is older than it: both are left out.
-    fn totals(&mut self, ticket: Ticket, read: HashMap<String, (u64, u64)>) -> HashMap<String, (u64, u64)> {
-        if ticket.generation == self.generation && ticket.number > self.taken {
-            self.taken = ticket.number;
+    fn totals(&mut self, number: u64, read: HashMap<String, (u64, u64)>) -> HashMap<String, (u64, u64)> {
+        if number > self.taken {
+            self.taken = number;
             for (name, now) in read {
                 let before = self.last.insert(name.clone(), now);
                 if let Some(before) = before.filter(|b| now.0 < b.0 || now.1 < b.1) {
-                    let carried = self.carried.entry(name).or_default();
-                    carried.0 += before.0;
-                    carried.1 += before.1;
+                    add(&mut self.carried, name, before);
                 }
             }
         }
         let mut totals = self.carried.clone();
-        for (name, (packets, bytes)) in &self.last {
-            let total = totals.entry(name.clone()).or_default();
-            total.0 += packets;
-            total.1 += bytes;
+        for (name, counted) in &self.last {
+            add(&mut totals, name.clone(), *counted);
         }
         totals
     }
 
-    /// The table is gone: what it counted is carried over to the next.
+    /// The table is gone: what it counted is carried over to the next, and
+    /// reads begun until now are left out.
     fn table_gone(&mut self) {
-        for (name, (packets, bytes)) in self.last.drain() {
-            let carried = self.carried.entry(name).or_default();
-            carried.0 += packets;
-            carried.1 += bytes;
+        for (name, counted) in self.last.drain() {
+            add(&mut self.carried, name, counted);
         }
-        self.generation += 1;
+        self.taken = self.begun;
     }
 }
 
@@ -753,13 +747,13 @@ impl KernelLb {
 
 impl Balancer for KernelLb {
     fn snapshot(&self) -> Snapshot {
-        let ticket = self.lock().counters.begin();
+        let number = self.lock().counters.begin();
         let read = nft::counters("inet", TABLE).unwrap_or_else(|e| {
             tracing::warn!("reading the nftables counters: {e}");
             HashMap::new()
         });
         let mut state = self.lock();
-        let nft = state.counters.totals(ticket, read);
+        let nft = state.counters.totals(number, read);
         let count = state.listeners.all().len();
         let listeners: Vec<ListenerView> =
             (0..count).filter_map(|i| Self::listener_view(&mut state, i, &nft)).collect();
