@@ -16,7 +16,7 @@ use toa_testkit::require_root;
 
 use super::{
     Case, Dp, Testbed, UDP_VIP, VIP, ask, ask_udp, ask_vip, config_text, connect_echo, connect_through_start,
-    ctl_output, leftovers, mac_of, start_lb, start_lb_text,
+    ctl_output, leftovers, mac_of, start_lb, start_lb_text, stat,
 };
 
 /// Captures at backend 1 while `traffic` runs; returns the checker's JSON.
@@ -182,12 +182,8 @@ fn unclamped_full_segments_go_without_the_option() {
     assert_eq!(counts["data_toa"].as_u64(), Some(0), "{counts}");
     let stats = String::from_utf8(ctl_output(dir, "stats").stdout).unwrap();
     let listener = stats.lines().find(|l| l.starts_with("203.0.113.10:81 ")).unwrap();
-    let field = |name: &str| -> u64 {
-        let value = listener.split_whitespace().find_map(|f| f.strip_prefix(name)).expect(name);
-        value.parse().expect(name)
-    };
-    assert_eq!((field("injected="), field("mss_clamped=")), (0, 0), "{listener}");
-    assert!(field("no_room=") >= 1, "{listener}");
+    assert_eq!((stat(listener, "injected"), stat(listener, "mss_clamped")), (0, 0), "{listener}");
+    assert!(stat(listener, "no_room") >= 1, "{listener}");
 }
 
 /// The test configuration with data placement (and `extra` lines) on the
@@ -408,8 +404,7 @@ fn a_restart_with_a_changed_configuration_counts_open_flows_to_their_backend() {
     let stats = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();
     let bytes_to = |backend: &str| -> u64 {
         let line = stats.lines().find(|l| l.contains(&format!(" backend {backend} "))).expect(backend);
-        let field = line.split_whitespace().find_map(|f| f.strip_prefix("bytes_to_backend="));
-        field.expect(line).parse().unwrap()
+        stat(line, "bytes_to_backend")
     };
     assert!(bytes_to("100.125.2.1:8081") >= SENT as u64, "{stats}");
     assert_eq!(bytes_to("100.125.2.2:8443"), 0, "{stats}");

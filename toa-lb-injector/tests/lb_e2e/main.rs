@@ -622,6 +622,14 @@ fn run_refused(case: &Case, config: &std::path::Path, socket: &str) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The value of `name=N` on a line of `toa-lb ctl stats`.
+fn stat(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}=N in {line}"))
+}
+
 /// Runs `toa-lb ctl REQUEST` against the instance whose socket is in `dir`.
 fn ctl_output(dir: &std::path::Path, request: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_toa-lb"))
@@ -728,8 +736,7 @@ fn forged_toa_behind_fragments_or_extension_headers_stops_at_the_lb(dp: Dp) {
         let stats = String::from_utf8(ctl_output(dir, "stats").stdout).unwrap();
         let dropped = |listener: &str| -> u64 {
             let line = stats.lines().find(|l| l.starts_with(&format!("{listener} "))).expect(listener);
-            let field = line.split_whitespace().find_map(|f| f.strip_prefix("dropped_unreadable="));
-            field.expect(line).parse().unwrap()
+            stat(line, "dropped_unreadable")
         };
         // Each ACK at least once (the backend's SYN-ACK retransmissions bring more).
         assert!(dropped("203.0.113.10:81") >= 1, "{stats}");
@@ -1309,10 +1316,7 @@ fn ruleset_flushed_by_someone_else_is_put_back(dp: Dp) {
     let stats = || {
         let out = String::from_utf8(ctl_output(&case.dir, "stats").stdout).unwrap();
         let line = out.lines().find(|l| l.starts_with(&format!("{VIP} "))).unwrap_or_else(|| panic!("{out}"));
-        let field = |name: &str| -> u64 {
-            line.split_whitespace().find_map(|f| f.strip_prefix(name)).and_then(|v| v.parse().ok()).expect(name)
-        };
-        (field("flows="), field("bytes_to_backend="))
+        (stat(line, "flows"), stat(line, "bytes_to_backend"))
     };
     let before = stats();
     assert!(before.0 >= 1 && before.1 > 0, "{before:?}");
