@@ -5,15 +5,14 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::control::reload::Reloader;
-use crate::control::{ctl, health, metrics};
+use crate::control::{Stop, ctl, health, metrics};
 use crate::datapath::kernel::KernelLb;
 use crate::datapath::kernel::host::Host;
 use crate::datapath::shards::Shards;
@@ -101,17 +100,17 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
 
     let watch = InterfaceWatch::new(&[&config.client_interface, &config.backend_interface]);
     let (running, balancer) = start(&config)?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Stop::new().map_err(|e| fail(format!("cannot make the stop's socket pair: {e}")))?;
     let watcher = watch.spawn(stop.clone(), running.keeper());
     let health = Arc::new(Mutex::new(config.health));
     let reloader = Arc::new(Reloader::new(path.to_owned(), config.clone(), balancer.clone(), health.clone()));
-    // A signal only sets the flag (the datapath notices within 200 ms) or reloads.
+    // A signal only sets the stop (which wakes every thread waiting on it) or reloads.
     {
         let (stop, reloader) = (stop.clone(), reloader.clone());
         std::thread::spawn(move || {
             while let Ok(signal) = signals.wait() {
                 if signal != Signal::SIGHUP {
-                    stop.store(true, Ordering::Relaxed);
+                    stop.set();
                     return;
                 }
                 match reloader.reload() {
@@ -124,7 +123,7 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
         });
     }
     let result = serve(&config, socket, &running, balancer, reloader, health, stop.clone());
-    stop.store(true, Ordering::Relaxed);
+    stop.set();
     // Before the cleanup: a look after it would put the removed tables back.
     let gone = watcher.join().unwrap_or_else(|_| Some("the interface watch panicked".into()));
     let (cleanup, removed) = match running {
@@ -188,19 +187,13 @@ impl InterfaceWatch {
     /// Looks every [`WATCH_EVERY`] until `stop`; at a change, logs it, sets
     /// `stop` and ends with it. Each look also runs `keep` (what the datapath
     /// put in place, put back if someone else removed it).
-    fn spawn(self, stop: Arc<AtomicBool>, keep: Box<dyn Fn() + Send>) -> JoinHandle<Option<String>> {
+    fn spawn(self, stop: Stop, keep: Box<dyn Fn() + Send>) -> JoinHandle<Option<String>> {
         std::thread::spawn(move || {
-            let mut next = Instant::now() + WATCH_EVERY;
-            while !stop.load(Ordering::Relaxed) {
-                // Short naps, so that a stop is seen within 50 ms.
-                std::thread::sleep(Duration::from_millis(50));
-                if Instant::now() < next || stop.load(Ordering::Relaxed) {
-                    continue;
-                }
-                next = Instant::now() + WATCH_EVERY;
+            // (A set stop ends the sleep at once: no look after it.)
+            while !stop.sleep(WATCH_EVERY) {
                 if let Some(reason) = self.changed(|name| nix::net::if_::if_nametoindex(name).ok()) {
                     tracing::error!("{reason}");
-                    stop.store(true, Ordering::Relaxed);
+                    stop.set();
                     return Some(reason);
                 }
                 keep();
@@ -282,7 +275,7 @@ fn serve(
     balancer: Arc<dyn Balancer>,
     reloader: Arc<Reloader>,
     health: Arc<Mutex<Option<health::HealthCheck>>>,
-    stop: Arc<AtomicBool>,
+    stop: Stop,
 ) -> Result<(), DaemonError> {
     let reload: ctl::Reload = Arc::new(move || reloader.reload().map_err(|e| e.to_string()));
     ctl::serve(socket, balancer.clone(), reload, stop.clone())
@@ -314,9 +307,7 @@ fn serve(
         Running::Kernel(lb) => {
             ready();
             lb.spawn_poller(stop.clone());
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            stop.wait();
             Ok(())
         }
         Running::Userspace { shards, owned, .. } => {

@@ -18,10 +18,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use toa_core::Format;
 
+use crate::control::Stop;
 use crate::datapath::{Balancer, Snapshot};
 use crate::engine::config::{Backend, ListenerConfig, ObtainClientIp, Protocol};
 use crate::engine::{BackendCounters, Counters, ListenerKey};
@@ -261,27 +261,17 @@ impl Reply {
 }
 
 /// Serves the control socket at `path` until `stop` is set.
-pub fn serve(
-    path: &Path,
-    balancer: Arc<dyn Balancer>,
-    reload: Reload,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<()> {
+pub fn serve(path: &Path, balancer: Arc<dyn Balancer>, reload: Reload, stop: Stop) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path); // a stale socket from a crash
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
     let path = path.to_owned();
     std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nonblocking(false);
-                    let _ = answer(stream, balancer.as_ref(), &reload);
-                }
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
-            }
-        }
+        stop.accept_loop(&listener, UnixListener::accept, |(stream, _)| {
+            let _ = stream.set_nonblocking(false);
+            let _ = answer(stream, balancer.as_ref(), &reload);
+        });
         let _ = std::fs::remove_file(&path);
     });
     Ok(())

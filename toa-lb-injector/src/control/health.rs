@@ -8,10 +8,10 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::control::Stop;
 use crate::datapath::Balancer;
 use crate::engine::config::Protocol;
 
@@ -38,18 +38,19 @@ impl Default for HealthCheck {
 /// `stop` is set. The list and the settings are read each round, so backends
 /// added or removed with `toa-lb ctl` and a reload are followed (`None`:
 /// checks off, every backend up).
-pub fn spawn(balancer: Arc<dyn Balancer>, settings: Arc<Mutex<Option<HealthCheck>>>, stop: Arc<AtomicBool>) {
+pub fn spawn(balancer: Arc<dyn Balancer>, settings: Arc<Mutex<Option<HealthCheck>>>, stop: Stop) {
     std::thread::spawn(move || {
         // (protocol, VIP, backend) -> (up, probes in a row that disagree with
         // `up`); keyed by VIP, not index, since a reload may reorder the listeners.
         let mut state: HashMap<(Protocol, SocketAddr, SocketAddr), (bool, u32)> = HashMap::new();
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.is_set() {
             let Some(check) = *settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) else {
                 // Off: whatever the checks said before no longer holds.
                 for ((protocol, vip, addr), _) in state.drain() {
                     balancer.set_backend_up((protocol, vip), addr, true);
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                // (A reload may turn them on: looked at again each second.)
+                stop.sleep(Duration::from_secs(1));
                 continue;
             };
             let targets: Vec<(Protocol, SocketAddr, SocketAddr)> = balancer
@@ -83,7 +84,7 @@ pub fn spawn(balancer: Arc<dyn Balancer>, settings: Arc<Mutex<Option<HealthCheck
                     }
                 }
             }
-            std::thread::sleep(check.interval);
+            stop.sleep(check.interval);
         }
     });
 }

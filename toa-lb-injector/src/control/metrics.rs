@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::control::Stop;
 use crate::datapath::{Balancer, Snapshot};
 use crate::engine::config::ListenerConfig;
 use crate::engine::counters::CounterDef;
@@ -114,19 +114,11 @@ fn labels(l: &ListenerConfig) -> String {
 }
 
 /// Serves `GET /metrics` on `addr` until `stop` is set.
-pub fn serve(
-    addr: std::net::SocketAddr,
-    balancer: Arc<dyn Balancer>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<()> {
+pub fn serve(addr: std::net::SocketAddr, balancer: Arc<dyn Balancer>, stop: Stop) -> std::io::Result<()> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            let Ok((stream, _)) = listener.accept() else {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                continue;
-            };
+        stop.accept_loop(&listener, std::net::TcpListener::accept, |(stream, _)| {
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
             let mut request = String::new();
@@ -142,7 +134,7 @@ pub fn serve(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-        }
+        });
     });
     Ok(())
 }

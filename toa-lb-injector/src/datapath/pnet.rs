@@ -2,12 +2,12 @@
 //! user-space datapath, kept as a fallback. One thread per interface, both on
 //! engine 0.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pnet_datalink::{Channel, DataLinkReceiver, DataLinkSender, NetworkInterface};
 
+use crate::control::Stop;
 use crate::datapath::frames::{DatapathError, Link, Neighbors, Owned, PortInfo, Transmit, handle_frame};
 use crate::datapath::shards::Shards;
 
@@ -49,7 +49,7 @@ pub fn run(
     client: &NetworkInterface,
     backend: &NetworkInterface,
     owned: Owned,
-    stop: Arc<AtomicBool>,
+    stop: Stop,
     ready: impl FnOnce(),
 ) -> Result<(), DatapathError> {
     let link = Link::new([PortInfo::new(client)?, PortInfo::new(backend)?], owned);
@@ -71,13 +71,13 @@ fn serve(
     txs: &[Mutex<Box<dyn DataLinkSender>>; 2],
     side: usize,
     mut rx: Box<dyn DataLinkReceiver>,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) {
     let mut buf = vec![0u8; 65_536 + 64];
     let mut neighbors = Neighbors::new(link);
     let mut last_expiry = Instant::now();
     let engine = shards.engine(0);
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_set() {
         if side == 0 && last_expiry.elapsed() > Duration::from_secs(1) {
             if let Ok(mut engine) = engine.lock() {
                 engine.poll_expired(link.start.elapsed());

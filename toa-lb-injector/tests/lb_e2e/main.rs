@@ -470,7 +470,13 @@ fn toa_lb_end_to_end(dp: Dp) {
             assert_eq!(value("toa_lb_datapath_dropped_total{reason=\"conntrack_insert_failed\"}"), 0);
             // The kernel datapath clamps the backend's MSS in its injector.
             assert!(value("toa_lb_mss_clamped_total{listener=\"203.0.113.10:80\",protocol=\"tcp\"}") >= 4);
-            assert!(value("toa_lb_listener_flows{listener=\"203.0.113.10:80\",protocol=\"tcp\"}") >= 1);
+            // Flow gauges come from a conntrack dump at most 0.5 s old (a
+            // `ctl` request just before may have read none): read again after.
+            std::thread::sleep(Duration::from_millis(600));
+            let fresh = metrics_text(bed);
+            let flows = "toa_lb_listener_flows{listener=\"203.0.113.10:80\",protocol=\"tcp\"} ";
+            let line = fresh.lines().find(|l| l.starts_with(flows)).unwrap_or_else(|| panic!("{fresh}"));
+            assert!(line[flows.len()..].parse::<u64>().is_ok_and(|n| n >= 1), "{fresh}");
         }
     }
     assert!(

@@ -28,10 +28,10 @@ pub mod ruleset;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::control::Stop;
 use crate::datapath::{Balancer, Complaints, ControlError, ListenerView, Snapshot};
 use crate::engine::config::{Backend, ObtainClientIp, Protocol};
 use crate::engine::listeners::Listeners;
@@ -665,12 +665,12 @@ impl KernelLb {
     }
 
     /// Runs [`KernelLb::poll`] every 200 ms until `stop` is set.
-    pub fn spawn_poller(self: &Arc<Self>, stop: Arc<AtomicBool>) {
+    pub fn spawn_poller(self: &Arc<Self>, stop: Stop) {
         let lb = self.clone();
         std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
+            while !stop.is_set() {
                 lb.poll();
-                std::thread::sleep(Duration::from_millis(200));
+                stop.sleep(Duration::from_millis(200));
             }
         });
     }

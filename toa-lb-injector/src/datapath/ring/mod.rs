@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use pnet_datalink::NetworkInterface;
 
+use crate::control::Stop;
 use crate::datapath::frames::{DatapathError, Link, Neighbors, Owned, PortInfo, Transmit, handle_frame};
 use crate::datapath::shards::Shards;
 use crate::engine::config::Shard;
@@ -158,7 +159,7 @@ pub fn run(
     backend: &NetworkInterface,
     owned: Owned,
     spin: Duration,
-    stop: Arc<AtomicBool>,
+    stop: Stop,
     ready: impl FnOnce(),
 ) -> Result<(), DatapathError> {
     let link = Link::new([PortInfo::new(client)?, PortInfo::new(backend)?], owned);
@@ -177,7 +178,7 @@ pub fn run(
                 .map(drop)
                 .unwrap_or_else(|e| {
                     tracing::error!("cannot start worker {i}: {e}");
-                    stop.store(true, Ordering::Relaxed);
+                    stop.set();
                 });
         }
     });
@@ -193,13 +194,13 @@ fn worker(
     mut sockets: Sockets,
     slot: usize,
     spin: Duration,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) {
     let (engine, counters) = (shards.engine(index), &shards.datapath);
     let mut neighbors = Neighbors::new(link);
     let mut buf = vec![0u8; slot + 64];
     let mut last_expiry = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_set() {
         let mut handled = 0;
         {
             let mut engine = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
