@@ -98,9 +98,9 @@ pub fn run(path: &Path, socket: &Path) -> Result<(), DaemonError> {
     };
     signals.thread_block().map_err(|e| fail(format!("cannot block SIGINT/SIGTERM/SIGHUP: {e}")))?;
 
+    let stop = Stop::new().map_err(|e| fail(format!("cannot make the stop's socket pair: {e}")))?;
     let watch = InterfaceWatch::new(&[&config.client_interface, &config.backend_interface]);
     let (running, balancer) = start(&config)?;
-    let stop = Stop::new().map_err(|e| fail(format!("cannot make the stop's socket pair: {e}")))?;
     let watcher = watch.spawn(stop.clone(), running.keeper());
     let health = Arc::new(Mutex::new(config.health));
     let reloader = Arc::new(Reloader::new(path.to_owned(), config.clone(), balancer.clone(), health.clone()));
