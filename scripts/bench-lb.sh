@@ -29,7 +29,9 @@
 # that way, and 1.01 with its CLOSE timeout raised to the kernel's 10 s.)
 # Prints each round, then the means with ratios to both baselines, and the
 # median (and range) of the per-round ratios, each path to its baseline of
-# the same round: the steadier figure when rounds drift.
+# the same round: the steadier figure when rounds drift; and under it the
+# mean of those ratios with its 95% interval: a ratio whose interval holds an
+# aim is within this machine's noise of it.
 # The connection load comes from BENCH_LB_SOURCES client addresses (default
 # 16, 203.0.113.100 and up), each client cycling through them and its own
 # share of the ports, so that no source address and port comes back within
@@ -201,6 +203,19 @@ awk -v r="$rounds" -v names="$names" '
         if (c == 0) return "-"
         return sprintf("%.2f (%.2f-%.2f)", c % 2 ? a[(c + 1) / 2] : (a[c / 2] + a[c / 2 + 1]) / 2, a[1], a[c])
     }
+    # The mean of the per-round ratios and the half-width of its 95%
+    # interval (Student t, n-1 degrees of freedom): whether a difference from
+    # an aim is more than this machine'"'"'s noise.
+    function interval(list,   a, k, c, sum, sq, mean, t) {
+        c = split(list, a, " ")
+        if (c < 2) return "-"
+        for (k = 1; k <= c; k++) sum += a[k]
+        mean = sum / c
+        for (k = 1; k <= c; k++) sq += (a[k] - mean) ^ 2
+        split("12.71 4.30 3.18 2.78 2.57 2.45 2.36 2.31 2.26 2.23 2.20 2.18 2.16 2.14 2.13 2.12 2.11 2.10 2.09 2.09", tq, " ")
+        t = c - 1 <= 20 ? tq[c - 1] : (c - 1 <= 30 ? 2.05 : 1.98)
+        return sprintf("%.2f +-%.2f", mean, t * sqrt(sq / (c - 1)) / sqrt(c))
+    }
     function ratio(x, y) { return y > 0 ? sprintf("%4.2f", x / y) : "   -" }
     BEGIN { split(names, name, "\n") }
     {
@@ -218,7 +233,7 @@ awk -v r="$rounds" -v names="$names" '
                 ratio(mean[p, 0], mean[0, 0]), ratio(mean[p, 1], mean[0, 1]), ratio(mean[p, 2], mean[0, 2]),
                 ratio(mean[p, 0], mean[3, 0]), ratio(mean[p, 1], mean[3, 1]), ratio(mean[p, 2], mean[3, 2])
         }
-        print "median (min-max) of the per-round ratios to the baseline of the same round:"
+        print "per-round ratios to the baseline of the same round: median (min-max) | mean +- its 95% interval:"
         # path/base pairs; the clamped TOA path to the kernel with the same MSS: the part that is not the MSS.
         split("1/0 6/0 2/0 5/0 6/5 4/3", pairs, " ")
         for (k = 1; k <= 6; k++) {
@@ -226,11 +241,14 @@ awk -v r="$rounds" -v names="$names" '
             p = pb[1]; base = pb[2]
             if (!(p in seen) || !(base in seen)) continue
             line = sprintf("%-78s", name[p + 1] " / " name[base + 1])
+            means = sprintf("%78s", "")
             for (m = 0; m < 3; m++) {
                 list = ""
                 for (j = 1; j <= r; j++) if (((j, p, m) in v) && ((j, base, m) in v) && v[j, base, m] > 0) list = list " " v[j, p, m] / v[j, base, m]
-                line = line "  " median(substr(list, 2))
+                line = line sprintf("  %-16s", median(substr(list, 2)))
+                means = means sprintf("  %-16s", interval(substr(list, 2)))
             }
             print line
+            print means
         }
     }' "$work/results"
