@@ -110,6 +110,9 @@
 			    * or options that could not be read or rewritten (a forged TOA would stay) */
 #define NR_COUNTERS 11
 #define MAX_LISTENERS 1024
+/* The counters of packets that no listener can be told for: IPv6 packets
+ * whose extension header chain is too long or cut short (CNT_UNREADABLE). */
+#define HOST_SLOT MAX_LISTENERS
 
 /* config.flags */
 #define CFG_DATA_PLACEMENT 1 /* some listener places the TOA in data: egress watches data */
@@ -214,7 +217,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, MAX_LISTENERS * NR_COUNTERS);
+	__uint(max_entries, (MAX_LISTENERS + 1) * NR_COUNTERS); /* the listeners' slots, then HOST_SLOT */
 	__type(key, __u32);
 	__type(value, __u64);
 } toa_lb_counters SEC(".maps");
@@ -257,7 +260,7 @@ struct {
 
 static __always_inline void count_n(__u32 slot, __u32 counter, __u64 n)
 {
-	if (slot >= MAX_LISTENERS)
+	if (slot > HOST_SLOT)
 		return;
 	__u32 index = slot * NR_COUNTERS + counter;
 	__u64 *value = bpf_map_lookup_elem(&toa_lb_counters, &index);
@@ -1336,8 +1339,11 @@ int toa_lb_ingress(struct __sk_buff *skb)
 	int parsed = parse(skb, &p);
 	if (parsed == HIDDEN) {
 		parsed = unhide(skb, &p);
-		if (parsed == OPAQUE)
-			return TC_ACT_SHOT; /* not counted: whose it is cannot be told */
+		if (parsed == OPAQUE) {
+			/* Whose it is cannot be told: counted for the host. */
+			count(HOST_SLOT, CNT_UNREADABLE);
+			return TC_ACT_SHOT;
+		}
 	}
 	if (parsed == -1) {
 		/* Not TCP or UDP: perhaps a client's opp datagram to a UDP listener. */

@@ -262,6 +262,12 @@ pub fn status(pin_dir: &Path) -> Result<String, InjectCliError> {
                 c.mss_clamped
             );
         }
+        let host = injector::pinned_counters(&dir, injector::HOST_SLOT)?;
+        let _ = writeln!(
+            out,
+            "  no listener: unreadable={} (IPv6 packets whose extension headers are too many or cut short, dropped)",
+            host.unreadable
+        );
     }
     Ok(out)
 }

@@ -46,8 +46,9 @@ pub enum Wire {
     /// 20 fixed bytes and the first 4 of the options), the second with the
     /// rest. IPv6: behind a fragment header.
     Fragments,
-    /// IPv6 only: behind an 8-byte destination-options extension header.
-    DestinationOptions,
+    /// IPv6 only: behind this many 8-byte destination-options extension
+    /// headers, chained.
+    DestinationOptions(u8),
 }
 
 impl Conn {
@@ -368,11 +369,16 @@ pub fn frames(
     let (head, ip, tcp) = (&plain[..ETH], &plain[ETH..ETH + ip_len], &plain[ETH + ip_len..]);
     match wire {
         Wire::Plain => vec![plain],
-        Wire::DestinationOptions => {
+        Wire::DestinationOptions(n) => {
             assert!(!v4, "destination options are IPv6's");
-            // Next header TCP, length 0 (8 bytes), a PadN of 6 bytes.
-            let options = [6, 0, 1, 4, 0, 0, 0, 0];
-            vec![ipv6_with(head, ip, 60, &options, tcp)]
+            // Each: the next header (another, then TCP), length 0 (8 bytes), a PadN of 6 bytes.
+            let options: Vec<u8> = (0..n)
+                .flat_map(|i| {
+                    let next = if i + 1 == n { 6 } else { 60 };
+                    [next, 0, 1, 4, 0, 0, 0, 0]
+                })
+                .collect();
+            vec![ipv6_with(head, ip, if n == 0 { 6 } else { 60 }, &options, tcp)]
         }
         Wire::Fragments => {
             assert!(tcp.len() > FIRST, "a segment of {} bytes needs no second fragment", tcp.len());

@@ -720,7 +720,10 @@ fn forged_toa_behind_fragments_or_extension_headers_stops_at_the_lb(dp: Dp) {
     let tries = [
         ("203.0.113.53:40000", "203.0.113.10:81", Wire::Fragments),
         ("[2001:db8:c::53]:40000", "[2001:db8:c::10]:80", Wire::Fragments),
-        ("[2001:db8:c::54]:40000", "[2001:db8:c::10]:80", Wire::DestinationOptions),
+        ("[2001:db8:c::54]:40000", "[2001:db8:c::10]:80", Wire::DestinationOptions(1)),
+        // Past the 8 extension headers the injector walks: no port to be
+        // found, so no listener to count it against.
+        ("[2001:db8:c::55]:40000", "[2001:db8:c::10]:80", Wire::DestinationOptions(9)),
     ];
     let conns: Vec<Conn> = tries
         .iter()
@@ -747,6 +750,9 @@ fn forged_toa_behind_fragments_or_extension_headers_stops_at_the_lb(dp: Dp) {
         // Each ACK at least once (the backend's SYN-ACK retransmissions bring more).
         assert!(dropped("203.0.113.10:81") >= 1, "{stats}");
         assert!(dropped("[2001:db8:c::10]:80") >= 2, "{stats}");
+        // The long chain: dropped too, and counted for the host.
+        let host = stats.lines().find(|l| l.starts_with("datapath dropped ")).expect("datapath line");
+        assert!(stat(host, "unreadable") >= 1, "{stats}");
     }
 }
 }

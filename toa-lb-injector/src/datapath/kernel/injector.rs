@@ -26,6 +26,10 @@ pub const UOA_MARKS: u32 = 0x4000_0000 | 0x003f_ffff;
 
 /// Listener slots for counters (`MAX_LISTENERS` in the C source).
 pub const MAX_LISTENERS: u32 = 1024;
+/// The counters slot of what no listener can be told for (`HOST_SLOT`): its
+/// `unreadable` counts IPv6 packets whose extension header chain is too long
+/// or cut short, dropped.
+pub const HOST_SLOT: u32 = MAX_LISTENERS;
 /// Counters per slot (`NR_COUNTERS`).
 const NR_COUNTERS: u32 = 11;
 /// `config.flags`: some listener places the TOA in data.
@@ -459,7 +463,7 @@ impl Injector {
         Ok(())
     }
 
-    /// The counters of listener `slot`, summed over CPUs.
+    /// The counters of listener `slot` (or [`HOST_SLOT`]), summed over CPUs.
     pub fn counters(&self, slot: u32) -> InjectorCounters {
         let Some(map) = self.ebpf.map("toa_lb_counters") else { return InjectorCounters::default() };
         let Ok(array) = PerCpuArray::<_, u64>::try_from(map) else { return InjectorCounters::default() };

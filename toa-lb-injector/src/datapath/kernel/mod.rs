@@ -773,14 +773,11 @@ impl Balancer for KernelLb {
             );
         }
         let flows = state.flows().values().sum();
-        Snapshot {
-            listeners,
-            backends,
-            flows,
-            datapath_drops: conntrack::drops(),
-            unparsed: 0,
-            put_back: state.put_back.list(),
-        }
+        let mut datapath_drops = conntrack::drops();
+        // Packets the injector dropped that no listener can be told for.
+        let unattributed = state.injector.as_ref().map_or(0, |i| i.counters(injector::HOST_SLOT).unreadable);
+        datapath_drops.push(("unreadable", unattributed));
+        Snapshot { listeners, backends, flows, datapath_drops, unparsed: 0, put_back: state.put_back.list() }
     }
 
     fn set_mode(&self, listener: usize, mode: ObtainClientIp) -> Result<(), ControlError> {
