@@ -444,17 +444,8 @@ fn toa_lb_end_to_end(dp: Dp) {
     // Prometheus metrics on the LB host's loopback.
     let metrics = metrics_text(bed);
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
-    let injected = metrics
-        .lines()
-        .find(|l| l.starts_with("toa_lb_toa_injected_total{listener=\"203.0.113.10:80\",protocol=\"tcp\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .expect("injected counter");
-    assert!(injected >= 4, "{metrics}");
-    let value = |prefix: &str| -> u64 {
-        let line =
-            metrics.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}: {metrics}"));
-        line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
-    };
+    let value = |series: &str| metric(&metrics, series);
+    assert!(value("toa_lb_toa_injected_total{listener=\"203.0.113.10:80\",protocol=\"tcp\"}") >= 4, "{metrics}");
     // Per backend: be1 and be2 each got flows and bytes both ways.
     for be in ["100.125.2.1:8080", "100.125.2.2:8080"] {
         let labels = format!("{{listener=\"203.0.113.10:80\",protocol=\"tcp\",backend=\"{be}\"}}");
@@ -474,9 +465,7 @@ fn toa_lb_end_to_end(dp: Dp) {
             // `ctl` request just before may have read none): read again after.
             std::thread::sleep(Duration::from_millis(600));
             let fresh = metrics_text(bed);
-            let flows = "toa_lb_listener_flows{listener=\"203.0.113.10:80\",protocol=\"tcp\"} ";
-            let line = fresh.lines().find(|l| l.starts_with(flows)).unwrap_or_else(|| panic!("{fresh}"));
-            assert!(line[flows.len()..].parse::<u64>().is_ok_and(|n| n >= 1), "{fresh}");
+            assert!(metric(&fresh, "toa_lb_listener_flows{listener=\"203.0.113.10:80\",protocol=\"tcp\"}") >= 1, "{fresh}");
         }
     }
     assert!(
@@ -647,6 +636,15 @@ fn ctl_output(dir: &std::path::Path, request: &str) -> std::process::Output {
 }
 
 /// Scrapes the metrics endpoint inside the LB namespace.
+/// The value of `series` (name and labels) in the Prometheus text `metrics`.
+fn metric(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} N in {metrics}"))
+}
+
 fn metrics_text(bed: &Testbed) -> String {
     run_in(&bed.ns("lb"), || {
         let mut s = TcpStream::connect("127.0.0.1:9947").expect("metrics endpoint");

@@ -212,6 +212,19 @@ fn b0_programs(case: &Case) -> Vec<String> {
     })
 }
 
+/// An `ipo` UOA a forger writes itself: 203.0.113.99:40001.
+const OWN_IPO: [u8; 8] = [0x1f, 8, 0x9c, 0x41, 203, 0, 113, 99];
+
+/// A client socket at 203.0.113.2:`port` (in the client namespace), to the
+/// UOA listener 203.0.113.10:62, sending [`OWN_IPO`] in its IP options.
+fn own_ipo_client(port: u16) -> UdpSocket {
+    let socket = UdpSocket::bind(("203.0.113.2", port)).unwrap();
+    socket.connect("203.0.113.10:62").unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    toa_testkit::sys::set_ip_options(socket.as_fd(), &OWN_IPO).expect("IP_OPTIONS");
+    socket
+}
+
 both! {
 fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
     require_root!();
@@ -338,9 +351,7 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
     let untrusted = counter("udp_untrusted");
     run_in(&case.bed.ns("lb"), || {
         let socket = UdpSocket::bind("100.125.0.1:0").unwrap();
-        let mut ipo = vec![0x1f, 8, 0x9c, 0x41];
-        ipo.extend_from_slice(&[203, 0, 113, 99]);
-        toa_testkit::sys::set_ip_options(socket.as_fd(), &ipo).expect("IP_OPTIONS");
+        toa_testkit::sys::set_ip_options(socket.as_fd(), &OWN_IPO).expect("IP_OPTIONS");
         socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         socket.send_to(b"forged", "100.125.2.1:5362").unwrap();
         let mut buf = [0u8; 16];
@@ -354,11 +365,7 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
     // A client's own UOA, ipo (an IPv4 option) and opp (a raw protocol-248
     // datagram), is stripped by the LB: the server sees the client itself.
     let own = run_in(&case.bed.ns("client"), || {
-        let socket = UdpSocket::bind("203.0.113.2:41234").unwrap();
-        socket.connect("203.0.113.10:62").unwrap();
-        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let forged = [0x1f, 8, 0x9c, 0x41, 203, 0, 113, 99];
-        toa_testkit::sys::set_ip_options(socket.as_fd(), &forged).expect("IP_OPTIONS");
+        let socket = own_ipo_client(41234);
         socket.send(b"own-ipo").unwrap();
         toa_testkit::sys::set_ip_options(socket.as_fd(), &[]).unwrap();
         let raw = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::from(libc::SOCK_RAW), Some(socket2::Protocol::from(248)))
@@ -366,7 +373,7 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
         // opp header (IPv4 client, next UDP, 12 bytes), the forged UOA, then UDP
         // 41234 -> 62 with no checksum (allowed over IPv4) and the payload.
         let mut opp = vec![0x10, 17, 0, 12];
-        opp.extend_from_slice(&forged);
+        opp.extend_from_slice(&OWN_IPO);
         opp.extend_from_slice(&41234u16.to_be_bytes());
         opp.extend_from_slice(&62u16.to_be_bytes());
         opp.extend_from_slice(&15u16.to_be_bytes());
@@ -397,11 +404,7 @@ fn unmodified_udp_servers_see_uoa_clients(dp: Dp) {
         // user-space datapaths do not forward fragments.)
         let big: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         let echoed = run_in(&case.bed.ns("client"), || {
-            let socket = UdpSocket::bind("203.0.113.2:41235").unwrap();
-            socket.connect("203.0.113.10:62").unwrap();
-            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let forged = [0x1f, 8, 0x9c, 0x41, 203, 0, 113, 99];
-            toa_testkit::sys::set_ip_options(socket.as_fd(), &forged).expect("IP_OPTIONS");
+            let socket = own_ipo_client(41235);
             socket.send(&big).unwrap();
             let mut buf = vec![0u8; 4096];
             let n = socket.recv(&mut buf).expect("the fragmented datagram echoed through the LB");
