@@ -301,6 +301,23 @@ fn injector_options(config: &LbConfig, budget: i64, watching_data: bool) -> Inje
     }
 }
 
+/// How often the poller looks while new flows come in.
+const POLL_BUSY: Duration = Duration::from_millis(200);
+/// How often it looks, at the least, while none do.
+const POLL_IDLE: Duration = Duration::from_secs(1);
+
+/// The poller's next wait, after a wait of `every` and a poll that found work
+/// (`busy`) or none. New flows bring it back to [`POLL_BUSY`] at once; each
+/// poll without any doubles it, up to [`POLL_IDLE`]. The bound holds either
+/// way: the injector stops letting flows in when its budget runs out, between
+/// polls too; a poll only renews the budget and evicts half-open flows. What
+/// the slower polls spare is the daemon's wakeups while only established
+/// flows move bytes (each wakeup of a thread beside a bulk stream costs it
+/// throughput on a small host; README, Performance).
+fn next_poll(every: Duration, busy: bool) -> Duration {
+    if busy { POLL_BUSY } else { (every * 2).min(POLL_IDLE) }
+}
+
 /// New flows the injector may let in: `max` minus the flows there are, minus
 /// those it let in while they were counted.
 fn budget(max: usize, flows: usize, admitted: i64) -> i64 {
@@ -530,11 +547,13 @@ impl KernelLb {
     /// only when it reaches the bound are `toa-lb`'s own flows dumped, and
     /// then half-open ones, closest to their timeout first, are deleted to
     /// make room (as the user-space engine evicts them), so that a SYN flood
-    /// cannot keep real clients out. Call it a few times a second.
-    pub fn poll(&self) {
+    /// cannot keep real clients out. Call it a few times a second. Returns
+    /// whether it found work: flows let in since the last poll, or the bound
+    /// reached.
+    pub fn poll(&self) -> bool {
         let mut state = self.lock();
         let max = state.config.engine.max_flows;
-        let Some(injector) = state.injector.as_mut() else { return };
+        let Some(injector) = state.injector.as_mut() else { return false };
         let before = injector.budget().unwrap_or(0);
         let total = conntrack::total().unwrap_or(usize::MAX);
         let mut ours = total;
@@ -562,7 +581,7 @@ impl KernelLb {
                 Err(e) => state.complaints.warn(format!("reading conntrack: {e}")),
             }
         }
-        let Some(injector) = state.injector.as_mut() else { return };
+        let Some(injector) = state.injector.as_mut() else { return false };
         let admitted = before.saturating_sub(injector.budget().unwrap_or(before)).max(0);
         if let Err(e) = injector.set_budget(budget(max, ours, admitted)) {
             state.complaints.error(format!("setting the flow budget: {e}"));
@@ -578,6 +597,7 @@ impl KernelLb {
                 tracing::info!("below max_flows ({max}) again");
             }
         }
+        admitted > 0 || total >= max
     }
 
     /// Puts back what someone else removed: the nftables table (`nft flush
@@ -664,13 +684,15 @@ impl KernelLb {
         }
     }
 
-    /// Runs [`KernelLb::poll`] every 200 ms until `stop` is set.
+    /// Runs [`KernelLb::poll`] until `stop` is set: every 200 ms while new
+    /// flows come in, less often while none do (see [`next_poll`]).
     pub fn spawn_poller(self: &Arc<Self>, stop: Stop) {
         let lb = self.clone();
         std::thread::spawn(move || {
+            let mut every = POLL_BUSY;
             while !stop.is_set() {
-                lb.poll();
-                stop.sleep(Duration::from_millis(200));
+                every = next_poll(every, lb.poll());
+                stop.sleep(every);
             }
         });
     }
@@ -908,6 +930,19 @@ mod tests {
 
     fn read(pairs: &[(&str, u64, u64)]) -> HashMap<String, (u64, u64)> {
         pairs.iter().map(|(name, p, b)| ((*name).to_owned(), (*p, *b))).collect()
+    }
+
+    #[test]
+    fn the_poller_slows_down_while_no_flow_comes_and_is_quick_again_at_the_first() {
+        let mut every = POLL_BUSY;
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            every = next_poll(every, false);
+            waits.push(every.as_millis());
+        }
+        assert_eq!(waits, [400, 800, 1000, 1000, 1000]);
+        assert_eq!(next_poll(every, true), POLL_BUSY);
+        assert_eq!(next_poll(POLL_BUSY, true), POLL_BUSY);
     }
 
     #[test]
