@@ -31,7 +31,8 @@
 # median (and range) of the per-round ratios, each path to its baseline of
 # the same round: the steadier figure when rounds drift; and under it the
 # mean of those ratios with its 95% interval: a ratio whose interval holds an
-# aim is within this machine's noise of it.
+# aim is within this machine's noise of it. Ratios have three decimals, so
+# that one just under an aim (0.947) is not printed as meeting it (0.95).
 # The connection load comes from BENCH_LB_SOURCES client addresses (default
 # 16, 203.0.113.100 and up), each client cycling through them and its own
 # share of the ports, so that no source address and port comes back within
@@ -201,7 +202,7 @@ awk -v r="$rounds" -v names="$names" '
         c = split(list, a, " ")
         for (k = 2; k <= c; k++) for (j = k; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
         if (c == 0) return "-"
-        return sprintf("%.2f (%.2f-%.2f)", c % 2 ? a[(c + 1) / 2] : (a[c / 2] + a[c / 2 + 1]) / 2, a[1], a[c])
+        return sprintf("%.3f (%.2f-%.2f)", c % 2 ? a[(c + 1) / 2] : (a[c / 2] + a[c / 2 + 1]) / 2, a[1], a[c])
     }
     # The mean of the per-round ratios and the half-width of its 95%
     # interval (Student t, n-1 degrees of freedom): whether a difference from
@@ -214,9 +215,9 @@ awk -v r="$rounds" -v names="$names" '
         for (k = 1; k <= c; k++) sq += (a[k] - mean) ^ 2
         split("12.71 4.30 3.18 2.78 2.57 2.45 2.36 2.31 2.26 2.23 2.20 2.18 2.16 2.14 2.13 2.12 2.11 2.10 2.09 2.09", tq, " ")
         t = c - 1 <= 20 ? tq[c - 1] : (c - 1 <= 30 ? 2.05 : 1.98)
-        return sprintf("%.2f +-%.2f", mean, t * sqrt(sq / (c - 1)) / sqrt(c))
+        return sprintf("%.3f +-%.3f", mean, t * sqrt(sq / (c - 1)) / sqrt(c))
     }
-    function ratio(x, y) { return y > 0 ? sprintf("%4.2f", x / y) : "   -" }
+    function ratio(x, y) { return y > 0 ? sprintf("%5.3f", x / y) : "    -" }
     BEGIN { split(names, name, "\n") }
     {
         seen[$2] = 1
@@ -224,7 +225,7 @@ awk -v r="$rounds" -v names="$names" '
     }
     END {
         for (p = 0; p < 7; p++) for (m = 0; m < 3; m++) mean[p, m] = cnt[p, m] ? sum[p, m] / cnt[p, m] : 0
-        printf "%-42s %9s %9s %8s   %-15s  %-15s\n", "path (mean of the rounds)", "conn/s 2", "conn/s 64", "MB/s", "to offloads on", "to offloads off"
+        printf "%-42s %9s %9s %8s   %-17s  %-17s\n", "path (mean of the rounds)", "conn/s 2", "conn/s 64", "MB/s", "to offloads on", "to offloads off"
         split("0 5 1 6 2 3 4", order, " ")
         for (k = 1; k <= 7; k++) {
             p = order[k]
@@ -245,8 +246,8 @@ awk -v r="$rounds" -v names="$names" '
             for (m = 0; m < 3; m++) {
                 list = ""
                 for (j = 1; j <= r; j++) if (((j, p, m) in v) && ((j, base, m) in v) && v[j, base, m] > 0) list = list " " v[j, p, m] / v[j, base, m]
-                line = line sprintf("  %-16s", median(substr(list, 2)))
-                means = means sprintf("  %-16s", interval(substr(list, 2)))
+                line = line sprintf("  %-17s", median(substr(list, 2)))
+                means = means sprintf("  %-17s", interval(substr(list, 2)))
             }
             print line
             print means
