@@ -467,7 +467,7 @@ impl Injector {
     pub fn counters(&self, slot: u32) -> InjectorCounters {
         let Some(map) = self.ebpf.map("toa_lb_counters") else { return InjectorCounters::default() };
         let Ok(array) = PerCpuArray::<_, u64>::try_from(map) else { return InjectorCounters::default() };
-        read_counters(|i| array.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0), slot)
+        read_counters(&array, slot)
     }
 
     /// Pins the maps and the links under `dir`, so that the injector stays
@@ -499,8 +499,13 @@ fn missing(name: &str) -> impl FnOnce() -> InjectError + '_ {
     move || InjectError::Bpf(name.to_owned(), "missing from the eBPF object".into())
 }
 
-/// Reads one slot's counters with `get(index)`.
-fn read_counters(get: impl Fn(u32) -> u64, slot: u32) -> InjectorCounters {
+/// Reads one slot's counters from `toa_lb_counters` (this process's or a
+/// pinned one), each summed over the CPUs; one that cannot be read is 0.
+fn read_counters<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, u64>,
+    slot: u32,
+) -> InjectorCounters {
+    let get = |i: u32| array.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
     let base = slot * NR_COUNTERS;
     InjectorCounters {
         injected: get(base),
@@ -596,7 +601,7 @@ pub(crate) fn pinned_counters(dir: &Path, slot: u32) -> Result<InjectorCounters,
     let data = MapData::from_pin(dir.join("toa_lb_counters")).map_err(bpf_err("open toa_lb_counters"))?;
     let array = PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(data))
         .map_err(bpf_err("toa_lb_counters"))?;
-    Ok(read_counters(|i| array.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0), slot))
+    Ok(read_counters(&array, slot))
 }
 
 /// The listeners of a pinned injector (`toa-lb inject status`).

@@ -685,7 +685,7 @@ impl KernelLb {
     }
 
     /// Runs [`KernelLb::poll`] until `stop` is set: every 200 ms while new
-    /// flows come in, less often while none do (see [`next_poll`]).
+    /// flows come in, less often (up to a second) while none do.
     pub fn spawn_poller(self: &Arc<Self>, stop: Stop) {
         let lb = self.clone();
         std::thread::spawn(move || {
