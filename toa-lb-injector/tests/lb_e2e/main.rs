@@ -635,7 +635,6 @@ fn ctl_output(dir: &std::path::Path, request: &str) -> std::process::Output {
         .expect("toa-lb ctl")
 }
 
-/// Scrapes the metrics endpoint inside the LB namespace.
 /// The value of `series` (name and labels) in the Prometheus text `metrics`.
 fn metric(metrics: &str, series: &str) -> u64 {
     metrics
@@ -645,6 +644,7 @@ fn metric(metrics: &str, series: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {series} N in {metrics}"))
 }
 
+/// Scrapes the metrics endpoint inside the LB namespace.
 fn metrics_text(bed: &Testbed) -> String {
     run_in(&bed.ns("lb"), || {
         let mut s = TcpStream::connect("127.0.0.1:9947").expect("metrics endpoint");
@@ -741,16 +741,15 @@ fn forged_toa_behind_fragments_or_extension_headers_stops_at_the_lb(dp: Dp) {
     assert_eq!(counts["forged_toa"], 0, "a forged TOA reached be1: {counts}");
     if dp == Dp::Kernel {
         let stats = String::from_utf8(ctl_output(dir, "stats").stdout).unwrap();
-        let dropped = |listener: &str| -> u64 {
-            let line = stats.lines().find(|l| l.starts_with(&format!("{listener} "))).expect(listener);
-            stat(line, "dropped_unreadable")
+        let line = |start: &str| {
+            stats.lines().find(|l| l.starts_with(start)).unwrap_or_else(|| panic!("no {start}... in {stats}"))
         };
+        let dropped = |listener: &str| stat(line(&format!("{listener} ")), "dropped_unreadable");
         // Each ACK at least once (the backend's SYN-ACK retransmissions bring more).
         assert!(dropped("203.0.113.10:81") >= 1, "{stats}");
         assert!(dropped("[2001:db8:c::10]:80") >= 2, "{stats}");
         // The long chain: dropped too, and counted for the host.
-        let host = stats.lines().find(|l| l.starts_with("datapath dropped ")).expect("datapath line");
-        assert!(stat(host, "unreadable") >= 1, "{stats}");
+        assert!(stat(line("datapath dropped "), "unreadable") >= 1, "{stats}");
     }
 }
 }
